@@ -1,0 +1,188 @@
+// The VeRA operators (DESIGN.md §2), written once for every backend. Dense products go through ATen GEMMs
+// (on the tensors' device and current stream, beta=1 accumulation where it saves a pass); the scaling, gathers
+// and reductions around them are the backend's own loops or kernels, supplied as `Prims`:
+//
+//   row_scale(in (R, C), lam (R) fp32, dtype)        -> out (R, C) = lam[i] * in[i, j], fp32 math, cast once
+//   col_scale(in (N, C), lam (K, C) fp32, idx?)      -> out (N, C) = in[n, j] * lam[a(n), j]   (0 where a(n) < 0)
+//   scale_add(out, base, z, lam (K, C), idx?)           out[n, j] = base[n, j] + lam[a(n), j] * z[n, j]
+//   col_dot_reduce(p, q (N, C), idx?, K)             -> (K, C) fp32, sum over rows n with a(n) = k of p * q
+//   row_dot(p, q (R, C))                             -> (R) fp32, sum over j of p[i, j] * q[i, j]
+//   merge_apply(W, delta (O, I) fp32, alpha, transposed, safe)   W (+)= alpha * delta, one rounding
+//   check_adapter_idx(idx, K)                           every entry in [-1, K)
+//
+// Without idx every row uses adapter 0 (lam viewed as (1, C)). All loops are deterministic.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <tuple>
+
+#include "common/checks.h"
+
+namespace vera {
+
+using at::Tensor;
+using OptTensor = c10::optional<Tensor>;
+
+// Two ways to apply lambda_b. "Dense" forms B_hat = diag(lambda_b) B (O x r) once and adds h @ B_hat^T with a
+// single beta=1 GEMM: no (N, O) temporary. "Rowwise" computes z = h @ B^T and adds lambda_b[a(n)] * z[n]: needed
+// when rows use different adapters, and cheaper when N < r (B_hat costs O*r, z costs N*O).
+inline bool use_rowwise(int64_t rows, int64_t r, bool has_idx) {
+  return has_idx || rows < r;
+}
+
+// lambda as (num_adapters, C): a single adapter's vector becomes one row.
+inline Tensor as_rows(const Tensor& lam) {
+  return lam.dim() == 1 ? lam.unsqueeze(0) : lam;
+}
+
+template <class P>
+Tensor adapter_output(const Tensor& h, const AdapterArgs& a, const Tensor& base, bool base_is_ours) {
+  // base + lambda_b * (h @ B^T); writes into base when we own it (a fresh base-layer output).
+  if (use_rowwise(h.size(0), h.size(1), a.adapter_idx.has_value())) {
+    Tensor z = at::mm(h, a.B.t());
+    Tensor out = base_is_ours ? base : at::empty_like(base, at::MemoryFormat::Contiguous);
+    P::scale_add(out, base, z, as_rows(a.lambda_b), a.adapter_idx);
+    return out;
+  }
+  Tensor b_hat = P::row_scale(a.B, a.lambda_b, h.scalar_type());
+  if (base_is_ours) return base.addmm_(h, b_hat.t());
+  return at::addmm(base, h, b_hat.t());
+}
+
+template <class P>
+std::tuple<Tensor, Tensor> vera_forward(const Tensor& x, const Tensor& base_out, const Tensor& A, const Tensor& B,
+                                        const Tensor& lambda_d, const Tensor& lambda_b, const OptTensor& adapter_idx) {
+  const AdapterArgs a{A, B, lambda_d, lambda_b, adapter_idx};
+  check_activation(x, "x");
+  TORCH_CHECK(base_out.dim() == 2, "base_out must be 2-D (rows, out_features), got shape ", base_out.sizes());
+  check_like(base_out, "base_out", {x.size(0), base_out.size(1)}, x, "x");
+  check_adapter(a, x, "x", x.size(1), base_out.size(1), /*projection_dtype_must_match=*/true);
+  if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
+
+  Tensor u = at::mm(x, A.t());
+  Tensor h = P::col_scale(u, as_rows(lambda_d), adapter_idx);
+  Tensor y = adapter_output<P>(h, a, base_out, /*base_is_ours=*/false);
+  return {y, u};
+}
+
+template <class P>
+std::tuple<Tensor, Tensor> vera_linear_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                               const Tensor& A, const Tensor& B, const Tensor& lambda_d,
+                                               const Tensor& lambda_b, const OptTensor& adapter_idx) {
+  const AdapterArgs a{A, B, lambda_d, lambda_b, adapter_idx};
+  check_activation(x, "x");
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (out_features, in_features), got shape ", weight.sizes());
+  check_like(weight, "weight", {weight.size(0), x.size(1)}, x, "x");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1, "bias must be 1-D (out_features,), got shape ", bias->sizes());
+    check_like(bias->unsqueeze(0), "bias", {1, weight.size(0)}, x, "x");
+  }
+  check_adapter(a, x, "x", x.size(1), weight.size(0), /*projection_dtype_must_match=*/true);
+  if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
+
+  Tensor base = at::linear(x, weight, bias);
+  Tensor u = at::mm(x, A.t());
+  Tensor h = P::col_scale(u, as_rows(lambda_d), adapter_idx);
+  Tensor y = adapter_output<P>(h, a, base, /*base_is_ours=*/true);
+  return {y, u};
+}
+
+template <class P>
+std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad_out, const Tensor& u, const Tensor& A,
+                                                 const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
+                                                 const OptTensor& adapter_idx, const OptTensor& weight,
+                                                 std::array<bool, 3> output_mask) {
+  const AdapterArgs a{A, B, lambda_d, lambda_b, adapter_idx};
+  check_activation(grad_out, "grad_out");
+  const int64_t rows = grad_out.size(0), r = lambda_d.size(-1);
+  TORCH_CHECK(u.dim() == 2, "u must be 2-D (rows, r), got shape ", u.sizes());
+  check_like(u, "u", {rows, u.size(1)}, grad_out, "grad_out");
+  check_adapter(a, grad_out, "grad_out", A.dim() == 2 ? A.size(1) : -1, grad_out.size(1),
+                /*projection_dtype_must_match=*/true);
+  TORCH_CHECK(u.size(1) == r, "u must have shape (rows, r=", r, "), got shape ", u.sizes());
+  if (weight.has_value()) check_like(*weight, "weight", {grad_out.size(1), A.size(1)}, grad_out, "grad_out");
+  if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
+
+  const bool rowwise = use_rowwise(rows, r, adapter_idx.has_value());
+  const Tensor ld = as_rows(lambda_d), lb = as_rows(lambda_b);
+  Tensor grad_x, grad_ld, grad_lb;
+
+  // gv = grad_out @ B_hat, the gradient w.r.t. h (N, r).
+  Tensor gv;
+  if (output_mask[0] || output_mask[1]) {
+    gv = rowwise ? at::mm(P::col_scale(grad_out, lb, adapter_idx), B)
+                 : at::mm(grad_out, P::row_scale(B, lambda_b, grad_out.scalar_type()));
+  }
+  if (output_mask[0]) {
+    Tensor gh = P::col_scale(gv, ld, adapter_idx);  // gradient w.r.t. u
+    grad_x = weight.has_value() ? at::mm(grad_out, *weight).addmm_(gh, A) : at::mm(gh, A);
+  }
+  if (output_mask[1]) {
+    grad_ld = P::col_dot_reduce(gv, u, adapter_idx, ld.size(0));
+    if (!adapter_idx.has_value()) grad_ld = grad_ld.view({r});
+  }
+  if (output_mask[2]) {
+    Tensor h = P::col_scale(u, ld, adapter_idx);
+    if (rowwise) {
+      grad_lb = P::col_dot_reduce(grad_out, at::mm(h, B.t()), adapter_idx, lb.size(0));
+      if (!adapter_idx.has_value()) grad_lb = grad_lb.view({grad_out.size(1)});
+    } else {
+      // (grad_out^T h)[o, k] summed against B[o, k]: an (O, r) GEMM over N, then a row dot; no (N, O) tensor.
+      grad_lb = P::row_dot(at::mm(grad_out.t(), h), B);
+    }
+  }
+  auto empty = [&] { return at::empty({0}, grad_out.options()); };
+  return {grad_x.defined() ? grad_x : empty(), grad_ld.defined() ? grad_ld : empty(),
+          grad_lb.defined() ? grad_lb : empty()};
+}
+
+// delta_W in fp32, (O, I).
+template <class P>
+Tensor delta_weight_fp32(const AdapterArgs& a) {
+  Tensor b_hat = P::row_scale(a.B, a.lambda_b, at::kFloat);
+  Tensor a_hat = P::row_scale(a.A, a.lambda_d, at::kFloat);
+  return at::mm(b_hat, a_hat);
+}
+
+inline void check_merge_args(const AdapterArgs& a) {
+  TORCH_CHECK(a.A.dim() == 2, "A must be 2-D (r, in_features), got shape ", a.A.sizes());
+  TORCH_CHECK(a.B.dim() == 2, "B must be 2-D (out_features, r), got shape ", a.B.sizes());
+  // The lambdas' shapes are checked against a stand-in activation of A's device and dtype.
+  Tensor probe = at::empty({0, a.A.size(1)}, a.A.options());
+  check_adapter(a, probe, "A", a.A.size(1), a.B.size(0), /*projection_dtype_must_match=*/false);
+}
+
+template <class P>
+Tensor vera_delta_weight(const Tensor& A, const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
+                         bool fan_in_fan_out, at::ScalarType dtype) {
+  const AdapterArgs a{A, B, lambda_d, lambda_b, c10::nullopt};
+  check_merge_args(a);
+  TORCH_CHECK(at::isFloatingType(dtype), "dtype must be a floating point type, got ", dtype);
+  Tensor delta = delta_weight_fp32<P>(a);
+  if (fan_in_fan_out) delta = delta.t();
+  return delta.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
+}
+
+template <class P>
+void vera_merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
+                 double alpha, bool fan_in_fan_out, bool safe) {
+  const AdapterArgs a{A, B, lambda_d, lambda_b, c10::nullopt};
+  check_merge_args(a);
+  const int64_t out_f = B.size(0), in_f = A.size(1);
+  TORCH_CHECK(weight.device() == A.device(), "weight must be on the device of A (", A.device(), "), got ",
+              weight.device());
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kHalf ||
+                  weight.scalar_type() == at::kBFloat16,
+              "weight must be float32, float16 or bfloat16, got ", weight.scalar_type());
+  const std::array<int64_t, 2> expected = fan_in_fan_out ? std::array<int64_t, 2>{in_f, out_f}
+                                                         : std::array<int64_t, 2>{out_f, in_f};
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == expected[0] && weight.size(1) == expected[1],
+              "weight must have shape (", expected[0], ", ", expected[1], ") ",
+              fan_in_fan_out ? "(in_features, out_features) with fan_in_fan_out" : "(out_features, in_features)",
+              ", got ", weight.sizes());
+  P::merge_apply(weight, delta_weight_fp32<P>(a), alpha, fan_in_fan_out, safe);
+}
+
+}  // namespace vera

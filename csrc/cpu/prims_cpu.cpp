@@ -1,0 +1,238 @@
+// CPU loops for VeRA's scaling, gathers and reductions. Rows are split across threads with at::parallel_for;
+// inner loops run over contiguous memory in fp32 so the compiler vectorizes them. Every reduction sums in a
+// fixed order that does not depend on the thread count, so results are deterministic.
+#include "cpu/prims_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+
+namespace vera::cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kMinElementsPerTask = 16384;
+
+int64_t grain_for(int64_t inner) {
+  return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, inner));
+}
+
+// A 2-D tensor whose rows are contiguous (any row stride), copying only when the inner stride is not 1:
+// slices of the shared projection (A[:r, :I], B[:O, :r]) come through without a copy.
+Tensor rows_contiguous(const Tensor& t) {
+  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
+}
+
+// Adapter of row n: 0 without an index vector.
+inline int64_t adapter_of(const int64_t* idx, int64_t n) {
+  return idx ? idx[n] : 0;
+}
+
+const int64_t* idx_ptr(const c10::optional<Tensor>& idx) {
+  return idx.has_value() ? idx->data_ptr<int64_t>() : nullptr;
+}
+
+#define VERA_DISPATCH_FLOAT(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+template <typename in_t, typename out_t>
+void row_scale_loop(const in_t* in, int64_t ld_in, const float* lam, out_t* out, int64_t rows, int64_t cols) {
+  at::parallel_for(0, rows, grain_for(cols), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float s = lam[i];
+      const in_t* src = in + i * ld_in;
+      out_t* dst = out + i * cols;
+      for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<out_t>(s * static_cast<float>(src[j]));
+    }
+  });
+}
+
+}  // namespace
+
+Tensor Prims::row_scale(const Tensor& in_, const Tensor& lam_, at::ScalarType dtype) {
+  const Tensor in = rows_contiguous(in_);
+  const Tensor lam = lam_.contiguous();
+  TORCH_CHECK(dtype == in.scalar_type() || dtype == at::kFloat, "row_scale: output dtype must be the input's or fp32");
+  Tensor out = at::empty(in.sizes(), in.options().dtype(dtype));
+  VERA_DISPATCH_FLOAT(in.scalar_type(), "vera_row_scale", [&] {
+    if (dtype == at::kFloat) {
+      row_scale_loop(in.const_data_ptr<scalar_t>(), in.stride(0), lam.const_data_ptr<float>(),
+                     out.data_ptr<float>(), in.size(0), in.size(1));
+    } else {
+      row_scale_loop(in.const_data_ptr<scalar_t>(), in.stride(0), lam.const_data_ptr<float>(),
+                     out.data_ptr<scalar_t>(), in.size(0), in.size(1));
+    }
+  });
+  return out;
+}
+
+Tensor Prims::col_scale(const Tensor& in_, const Tensor& lam_, const c10::optional<Tensor>& idx) {
+  const Tensor in = rows_contiguous(in_);
+  const Tensor lam = lam_.contiguous();
+  const int64_t rows = in.size(0), cols = in.size(1);
+  Tensor out = at::empty({rows, cols}, in.options());
+  const int64_t* ip = idx_ptr(idx);
+  VERA_DISPATCH_FLOAT(in.scalar_type(), "vera_col_scale", [&] {
+    const scalar_t* src0 = in.const_data_ptr<scalar_t>();
+    const float* lp = lam.const_data_ptr<float>();
+    scalar_t* dst0 = out.data_ptr<scalar_t>();
+    const int64_t ld = in.stride(0);
+    at::parallel_for(0, rows, grain_for(cols), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t a = adapter_of(ip, n);
+        scalar_t* dst = dst0 + n * cols;
+        if (a < 0) {
+          std::fill(dst, dst + cols, scalar_t(0));
+          continue;
+        }
+        const scalar_t* src = src0 + n * ld;
+        const float* l = lp + a * cols;
+        for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<scalar_t>(static_cast<float>(src[j]) * l[j]);
+      }
+    });
+  });
+  return out;
+}
+
+void Prims::scale_add(Tensor& out, const Tensor& base_, const Tensor& z_, const Tensor& lam_,
+                      const c10::optional<Tensor>& idx) {
+  const Tensor base = rows_contiguous(base_), z = rows_contiguous(z_), lam = lam_.contiguous();
+  TORCH_INTERNAL_ASSERT(out.stride(1) == 1 || out.size(1) <= 1);
+  const int64_t rows = out.size(0), cols = out.size(1);
+  const int64_t* ip = idx_ptr(idx);
+  VERA_DISPATCH_FLOAT(out.scalar_type(), "vera_scale_add", [&] {
+    const scalar_t* bp = base.const_data_ptr<scalar_t>();
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const float* lp = lam.const_data_ptr<float>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t ldb = base.stride(0), ldz = z.stride(0), ldo = out.stride(0);
+    at::parallel_for(0, rows, grain_for(cols), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t a = adapter_of(ip, n);
+        const scalar_t* b = bp + n * ldb;
+        scalar_t* o = op + n * ldo;
+        if (a < 0) {
+          if (o != b) std::copy(b, b + cols, o);
+          continue;
+        }
+        const scalar_t* zr = zp + n * ldz;
+        const float* l = lp + a * cols;
+        for (int64_t j = 0; j < cols; ++j)
+          o[j] = static_cast<scalar_t>(static_cast<float>(b[j]) + l[j] * static_cast<float>(zr[j]));
+      }
+    });
+  });
+}
+
+Tensor Prims::col_dot_reduce(const Tensor& p_, const Tensor& q_, const c10::optional<Tensor>& idx,
+                             int64_t num_adapters) {
+  const Tensor p = rows_contiguous(p_), q = rows_contiguous(q_);
+  const int64_t rows = p.size(0), cols = p.size(1);
+  Tensor out = at::zeros({num_adapters, cols}, p.options().dtype(at::kFloat));
+  const int64_t* ip = idx_ptr(idx);
+  VERA_DISPATCH_FLOAT(p.scalar_type(), "vera_col_dot_reduce", [&] {
+    const scalar_t* pp = p.const_data_ptr<scalar_t>();
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    float* acc0 = out.data_ptr<float>();
+    const int64_t ldp = p.stride(0), ldq = q.stride(0);
+    // Threads own column ranges and walk every row in order: each sum has one fixed order.
+    at::parallel_for(0, cols, 16, [&](int64_t c0, int64_t c1) {
+      for (int64_t n = 0; n < rows; ++n) {
+        const int64_t a = adapter_of(ip, n);
+        if (a < 0) continue;
+        const scalar_t* pr = pp + n * ldp;
+        const scalar_t* qr = qp + n * ldq;
+        float* acc = acc0 + a * cols;
+        for (int64_t j = c0; j < c1; ++j) acc[j] += static_cast<float>(pr[j]) * static_cast<float>(qr[j]);
+      }
+    });
+  });
+  return out;
+}
+
+Tensor Prims::row_dot(const Tensor& p_, const Tensor& q_) {
+  const Tensor p = rows_contiguous(p_), q = rows_contiguous(q_);
+  TORCH_INTERNAL_ASSERT(p.scalar_type() == q.scalar_type() && p.sizes() == q.sizes());
+  const int64_t rows = p.size(0), cols = p.size(1);
+  Tensor out = at::empty({rows}, p.options().dtype(at::kFloat));
+  VERA_DISPATCH_FLOAT(p.scalar_type(), "vera_row_dot", [&] {
+    const scalar_t* pp = p.const_data_ptr<scalar_t>();
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    float* op = out.data_ptr<float>();
+    const int64_t ldp = p.stride(0), ldq = q.stride(0);
+    at::parallel_for(0, rows, grain_for(cols), [&](int64_t begin, int64_t end) {
+      constexpr int kLanes = 8;  // independent partial sums, so the loop vectorizes without reassociation
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* pr = pp + i * ldp;
+        const scalar_t* qr = qp + i * ldq;
+        float part[kLanes] = {};
+        int64_t j = 0;
+        for (; j + kLanes <= cols; j += kLanes)
+          for (int l = 0; l < kLanes; ++l) part[l] += static_cast<float>(pr[j + l]) * static_cast<float>(qr[j + l]);
+        float s = 0.f;
+        for (int l = 0; l < kLanes; ++l) s += part[l];
+        for (; j < cols; ++j) s += static_cast<float>(pr[j]) * static_cast<float>(qr[j]);
+        op[i] = s;
+      }
+    });
+  });
+  return out;
+}
+
+void Prims::merge_apply(Tensor& weight, const Tensor& delta_, double alpha, bool transposed, bool safe) {
+  const Tensor delta = delta_.contiguous();
+  const int64_t out_f = delta.size(0), in_f = delta.size(1);
+  // Logical element (o, i) of delta lives at weight[o * so + i * si] (weight is (I, O) when transposed).
+  const int64_t so = transposed ? weight.stride(1) : weight.stride(0);
+  const int64_t si = transposed ? weight.stride(0) : weight.stride(1);
+  const float a = static_cast<float>(alpha);
+  constexpr int64_t kTile = 64;  // square tiles keep both layouts cache friendly
+  const int64_t row_tiles = (out_f + kTile - 1) / kTile;
+
+  VERA_DISPATCH_FLOAT(weight.scalar_type(), "vera_merge_apply", [&] {
+    scalar_t* w = weight.data_ptr<scalar_t>();
+    const float* d = delta.const_data_ptr<float>();
+    auto for_each_tile = [&](auto&& body) {
+      at::parallel_for(0, row_tiles, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t i0 = 0; i0 < in_f; i0 += kTile)
+            body(t * kTile, std::min(out_f, (t + 1) * kTile), i0, std::min(in_f, i0 + kTile));
+      });
+    };
+    if (safe) {
+      std::atomic<bool> finite{true};
+      for_each_tile([&](int64_t o0, int64_t o1, int64_t i0, int64_t i1) {
+        bool ok = true;
+        for (int64_t o = o0; o < o1; ++o)
+          for (int64_t i = i0; i < i1; ++i)
+            ok &= std::isfinite(static_cast<float>(
+                static_cast<scalar_t>(static_cast<float>(w[o * so + i * si]) + a * d[o * in_f + i])));
+        if (!ok) finite.store(false, std::memory_order_relaxed);
+      });
+      TORCH_CHECK_VALUE(finite.load(), "safe merge refused: the merged weight would hold non-finite values "
+                                       "(the adapter seems to be broken); weight left unchanged");
+    }
+    for_each_tile([&](int64_t o0, int64_t o1, int64_t i0, int64_t i1) {
+      for (int64_t o = o0; o < o1; ++o)
+        for (int64_t i = i0; i < i1; ++i) {
+          scalar_t& dst = w[o * so + i * si];
+          dst = static_cast<scalar_t>(static_cast<float>(dst) + a * d[o * in_f + i]);
+        }
+    });
+  });
+}
+
+void Prims::check_adapter_idx(const Tensor& idx_, int64_t num_adapters) {
+  const Tensor idx = idx_.contiguous();
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  for (int64_t n = 0; n < idx.numel(); ++n) {
+    TORCH_CHECK(ip[n] >= -1 && ip[n] < num_adapters, "adapter_idx[", n, "] = ", ip[n],
+                " is out of range: expected -1 (no adapter) or an adapter index in [0, ", num_adapters, ")");
+  }
+}
+
+}  // namespace vera::cpu

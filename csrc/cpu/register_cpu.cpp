@@ -1,0 +1,14 @@
+// CPU implementations of every vera_ext operator: the shared orchestration over the CPU loops.
+#include <torch/library.h>
+
+#include "common/vera_impl.h"
+#include "cpu/prims_cpu.h"
+
+TORCH_LIBRARY_IMPL(vera_ext, CPU, m) {
+  using P = vera::cpu::Prims;
+  m.impl("vera_forward", &vera::vera_forward<P>);
+  m.impl("vera_linear_forward", &vera::vera_linear_forward<P>);
+  m.impl("vera_backward", &vera::vera_backward<P>);
+  m.impl("vera_delta_weight", &vera::vera_delta_weight<P>);
+  m.impl("vera_merge_", &vera::vera_merge_<P>);
+}

@@ -1,0 +1,14 @@
+"""vera_ext: fast VeRA (Vector-based Random Matrix Adaptation) for PyTorch, a drop-in for PEFT's VeRA.
+
+    from vera_ext import VeraLinear
+    layer = VeraLinear(nn.Linear(1024, 1024), r=256)   # trains only layer.vera_lambda_d / vera_lambda_b
+"""
+
+from . import ops
+from ._C import build_info
+from .layer import BASE_ADAPTER, VeraLinear
+from .projection import VeraProjection, generate_projection
+
+__version__ = "0.1.0"
+
+__all__ = ["BASE_ADAPTER", "VeraLinear", "VeraProjection", "build_info", "generate_projection", "ops"]

@@ -1,0 +1,371 @@
+"""VeraLinear: a VeRA adapter around any base layer, with PEFT's attribute names and methods."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .projection import VeraProjection
+
+__all__ = ["VeraLinear", "BASE_ADAPTER"]
+
+#: Name that selects "no adapter" for a row of a mixed batch (PEFT's convention).
+BASE_ADAPTER = "__base__"
+
+
+def _in_out_features(base: nn.Module) -> tuple[int, int]:
+    if hasattr(base, "in_features") and hasattr(base, "out_features"):
+        return int(base.in_features), int(base.out_features)
+    weight = getattr(base, "weight", None)
+    if hasattr(base, "nf") and isinstance(weight, Tensor) and weight.dim() == 2:  # transformers' Conv1D: (in, out)
+        return int(weight.shape[0]), int(weight.shape[1])
+    raise TypeError(
+        f"base_layer of type {type(base).__name__} is not supported: it needs in_features/out_features "
+        "attributes (like nn.Linear) or to be a transformers Conv1D"
+    )
+
+
+def _base_device(base: nn.Module) -> torch.device:
+    for t in list(base.parameters()) + list(base.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class VeraLinear(nn.Module):
+    """VeRA (arXiv 2310.11454) around ``base_layer``: ``y = base(x) + lambda_b * (B_l (lambda_d * (A_l dropout(x))))``.
+
+    ``base_layer`` is an ``nn.Linear``, a transformers ``Conv1D`` (set ``fan_in_fan_out=True``) or any module with
+    ``in_features``/``out_features`` whose output the adapter term is added to. A plain ``nn.Linear`` runs fused
+    (base GEMM and adapter in one op). Only ``vera_lambda_d`` (r) and ``vera_lambda_b`` (out_features), fp32, are
+    trained; the base layer's parameters are frozen on construction.
+
+    ``projection`` is the shared :class:`VeraProjection` (share one instance between all layers of a model); when
+    omitted, one sized to this layer is drawn from PRNG key 0 as PEFT does. Attribute names follow PEFT:
+    ``base_layer``, ``vera_lambda_b``, ``vera_lambda_d``, ``vera_A``, ``vera_B``, ``vera_dropout``, ``r``,
+    ``merged_adapters``, ``active_adapters``.
+    """
+
+    adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int = 256,
+        *,
+        projection: Optional[VeraProjection] = None,
+        adapter_name: str = "default",
+        vera_dropout: float = 0.0,
+        d_initial: float = 0.1,
+        init_weights: bool = True,
+        fan_in_fan_out: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(base_layer, nn.Module):
+            raise TypeError(f"base_layer must be an nn.Module, got {type(base_layer).__name__}")
+        self.in_features, self.out_features = _in_out_features(base_layer)
+        self.base_layer = base_layer
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        if projection is None:
+            _check_rank(r)
+            projection = VeraProjection.from_key(r, self.in_features, self.out_features, prng_key=0)
+            projection = projection.to(_base_device(base_layer))
+        elif not isinstance(projection, VeraProjection):
+            raise TypeError(f"projection must be a VeraProjection, got {type(projection).__name__}")
+        self.vera_projection = projection
+        self.vera_lambda_b = nn.ParameterDict()
+        self.vera_lambda_d = nn.ParameterDict()
+        self.vera_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.merged_adapters: list[str] = []
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.update_layer(
+            adapter_name, r, vera_dropout=vera_dropout, d_initial=d_initial, init_weights=init_weights
+        )
+        self._active_adapter = [adapter_name]
+
+    # ------------------------------------------------------------------------------------------ adapters
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        *,
+        vera_dropout: float = 0.0,
+        d_initial: float = 0.1,
+        init_weights: bool = True,
+    ) -> None:
+        """Add (or re-initialize) adapter ``adapter_name`` of rank ``r``. Like PEFT: lambda_b = 1 and
+        lambda_d ~ randn (global RNG), then, with ``init_weights``, lambda_b = 0 and lambda_d = d_initial."""
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+        if adapter_name == BASE_ADAPTER:
+            raise ValueError(f"adapter_name {BASE_ADAPTER!r} is reserved: it means 'no adapter' in mixed batches")
+        _check_rank(r)
+        if not isinstance(vera_dropout, (int, float)) or not 0.0 <= vera_dropout < 1.0:
+            raise ValueError(f"vera_dropout must be a float in [0, 1), got {vera_dropout!r}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before updating it")
+        self.vera_projection.check_fits(r, self.in_features, self.out_features)
+
+        device = _base_device(self.base_layer)
+        lambda_b = nn.Parameter(torch.ones(self.out_features, device=device))
+        lambda_d = nn.Parameter(torch.randn(r).to(device))
+        if init_weights:
+            with torch.no_grad():
+                lambda_d.fill_(d_initial)
+                lambda_b.zero_()
+        self.r[adapter_name] = int(r)
+        self.vera_lambda_b[adapter_name] = lambda_b
+        self.vera_lambda_d[adapter_name] = lambda_d
+        self.vera_dropout[adapter_name] = nn.Dropout(p=vera_dropout) if vera_dropout > 0.0 else nn.Identity()
+
+    add_adapter = update_layer
+
+    def reset_vera_parameters(self, adapter_name: str, d_initial: float = 0.1) -> None:
+        if adapter_name in self.vera_lambda_d:
+            with torch.no_grad():
+                self.vera_lambda_d[adapter_name].fill_(d_initial)
+                self.vera_lambda_b[adapter_name].zero_()
+
+    def _require_known(self, names: Iterable[str]) -> None:
+        unknown = [n for n in names if n not in self.vera_lambda_d]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.vera_lambda_d.keys())}")
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    def set_adapter(self, adapter_names: Union[str, Sequence[str]]) -> None:
+        """Make ``adapter_names`` the active adapter(s) (several are summed, as in PEFT)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._require_known(names)
+        self._active_adapter = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter. A merged adapter must be unmerged first (its delta would stay in the weight)."""
+        self._require_known([adapter_name])
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before deleting it")
+        for store in (self.vera_lambda_b, self.vera_lambda_d, self.vera_dropout):
+            del store[adapter_name]
+        del self.r[adapter_name]
+        if adapter_name in self._active_adapter:
+            remaining = list(self.vera_lambda_d.keys())
+            self._active_adapter = remaining[:1]
+            if remaining:
+                warnings.warn(f"adapter {adapter_name!r} was active; {remaining[0]!r} is now the active adapter")
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """``enable_adapters(False)`` runs the base layer alone (unmerging first if needed), as PEFT does."""
+        self._disable_adapters = not enabled
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # Shared projection, exposed per adapter like PEFT's BufferDicts (every adapter shares one pair).
+    @property
+    def vera_A(self) -> dict[str, Tensor]:
+        return {name: self.vera_projection.vera_A for name in self.vera_lambda_d}
+
+    @property
+    def vera_B(self) -> dict[str, Tensor]:
+        return {name: self.vera_projection.vera_B for name in self.vera_lambda_d}
+
+    # ------------------------------------------------------------------------------------------ merging
+
+    def _base_weight(self) -> Tensor:
+        weight = getattr(self.base_layer, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise TypeError(
+                f"merging needs a base layer with a 2-D weight; {type(self.base_layer).__name__} has none "
+                "(the adapter can still be used unmerged)"
+            )
+        return weight
+
+    def _adapter_operands(self, name: str, dtype: torch.dtype, device: torch.device):
+        A, B = self.vera_projection.sliced(self.r[name], self.in_features, self.out_features, dtype, device)
+        return A, B, _fp32(self.vera_lambda_d[name]), _fp32(self.vera_lambda_b[name])
+
+    def get_delta_weight(self, adapter_name: str) -> Tensor:
+        """``diag(lambda_b) B_l diag(lambda_d) A_l``, (out, in) or (in, out) with fan_in_fan_out, in the
+        projection's dtype, computed in fp32."""
+        self._require_known([adapter_name])
+        proj = self.vera_projection.vera_B
+        A, B, ld, lb = self._adapter_operands(adapter_name, proj.dtype, proj.device)
+        return ops.vera_delta_weight(A, B, ld, lb, self.fan_in_fan_out, proj.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the adapters' delta weights to the base weight (fp32 accumulation, one rounding per adapter).
+        ``safe_merge`` refuses, with ValueError and the weight untouched, a merge that would make it non-finite."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        self._require_known(names)
+        if self.merged:
+            already = set(self.merged_adapters)
+            names = [n for n in names if n not in already]
+            if names:
+                warnings.warn(
+                    f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                    f"You are now additionally merging {','.join(names)}."
+                )
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.")
+        if not names:
+            return
+        weight = self._base_weight()
+        for name in names:
+            A, B, ld, lb = self._adapter_operands(name, self.vera_projection.vera_A.dtype, weight.device)
+            try:
+                ops.vera_merge_(weight.data, A, B, ld, lb, 1.0, self.fan_in_fan_out, bool(safe_merge))
+            except ValueError as err:
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken ({err})"
+                ) from None
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's delta weight, most recent first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self._base_weight()
+        while self.merged_adapters:
+            name = self.merged_adapters[-1]
+            A, B, ld, lb = self._adapter_operands(name, self.vera_projection.vera_A.dtype, weight.device)
+            ops.vera_merge_(weight.data, A, B, ld, lb, -1.0, self.fan_in_fan_out, False)
+            self.merged_adapters.pop()
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def _fusable(self, x: Tensor, args, kwargs) -> bool:
+        base = self.base_layer
+        return (
+            type(base) is nn.Linear
+            and not self.fan_in_fan_out
+            and not args
+            and not kwargs
+            and not base._forward_hooks
+            and not base._forward_pre_hooks
+            and x.dtype == base.weight.dtype
+        )
+
+    def _dropout_active(self, name: str) -> bool:
+        drop = self.vera_dropout[name]
+        return isinstance(drop, nn.Dropout) and drop.p > 0 and drop.training
+
+    def forward(self, x: Tensor, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs) -> Tensor:
+        """``x``: (..., in_features). ``adapter_names``: one adapter name per sample (``x.shape[0]``; for a 1-D x
+        one name), ``"__base__"`` for none: the whole mixed batch runs in one pass."""
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._forward_mixed(x, list(adapter_names), args, kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [n for n in self._active_adapter if n in self.vera_lambda_d]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+
+        previous_dtype = x.dtype
+        result = None
+        if self._fusable(x, args, kwargs) and not self._dropout_active(active[0]):
+            name, active = active[0], active[1:]
+            A, B, ld, lb = self._adapter_operands(name, x.dtype, x.device)
+            result = ops.vera_linear_forward(x, self.base_layer.weight, self.base_layer.bias, A, B, ld, lb)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+        for name in active:
+            x_c = x if x.dtype == result.dtype else x.to(result.dtype)
+            A, B, ld, lb = self._adapter_operands(name, result.dtype, result.device)
+            result = ops.vera_forward(self.vera_dropout[name](x_c), result, A, B, ld, lb)
+        return result.to(previous_dtype)
+
+    def _forward_mixed(self, x: Tensor, names: list[str], args, kwargs) -> Tensor:
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge()` first."
+            )
+        samples = 1 if x.dim() == 1 else x.shape[0]
+        if len(names) != samples:
+            raise ValueError(
+                f"Length of `adapter_names` should be the same as the number of inputs, but got {len(names)} and "
+                f"{samples} respectively."
+            )
+        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.vera_lambda_d})
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(map(str, unknown))}; "
+                f"known: {list(self.vera_lambda_d.keys())} and {BASE_ADAPTER!r}"
+            )
+        used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER))
+        previous_dtype = x.dtype
+        if not used or samples == 0:
+            return self.base_layer(x, *args, **kwargs)
+
+        slot = {name: i for i, name in enumerate(used)}
+        rows_per_sample = x.numel() // max(1, x.shape[-1]) // samples
+        idx = torch.tensor([slot.get(n, -1) for n in names], dtype=torch.int64)
+        idx = idx.repeat_interleave(rows_per_sample).to(x.device, non_blocking=True)
+
+        # Adapters of different rank share one u = x A[:r_max]^T; zero-padded lambda_d masks the extra columns.
+        r_max = max(self.r[n] for n in used)
+        lambda_d = torch.stack([F.pad(_fp32(self.vera_lambda_d[n]), (0, r_max - self.r[n])) for n in used])
+        lambda_b = torch.stack([_fp32(self.vera_lambda_b[n]) for n in used])
+        x_d = self._mixed_dropout(x, names, rows_per_sample)
+
+        if self._fusable(x, args, kwargs) and x_d is x:
+            A, B = self.vera_projection.sliced(r_max, self.in_features, self.out_features, x.dtype, x.device)
+            w = self.base_layer
+            return ops.vera_linear_forward(x, w.weight, w.bias, A, B, lambda_d, lambda_b, idx).to(previous_dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        if x_d.dtype != result.dtype:
+            x_d = x_d.to(result.dtype)
+        A, B = self.vera_projection.sliced(r_max, self.in_features, self.out_features, result.dtype, result.device)
+        return ops.vera_forward(x_d, result, A, B, lambda_d, lambda_b, idx).to(previous_dtype)
+
+    def _mixed_dropout(self, x: Tensor, names: list[str], rows_per_sample: int) -> Tensor:
+        """Each sample gets its adapter's dropout (rows of "__base__" need none: their adapter term is 0)."""
+        probs = [
+            self.vera_dropout[n].p if n != BASE_ADAPTER and self._dropout_active(n) else 0.0 for n in names
+        ]
+        if not any(probs):
+            return x
+        if len(set(probs)) == 1:
+            return F.dropout(x, probs[0], training=True)
+        p = torch.tensor(probs, dtype=torch.float32, device=x.device)
+        p = p.repeat_interleave(rows_per_sample).view(*x.shape[:-1], 1)
+        keep = torch.rand(x.shape, device=x.device) >= p
+        return x * keep / (1.0 - p).to(x.dtype)
+
+    def __repr__(self) -> str:
+        return "vera." + super().__repr__()
+
+
+def _check_rank(r) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+
+
+def _fp32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()

@@ -1,0 +1,192 @@
+"""Functional VeRA operators: ``torch.ops.vera_ext.*`` with fake (meta) kernels and autograd.
+
+Notation (DESIGN.md §2): ``x`` is ``(N, I)``, the base output ``(N, O)``; ``A`` ``(r, I)`` and ``B`` ``(O, r)`` are
+slices of the shared frozen projection, taken as views (``vera_A[:r, :I]``, ``vera_B[:O, :r]``), never copied.
+``lambda_d`` ``(r,)`` and ``lambda_b`` ``(O,)`` are float32. For a mixed batch, ``adapter_idx`` ``(N,)`` int64
+names the adapter of each row (``-1``: none) and the lambdas are stacked: ``(K, r)`` and ``(K, O)``.
+
+    u = x @ A.T                                   (N, r), the only activation kept for backward
+    y = base + lambda_b * ((u * lambda_d) @ B.T)
+
+The projection slices must already have x's dtype (cast once and reuse; ``VeraLinear`` caches this).
+Gradients flow to ``x``, ``base_out`` (and ``weight``/``bias`` for the fused op) and both lambdas; the
+projection is frozen and must not require grad.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the library: registers torch.ops.vera_ext.*)
+
+_ops = torch.ops.vera_ext
+
+__all__ = ["vera_forward", "vera_linear_forward", "vera_delta_weight", "vera_merge_"]
+
+
+def _flatten(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def vera_forward(
+    x: Tensor,
+    base_out: Tensor,
+    A: Tensor,
+    B: Tensor,
+    lambda_d: Tensor,
+    lambda_b: Tensor,
+    adapter_idx: Optional[Tensor] = None,
+) -> Tensor:
+    """``base_out + lambda_b * ((x @ A.T) * lambda_d) @ B.T`` for any base module's output.
+
+    x: ``(..., I)``; base_out: ``(..., O)`` with the same leading dims and dtype; returns ``(..., O)``.
+    adapter_idx: ``(N,)`` over the flattened leading dims, or None.
+    """
+    x2, b2 = _flatten(x), _flatten(base_out)
+    y, _ = _ops.vera_forward(x2, b2, A, B, lambda_d, lambda_b, adapter_idx)
+    return y.view(*base_out.shape[:-1], y.shape[-1])
+
+
+def vera_linear_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    A: Tensor,
+    B: Tensor,
+    lambda_d: Tensor,
+    lambda_b: Tensor,
+    adapter_idx: Optional[Tensor] = None,
+) -> Tensor:
+    """``F.linear(x, weight, bias)`` plus the VeRA term, in one op. x: ``(..., I)``; weight ``(O, I)``;
+    returns ``(..., O)``."""
+    x2 = _flatten(x)
+    y, _ = _ops.vera_linear_forward(x2, weight, bias, A, B, lambda_d, lambda_b, adapter_idx)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def vera_delta_weight(
+    A: Tensor, B: Tensor, lambda_d: Tensor, lambda_b: Tensor, fan_in_fan_out: bool = False, dtype=None
+) -> Tensor:
+    """``diag(lambda_b) B diag(lambda_d) A``: ``(O, I)``, or ``(I, O)`` with fan_in_fan_out. Computed in fp32
+    and cast once to ``dtype`` (default: B's dtype)."""
+    return _ops.vera_delta_weight(A, B, lambda_d, lambda_b, fan_in_fan_out, dtype or B.dtype)
+
+
+def vera_merge_(
+    weight: Tensor,
+    A: Tensor,
+    B: Tensor,
+    lambda_d: Tensor,
+    lambda_b: Tensor,
+    alpha: float = 1.0,
+    fan_in_fan_out: bool = False,
+    safe: bool = False,
+) -> None:
+    """``weight += alpha * delta_weight`` in place, accumulated in fp32 and rounded once (alpha=-1 unmerges).
+    With ``safe``, raises ValueError and leaves ``weight`` untouched if any merged value would be non-finite."""
+    _ops.vera_merge_(weight, A, B, lambda_d, lambda_b, float(alpha), fan_in_fan_out, safe)
+
+
+# ----------------------------------------------------------------------------------------------- fake kernels
+
+
+@torch.library.register_fake("vera_ext::vera_forward")
+def _(x, base_out, A, B, lambda_d, lambda_b, adapter_idx=None):
+    return torch.empty_like(base_out, memory_format=torch.contiguous_format), x.new_empty(x.shape[0], A.shape[0])
+
+
+@torch.library.register_fake("vera_ext::vera_linear_forward")
+def _(x, weight, bias, A, B, lambda_d, lambda_b, adapter_idx=None):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], A.shape[0])
+
+
+@torch.library.register_fake("vera_ext::vera_backward")
+def _(grad_out, u, A, B, lambda_d, lambda_b, adapter_idx, weight, output_mask):
+    empty = grad_out.new_empty(0)
+    grad_x = grad_out.new_empty(grad_out.shape[0], A.shape[1]) if output_mask[0] else empty
+    grad_ld = torch.empty_like(lambda_d, memory_format=torch.contiguous_format) if output_mask[1] else empty
+    grad_lb = torch.empty_like(lambda_b, memory_format=torch.contiguous_format) if output_mask[2] else empty
+    return grad_x, grad_ld, grad_lb
+
+
+@torch.library.register_fake("vera_ext::vera_delta_weight")
+def _(A, B, lambda_d, lambda_b, fan_in_fan_out, dtype):
+    shape = (A.shape[1], B.shape[0]) if fan_in_fan_out else (B.shape[0], A.shape[1])
+    return A.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("vera_ext::vera_merge_")
+def _(weight, A, B, lambda_d, lambda_b, alpha, fan_in_fan_out, safe):
+    return None
+
+
+# -------------------------------------------------------------------------------------------------- autograd
+
+
+def _refuse_projection_grad(A: Tensor, B: Tensor) -> None:
+    if A.requires_grad or B.requires_grad:
+        raise RuntimeError(
+            "vera_ext: the VeRA projections A and B are frozen; pass them without requires_grad "
+            f"(A.requires_grad={A.requires_grad}, B.requires_grad={B.requires_grad})"
+        )
+
+
+def _setup_forward(ctx, inputs, output):
+    x, base_out, A, B, lambda_d, lambda_b, adapter_idx = inputs
+    _refuse_projection_grad(A, B)
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(u, A, B, lambda_d, lambda_b, adapter_idx)
+
+
+def _backward_forward(ctx, grad_y, _grad_u):
+    u, A, B, lambda_d, lambda_b, adapter_idx = ctx.saved_tensors
+    # (adapter_idx may be left out of needs_input_grad when it takes its default)
+    need_x, need_base, _, _, need_ld, need_lb = ctx.needs_input_grad[:6]
+    grad_x = grad_ld = grad_lb = None
+    if need_x or need_ld or need_lb:
+        gx, gld, glb = _ops.vera_backward(
+            grad_y, u, A, B, lambda_d, lambda_b, adapter_idx, None, [need_x, need_ld, need_lb]
+        )
+        grad_x = gx if need_x else None
+        grad_ld = gld if need_ld else None
+        grad_lb = glb if need_lb else None
+    return grad_x, grad_y if need_base else None, None, None, grad_ld, grad_lb, None
+
+
+torch.library.register_autograd("vera_ext::vera_forward", _backward_forward, setup_context=_setup_forward)
+
+
+def _setup_linear(ctx, inputs, output):
+    x, weight, bias, A, B, lambda_d, lambda_b, adapter_idx = inputs
+    _refuse_projection_grad(A, B)
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    # x is kept only when the base weight itself is trained; VeRA alone needs just u.
+    saved_x = x if weight.requires_grad else None
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(u, weight, saved_x, A, B, lambda_d, lambda_b, adapter_idx)
+
+
+def _backward_linear(ctx, grad_y, _grad_u):
+    u, weight, x, A, B, lambda_d, lambda_b, adapter_idx = ctx.saved_tensors
+    need_x, need_w, need_bias, _, _, need_ld, need_lb = ctx.needs_input_grad[:7]
+    grad_x = grad_w = grad_bias = grad_ld = grad_lb = None
+    if need_x or need_ld or need_lb:
+        gx, gld, glb = _ops.vera_backward(
+            grad_y, u, A, B, lambda_d, lambda_b, adapter_idx, weight, [need_x, need_ld, need_lb]
+        )
+        grad_x = gx if need_x else None
+        grad_ld = gld if need_ld else None
+        grad_lb = glb if need_lb else None
+    if need_w:
+        grad_w = grad_y.t().mm(x)
+    if need_bias and ctx.has_bias:
+        grad_bias = grad_y.sum(0)
+    return grad_x, grad_w, grad_bias, None, None, grad_ld, grad_lb, None
+
+
+torch.library.register_autograd("vera_ext::vera_linear_forward", _backward_linear, setup_context=_setup_linear)

@@ -1,0 +1,118 @@
+"""The shared frozen VeRA projection: A (R, I_max) and B (O_max, R), one pair for every layer and adapter."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["VeraProjection", "generate_projection"]
+
+
+def _kaiming_uniform_(tensor: Tensor, generator: torch.Generator) -> Tensor:
+    # Kaiming-uniform, gain sqrt(2), fan_in = size(1). The bound is computed in the same floating-point steps as
+    # PEFT's, so the draws are bit-identical to PEFT's for the same key.
+    fan_in = tensor.shape[1]
+    std = math.sqrt(2) / math.sqrt(fan_in)
+    bound = math.sqrt(3.0) * std
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound, generator=generator)
+
+
+def generate_projection(r: int, max_in_features: int, max_out_features: int, prng_key: int = 0):
+    """A ``(r, max_in_features)`` and B ``(max_out_features, r)`` drawn exactly as PEFT's VeRA draws them: one CPU
+    ``torch.Generator`` seeded with ``prng_key``, A first, then B, kaiming-uniform (bound ``sqrt(6 / fan_in)``)."""
+    for name, value in (("r", r), ("max_in_features", max_in_features), ("max_out_features", max_out_features)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    generator = torch.Generator(device="cpu").manual_seed(prng_key)
+    vera_A = _kaiming_uniform_(torch.empty(r, max_in_features), generator)
+    vera_B = _kaiming_uniform_(torch.empty(max_out_features, r), generator)
+    return vera_A, vera_B
+
+
+class VeraProjection(nn.Module):
+    """Holds the shared buffers ``vera_A`` (R, I_max) and ``vera_B`` (O_max, R).
+
+    Share one instance between every :class:`~vera_ext.VeraLinear` of a model: each layer reads the slices
+    ``vera_A[:r, :in_features]`` and ``vera_B[:out_features, :r]`` as views. Casts to a compute dtype/device are
+    made once and cached (refreshed when the buffers change), never on every forward.
+    """
+
+    def __init__(self, vera_A: Tensor, vera_B: Tensor, persistent: bool = True, prng_key: Optional[int] = None):
+        super().__init__()
+        if vera_A.dim() != 2 or vera_B.dim() != 2:
+            raise ValueError(
+                f"vera_A must be (r, max_in_features) and vera_B (max_out_features, r); got shapes "
+                f"{tuple(vera_A.shape)} and {tuple(vera_B.shape)}"
+            )
+        if vera_A.shape[0] != vera_B.shape[1]:
+            raise ValueError(
+                f"vera_A has {vera_A.shape[0]} rows but vera_B has {vera_B.shape[1]} columns; both must equal r"
+            )
+        if not (vera_A.is_floating_point() and vera_B.is_floating_point()):
+            raise ValueError(f"vera_A and vera_B must be floating point, got {vera_A.dtype} and {vera_B.dtype}")
+        self.register_buffer("vera_A", vera_A.detach(), persistent=persistent)
+        self.register_buffer("vera_B", vera_B.detach(), persistent=persistent)
+        self.prng_key = prng_key
+        self._casts: dict = {}
+
+    @classmethod
+    def from_key(cls, r: int, max_in_features: int, max_out_features: int, prng_key: int = 0, persistent=True):
+        """Generate the pair from a PRNG key, bit-identical to PEFT (see :func:`generate_projection`)."""
+        vera_A, vera_B = generate_projection(r, max_in_features, max_out_features, prng_key)
+        return cls(vera_A, vera_B, persistent=persistent, prng_key=prng_key)
+
+    @property
+    def r(self) -> int:
+        return self.vera_A.shape[0]
+
+    @property
+    def max_in_features(self) -> int:
+        return self.vera_A.shape[1]
+
+    @property
+    def max_out_features(self) -> int:
+        return self.vera_B.shape[0]
+
+    def check_fits(self, r: int, in_features: int, out_features: int) -> None:
+        """ValueError unless a layer of this shape and rank can slice this projection."""
+        for what, need, have in (
+            ("r", r, self.r),
+            ("in_features", in_features, self.max_in_features),
+            ("out_features", out_features, self.max_out_features),
+        ):
+            if need > have:
+                raise ValueError(
+                    f"{what}={need} does not fit the shared VeRA projection (vera_A {tuple(self.vera_A.shape)}, "
+                    f"vera_B {tuple(self.vera_B.shape)}): it allows {what} <= {have}"
+                )
+
+    def cast(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(A, B) in ``dtype`` on ``device``; cached until the buffers are replaced or modified in place."""
+        A, B = self.vera_A, self.vera_B
+        if A.dtype == dtype and A.device == device and B.dtype == dtype and B.device == device:
+            return A, B
+        if torch.compiler.is_compiling():
+            return A.to(device, dtype), B.to(device, dtype)
+        stamp = (A.data_ptr(), A._version, B.data_ptr(), B._version)
+        key = (dtype, device)
+        hit = self._casts.get(key)
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, A.to(device, dtype), B.to(device, dtype))
+            self._casts[key] = hit
+        return hit[1], hit[2]
+
+    def sliced(self, r: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device):
+        """The layer's views ``A[:r, :in_features]`` and ``B[:out_features, :r]`` (no copies)."""
+        A, B = self.cast(dtype, device)
+        return A[:r, :in_features], B[:out_features, :r]
+
+    def _apply(self, fn, recurse=True):
+        self._casts.clear()
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, max_in_features={self.max_in_features}, max_out_features={self.max_out_features}"
