@@ -50,7 +50,7 @@ def nvidia_wheel_include_dirs():
         return []
     dirs = []
     for base in spec.submodule_search_locations:
-        dirs += glob.glob(os.path.join(base, "cu*", "include"))
+        dirs += glob.glob(os.path.join(base, "cu[0-9]*", "include"))
         dirs += glob.glob(os.path.join(base, "cublas", "include"))
         dirs += glob.glob(os.path.join(base, "cusparse", "include"))
     return sorted(d for d in set(dirs) if os.path.isdir(d))

@@ -12,7 +12,7 @@ std::string describe(const at::Tensor& t) {
 }
 
 bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
@@ -23,8 +23,9 @@ void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& 
 void check_lambda(const at::Tensor& lam, const char* name, int64_t width, const char* width_name,
                   const c10::optional<at::Tensor>& idx, const at::Tensor& x, const char* x_name) {
   check_same_device(lam, name, x, x_name);
-  TORCH_CHECK(lam.scalar_type() == at::kFloat, name, " must be float32 (VeRA keeps its scaling vectors in fp32), got ",
-              describe(lam));
+  const at::ScalarType want = opmath_dtype(x.scalar_type());
+  TORCH_CHECK(lam.scalar_type() == want, name, " must be ", want, " (VeRA keeps its scaling vectors in fp32; fp64 "
+              "only with fp64 data), got ", describe(lam));
   if (idx.has_value()) {
     TORCH_CHECK(lam.dim() == 2 && lam.size(1) == width, name, " must have shape (num_adapters, ", width_name, "=",
                 width, ") when adapter_idx is given, got ", describe(lam));
@@ -38,7 +39,8 @@ void check_lambda(const at::Tensor& lam, const char* name, int64_t width, const 
 
 void check_activation(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, name, " must be 2-D (rows, features), got ", describe(t));
-  TORCH_CHECK(is_supported_float(t.scalar_type()), name, " must be float32, float16 or bfloat16, got ", describe(t));
+  TORCH_CHECK(is_supported_float(t.scalar_type()), name, " must be float32, float16 or bfloat16 (or float64 on the "
+              "CPU), got ", describe(t));
 }
 
 void check_like(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& ref,
@@ -54,7 +56,7 @@ int64_t num_adapters(const AdapterArgs& a) {
 }
 
 void check_adapter(const AdapterArgs& a, const at::Tensor& x, const char* x_name, int64_t in_features,
-                   int64_t out_features, bool projection_dtype_must_match) {
+                   int64_t out_features) {
   TORCH_CHECK(a.lambda_d.dim() >= 1 && a.lambda_d.size(-1) >= 1,
               "lambda_d must hold r >= 1 entries (shape (r,) or (num_adapters, r)), got ", describe(a.lambda_d));
   const int64_t r = a.lambda_d.size(-1);
@@ -67,14 +69,8 @@ void check_adapter(const AdapterArgs& a, const at::Tensor& x, const char* x_name
               ") (slice the shared projection as vera_B[:out_features, :r]), got ", describe(a.B));
   for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{a.A, "A"}, {a.B, "B"}}) {
     check_same_device(t, name, x, x_name);
-    if (projection_dtype_must_match) {
-      TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have the dtype of ", x_name, " (",
-                  x.scalar_type(), "); cast the projection once and reuse it (VeraLinear caches it), got ",
-                  describe(t));
-    } else {
-      TORCH_CHECK(is_supported_float(t.scalar_type()), name, " must be float32, float16 or bfloat16, got ",
-                  describe(t));
-    }
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have the dtype of ", x_name, " (", x.scalar_type(),
+                "); cast the projection once and reuse it (VeraLinear caches it), got ", describe(t));
   }
 
   if (a.adapter_idx.has_value()) {

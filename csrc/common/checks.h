@@ -16,12 +16,17 @@ struct AdapterArgs {
   const c10::optional<at::Tensor>& adapter_idx;  // (N) int64 or none
 };
 
-// Checks A/B/lambda/adapter_idx against x (N, in_features) producing (N, out_features). When
-// `projection_dtype_must_match` the slices must have x's dtype (the layer caches that cast).
-void check_adapter(const AdapterArgs& a, const at::Tensor& x, const char* x_name, int64_t in_features,
-                   int64_t out_features, bool projection_dtype_must_match);
+// The dtype the math runs in and the lambdas are kept in: fp32, or fp64 for fp64 data (gradcheck).
+inline at::ScalarType opmath_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
 
-// x must be 2-D floating point (fp32/fp16/bf16).
+// Checks A/B/lambda/adapter_idx against x (N, in_features) producing (N, out_features). The projection slices
+// must have x's dtype (cast once and reuse: the layer caches that cast); the lambdas are in opmath_dtype(x).
+void check_adapter(const AdapterArgs& a, const at::Tensor& x, const char* x_name, int64_t in_features,
+                   int64_t out_features);
+
+// x must be 2-D floating point (fp32/fp16/bf16, or fp64 on the CPU).
 void check_activation(const at::Tensor& t, const char* name);
 
 // t must be 2-D of the given shape, on ref's device, with ref's dtype.

@@ -2,15 +2,16 @@
 // (on the tensors' device and current stream, beta=1 accumulation where it saves a pass); the scaling, gathers
 // and reductions around them are the backend's own loops or kernels, supplied as `Prims`:
 //
-//   row_scale(in (R, C), lam (R) fp32, dtype)        -> out (R, C) = lam[i] * in[i, j], fp32 math, cast once
-//   col_scale(in (N, C), lam (K, C) fp32, idx?)      -> out (N, C) = in[n, j] * lam[a(n), j]   (0 where a(n) < 0)
-//   scale_add(out, base, z, lam (K, C), idx?)           out[n, j] = base[n, j] + lam[a(n), j] * z[n, j]
-//   col_dot_reduce(p, q (N, C), idx?, K)             -> (K, C) fp32, sum over rows n with a(n) = k of p * q
-//   row_dot(p, q (R, C))                             -> (R) fp32, sum over j of p[i, j] * q[i, j]
-//   merge_apply(W, delta (O, I) fp32, alpha, transposed, safe)   W (+)= alpha * delta, one rounding
+//   row_scale(in (R, C), lam (R), dtype)       -> out (R, C) = lam[i] * in[i, j]; dtype = in's or opmath
+//   col_scale(in (N, C), lam (K, C), idx?)     -> out (N, C) = in[n, j] * lam[a(n), j]   (0 where a(n) < 0)
+//   scale_add(out, base, z, lam (K, C), idx?)     out[n, j] = base[n, j] + lam[a(n), j] * z[n, j]
+//   col_dot_reduce(p, q (N, C), idx?, K)       -> (K, C) opmath, sum over rows n with a(n) = k of p * q
+//   row_dot(p, q (R, C))                       -> (R) opmath, sum over j of p[i, j] * q[i, j]
+//   merge_apply(W, delta (O, I) opmath, alpha, transposed, safe)   W (+)= alpha * delta, one rounding
 //   check_adapter_idx(idx, K)                           every entry in [-1, K)
 //
-// Without idx every row uses adapter 0 (lam viewed as (1, C)). All loops are deterministic.
+// Lambdas and sums are in the op-math dtype (opmath_dtype: fp32, fp64 for fp64 data). Without idx every row uses
+// adapter 0 (lam viewed as (1, C)). All loops are deterministic.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -58,7 +59,7 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x, const Tensor& base_out,
   check_activation(x, "x");
   TORCH_CHECK(base_out.dim() == 2, "base_out must be 2-D (rows, out_features), got shape ", base_out.sizes());
   check_like(base_out, "base_out", {x.size(0), base_out.size(1)}, x, "x");
-  check_adapter(a, x, "x", x.size(1), base_out.size(1), /*projection_dtype_must_match=*/true);
+  check_adapter(a, x, "x", x.size(1), base_out.size(1));
   if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
 
   Tensor u = at::mm(x, A.t());
@@ -79,7 +80,7 @@ std::tuple<Tensor, Tensor> vera_linear_forward(const Tensor& x, const Tensor& we
     TORCH_CHECK(bias->dim() == 1, "bias must be 1-D (out_features,), got shape ", bias->sizes());
     check_like(bias->unsqueeze(0), "bias", {1, weight.size(0)}, x, "x");
   }
-  check_adapter(a, x, "x", x.size(1), weight.size(0), /*projection_dtype_must_match=*/true);
+  check_adapter(a, x, "x", x.size(1), weight.size(0));
   if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
 
   Tensor base = at::linear(x, weight, bias);
@@ -99,8 +100,7 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad_out, const T
   const int64_t rows = grad_out.size(0), r = lambda_d.size(-1);
   TORCH_CHECK(u.dim() == 2, "u must be 2-D (rows, r), got shape ", u.sizes());
   check_like(u, "u", {rows, u.size(1)}, grad_out, "grad_out");
-  check_adapter(a, grad_out, "grad_out", A.dim() == 2 ? A.size(1) : -1, grad_out.size(1),
-                /*projection_dtype_must_match=*/true);
+  check_adapter(a, grad_out, "grad_out", A.dim() == 2 ? A.size(1) : -1, grad_out.size(1));
   TORCH_CHECK(u.size(1) == r, "u must have shape (rows, r=", r, "), got shape ", u.sizes());
   if (weight.has_value()) check_like(*weight, "weight", {grad_out.size(1), A.size(1)}, grad_out, "grad_out");
   if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
@@ -138,20 +138,19 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad_out, const T
           grad_lb.defined() ? grad_lb : empty()};
 }
 
-// delta_W in fp32, (O, I).
+// delta_W (O, I) in the op-math dtype (fp32; fp64 for an fp64 projection).
 template <class P>
-Tensor delta_weight_fp32(const AdapterArgs& a) {
-  Tensor b_hat = P::row_scale(a.B, a.lambda_b, at::kFloat);
-  Tensor a_hat = P::row_scale(a.A, a.lambda_d, at::kFloat);
-  return at::mm(b_hat, a_hat);
+Tensor delta_weight_opmath(const AdapterArgs& a) {
+  const at::ScalarType acc = opmath_dtype(a.A.scalar_type());
+  return at::mm(P::row_scale(a.B, a.lambda_b, acc), P::row_scale(a.A, a.lambda_d, acc));
 }
 
 inline void check_merge_args(const AdapterArgs& a) {
   TORCH_CHECK(a.A.dim() == 2, "A must be 2-D (r, in_features), got shape ", a.A.sizes());
   TORCH_CHECK(a.B.dim() == 2, "B must be 2-D (out_features, r), got shape ", a.B.sizes());
-  // The lambdas' shapes are checked against a stand-in activation of A's device and dtype.
+  // B and the lambdas are checked against a stand-in activation of A's device and dtype.
   Tensor probe = at::empty({0, a.A.size(1)}, a.A.options());
-  check_adapter(a, probe, "A", a.A.size(1), a.B.size(0), /*projection_dtype_must_match=*/false);
+  check_adapter(a, probe, "A", a.A.size(1), a.B.size(0));
 }
 
 template <class P>
@@ -160,7 +159,7 @@ Tensor vera_delta_weight(const Tensor& A, const Tensor& B, const Tensor& lambda_
   const AdapterArgs a{A, B, lambda_d, lambda_b, c10::nullopt};
   check_merge_args(a);
   TORCH_CHECK(at::isFloatingType(dtype), "dtype must be a floating point type, got ", dtype);
-  Tensor delta = delta_weight_fp32<P>(a);
+  Tensor delta = delta_weight_opmath<P>(a);
   if (fan_in_fan_out) delta = delta.t();
   return delta.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
 }
@@ -173,16 +172,16 @@ void vera_merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor&
   const int64_t out_f = B.size(0), in_f = A.size(1);
   TORCH_CHECK(weight.device() == A.device(), "weight must be on the device of A (", A.device(), "), got ",
               weight.device());
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kHalf ||
-                  weight.scalar_type() == at::kBFloat16,
-              "weight must be float32, float16 or bfloat16, got ", weight.scalar_type());
+  const at::ScalarType wt = weight.scalar_type();
+  TORCH_CHECK(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16 || wt == at::kDouble,
+              "weight must be float32, float16, bfloat16 or float64, got ", wt);
   const std::array<int64_t, 2> expected = fan_in_fan_out ? std::array<int64_t, 2>{in_f, out_f}
                                                          : std::array<int64_t, 2>{out_f, in_f};
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == expected[0] && weight.size(1) == expected[1],
               "weight must have shape (", expected[0], ", ", expected[1], ") ",
               fan_in_fan_out ? "(in_features, out_features) with fan_in_fan_out" : "(out_features, in_features)",
               ", got ", weight.sizes());
-  P::merge_apply(weight, delta_weight_fp32<P>(a), alpha, fan_in_fan_out, safe);
+  P::merge_apply(weight, delta_weight_opmath<P>(a), alpha, fan_in_fan_out, safe);
 }
 
 }  // namespace vera

@@ -1,9 +1,13 @@
 // CPU loops for VeRA's scaling, gathers and reductions. Rows are split across threads with at::parallel_for;
-// inner loops run over contiguous memory in fp32 so the compiler vectorizes them. Every reduction sums in a
+// inner loops run over contiguous memory in the op-math type (fp32; fp64 for fp64 data) so the compiler
+// vectorizes them. Every reduction sums in a
 // fixed order that does not depend on the thread count, so results are deterministic.
 #include "cpu/prims_cpu.h"
 
+#include "common/checks.h"
+
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -40,13 +44,15 @@ const int64_t* idx_ptr(const c10::optional<Tensor>& idx) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 template <typename in_t, typename out_t>
-void row_scale_loop(const in_t* in, int64_t ld_in, const float* lam, out_t* out, int64_t rows, int64_t cols) {
+void row_scale_loop(const in_t* in, int64_t ld_in, const at::opmath_type<in_t>* lam, out_t* out, int64_t rows,
+                    int64_t cols) {
+  using acc_t = at::opmath_type<in_t>;
   at::parallel_for(0, rows, grain_for(cols), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float s = lam[i];
+      const acc_t s = lam[i];
       const in_t* src = in + i * ld_in;
       out_t* dst = out + i * cols;
-      for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<out_t>(s * static_cast<float>(src[j]));
+      for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<out_t>(s * static_cast<acc_t>(src[j]));
     }
   });
 }
@@ -56,15 +62,17 @@ void row_scale_loop(const in_t* in, int64_t ld_in, const float* lam, out_t* out,
 Tensor Prims::row_scale(const Tensor& in_, const Tensor& lam_, at::ScalarType dtype) {
   const Tensor in = rows_contiguous(in_);
   const Tensor lam = lam_.contiguous();
-  TORCH_CHECK(dtype == in.scalar_type() || dtype == at::kFloat, "row_scale: output dtype must be the input's or fp32");
+  const at::ScalarType acc = opmath_dtype(in.scalar_type());
+  TORCH_INTERNAL_ASSERT(dtype == in.scalar_type() || dtype == acc, "row_scale: output dtype must be in's or opmath");
   Tensor out = at::empty(in.sizes(), in.options().dtype(dtype));
   VERA_DISPATCH_FLOAT(in.scalar_type(), "vera_row_scale", [&] {
-    if (dtype == at::kFloat) {
-      row_scale_loop(in.const_data_ptr<scalar_t>(), in.stride(0), lam.const_data_ptr<float>(),
-                     out.data_ptr<float>(), in.size(0), in.size(1));
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* lp = lam.const_data_ptr<acc_t>();
+    if (dtype == acc) {
+      row_scale_loop(in.const_data_ptr<scalar_t>(), in.stride(0), lp, out.data_ptr<acc_t>(), in.size(0), in.size(1));
     } else {
-      row_scale_loop(in.const_data_ptr<scalar_t>(), in.stride(0), lam.const_data_ptr<float>(),
-                     out.data_ptr<scalar_t>(), in.size(0), in.size(1));
+      row_scale_loop(in.const_data_ptr<scalar_t>(), in.stride(0), lp, out.data_ptr<scalar_t>(), in.size(0),
+                     in.size(1));
     }
   });
   return out;
@@ -77,8 +85,9 @@ Tensor Prims::col_scale(const Tensor& in_, const Tensor& lam_, const c10::option
   Tensor out = at::empty({rows, cols}, in.options());
   const int64_t* ip = idx_ptr(idx);
   VERA_DISPATCH_FLOAT(in.scalar_type(), "vera_col_scale", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* src0 = in.const_data_ptr<scalar_t>();
-    const float* lp = lam.const_data_ptr<float>();
+    const acc_t* lp = lam.const_data_ptr<acc_t>();
     scalar_t* dst0 = out.data_ptr<scalar_t>();
     const int64_t ld = in.stride(0);
     at::parallel_for(0, rows, grain_for(cols), [&](int64_t begin, int64_t end) {
@@ -90,8 +99,8 @@ Tensor Prims::col_scale(const Tensor& in_, const Tensor& lam_, const c10::option
           continue;
         }
         const scalar_t* src = src0 + n * ld;
-        const float* l = lp + a * cols;
-        for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<scalar_t>(static_cast<float>(src[j]) * l[j]);
+        const acc_t* l = lp + a * cols;
+        for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j]) * l[j]);
       }
     });
   });
@@ -105,9 +114,10 @@ void Prims::scale_add(Tensor& out, const Tensor& base_, const Tensor& z_, const 
   const int64_t rows = out.size(0), cols = out.size(1);
   const int64_t* ip = idx_ptr(idx);
   VERA_DISPATCH_FLOAT(out.scalar_type(), "vera_scale_add", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* bp = base.const_data_ptr<scalar_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const float* lp = lam.const_data_ptr<float>();
+    const acc_t* lp = lam.const_data_ptr<acc_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t ldb = base.stride(0), ldz = z.stride(0), ldo = out.stride(0);
     at::parallel_for(0, rows, grain_for(cols), [&](int64_t begin, int64_t end) {
@@ -120,9 +130,9 @@ void Prims::scale_add(Tensor& out, const Tensor& base_, const Tensor& z_, const 
           continue;
         }
         const scalar_t* zr = zp + n * ldz;
-        const float* l = lp + a * cols;
+        const acc_t* l = lp + a * cols;
         for (int64_t j = 0; j < cols; ++j)
-          o[j] = static_cast<scalar_t>(static_cast<float>(b[j]) + l[j] * static_cast<float>(zr[j]));
+          o[j] = static_cast<scalar_t>(static_cast<acc_t>(b[j]) + l[j] * static_cast<acc_t>(zr[j]));
       }
     });
   });
@@ -132,12 +142,13 @@ Tensor Prims::col_dot_reduce(const Tensor& p_, const Tensor& q_, const c10::opti
                              int64_t num_adapters) {
   const Tensor p = rows_contiguous(p_), q = rows_contiguous(q_);
   const int64_t rows = p.size(0), cols = p.size(1);
-  Tensor out = at::zeros({num_adapters, cols}, p.options().dtype(at::kFloat));
+  Tensor out = at::zeros({num_adapters, cols}, p.options().dtype(opmath_dtype(p.scalar_type())));
   const int64_t* ip = idx_ptr(idx);
   VERA_DISPATCH_FLOAT(p.scalar_type(), "vera_col_dot_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pp = p.const_data_ptr<scalar_t>();
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
-    float* acc0 = out.data_ptr<float>();
+    acc_t* acc0 = out.data_ptr<acc_t>();
     const int64_t ldp = p.stride(0), ldq = q.stride(0);
     // Threads own column ranges and walk every row in order: each sum has one fixed order.
     at::parallel_for(0, cols, 16, [&](int64_t c0, int64_t c1) {
@@ -146,8 +157,8 @@ Tensor Prims::col_dot_reduce(const Tensor& p_, const Tensor& q_, const c10::opti
         if (a < 0) continue;
         const scalar_t* pr = pp + n * ldp;
         const scalar_t* qr = qp + n * ldq;
-        float* acc = acc0 + a * cols;
-        for (int64_t j = c0; j < c1; ++j) acc[j] += static_cast<float>(pr[j]) * static_cast<float>(qr[j]);
+        acc_t* acc = acc0 + a * cols;
+        for (int64_t j = c0; j < c1; ++j) acc[j] += static_cast<acc_t>(pr[j]) * static_cast<acc_t>(qr[j]);
       }
     });
   });
@@ -158,24 +169,25 @@ Tensor Prims::row_dot(const Tensor& p_, const Tensor& q_) {
   const Tensor p = rows_contiguous(p_), q = rows_contiguous(q_);
   TORCH_INTERNAL_ASSERT(p.scalar_type() == q.scalar_type() && p.sizes() == q.sizes());
   const int64_t rows = p.size(0), cols = p.size(1);
-  Tensor out = at::empty({rows}, p.options().dtype(at::kFloat));
+  Tensor out = at::empty({rows}, p.options().dtype(opmath_dtype(p.scalar_type())));
   VERA_DISPATCH_FLOAT(p.scalar_type(), "vera_row_dot", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pp = p.const_data_ptr<scalar_t>();
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
-    float* op = out.data_ptr<float>();
+    acc_t* op = out.data_ptr<acc_t>();
     const int64_t ldp = p.stride(0), ldq = q.stride(0);
     at::parallel_for(0, rows, grain_for(cols), [&](int64_t begin, int64_t end) {
       constexpr int kLanes = 8;  // independent partial sums, so the loop vectorizes without reassociation
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* pr = pp + i * ldp;
         const scalar_t* qr = qp + i * ldq;
-        float part[kLanes] = {};
+        acc_t part[kLanes] = {};
         int64_t j = 0;
         for (; j + kLanes <= cols; j += kLanes)
-          for (int l = 0; l < kLanes; ++l) part[l] += static_cast<float>(pr[j + l]) * static_cast<float>(qr[j + l]);
-        float s = 0.f;
+          for (int l = 0; l < kLanes; ++l) part[l] += static_cast<acc_t>(pr[j + l]) * static_cast<acc_t>(qr[j + l]);
+        acc_t s = 0;
         for (int l = 0; l < kLanes; ++l) s += part[l];
-        for (; j < cols; ++j) s += static_cast<float>(pr[j]) * static_cast<float>(qr[j]);
+        for (; j < cols; ++j) s += static_cast<acc_t>(pr[j]) * static_cast<acc_t>(qr[j]);
         op[i] = s;
       }
     });
@@ -184,18 +196,19 @@ Tensor Prims::row_dot(const Tensor& p_, const Tensor& q_) {
 }
 
 void Prims::merge_apply(Tensor& weight, const Tensor& delta_, double alpha, bool transposed, bool safe) {
-  const Tensor delta = delta_.contiguous();
-  const int64_t out_f = delta.size(0), in_f = delta.size(1);
+  const int64_t out_f = delta_.size(0), in_f = delta_.size(1);
   // Logical element (o, i) of delta lives at weight[o * so + i * si] (weight is (I, O) when transposed).
   const int64_t so = transposed ? weight.stride(1) : weight.stride(0);
   const int64_t si = transposed ? weight.stride(0) : weight.stride(1);
-  const float a = static_cast<float>(alpha);
   constexpr int64_t kTile = 64;  // square tiles keep both layouts cache friendly
   const int64_t row_tiles = (out_f + kTile - 1) / kTile;
 
   VERA_DISPATCH_FLOAT(weight.scalar_type(), "vera_merge_apply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Tensor delta = delta_.to(opmath_dtype(weight.scalar_type())).contiguous();
     scalar_t* w = weight.data_ptr<scalar_t>();
-    const float* d = delta.const_data_ptr<float>();
+    const acc_t* d = delta.const_data_ptr<acc_t>();
+    const acc_t a = static_cast<acc_t>(alpha);
     auto for_each_tile = [&](auto&& body) {
       at::parallel_for(0, row_tiles, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t)
@@ -209,8 +222,8 @@ void Prims::merge_apply(Tensor& weight, const Tensor& delta_, double alpha, bool
         bool ok = true;
         for (int64_t o = o0; o < o1; ++o)
           for (int64_t i = i0; i < i1; ++i)
-            ok &= std::isfinite(static_cast<float>(
-                static_cast<scalar_t>(static_cast<float>(w[o * so + i * si]) + a * d[o * in_f + i])));
+            ok &= std::isfinite(static_cast<acc_t>(
+                static_cast<scalar_t>(static_cast<acc_t>(w[o * so + i * si]) + a * d[o * in_f + i])));
         if (!ok) finite.store(false, std::memory_order_relaxed);
       });
       TORCH_CHECK_VALUE(finite.load(), "safe merge refused: the merged weight would hold non-finite values "
@@ -220,7 +233,7 @@ void Prims::merge_apply(Tensor& weight, const Tensor& delta_, double alpha, bool
       for (int64_t o = o0; o < o1; ++o)
         for (int64_t i = i0; i < i1; ++i) {
           scalar_t& dst = w[o * so + i * si];
-          dst = static_cast<scalar_t>(static_cast<float>(dst) + a * d[o * in_f + i]);
+          dst = static_cast<scalar_t>(static_cast<acc_t>(dst) + a * d[o * in_f + i]);
         }
     });
   });

@@ -1,0 +1,29 @@
+// What every kernel file includes first: the CUDA built-ins, either real (nvcc) or emulated on host threads
+// (VERA_EMULATE_CUDA, the test-only build that runs these same kernels on the CPU), plus the one launch helper
+// through which every kernel is started.
+#pragma once
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <utility>
+
+namespace vera {
+// Launches `kernel` on `stream` and returns the launch error. An empty grid launches nothing (CUDA rejects it).
+template <typename... KernelArgs, typename... Args>
+inline cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared_bytes,
+                                 cudaStream_t stream, Args&&... args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  kernel<<<grid, block, shared_bytes, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
+}
+}  // namespace vera
+#elif defined(VERA_EMULATE_CUDA)
+#include "emu/cuda_emu.h"
+#else
+#error "csrc/cuda kernels compile with nvcc, or with g++ and -DVERA_EMULATE_CUDA for the emulated test build"
+#endif
+
+#include <cstdint>

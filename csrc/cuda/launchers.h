@@ -1,0 +1,26 @@
+// Host entry points of the VeRA kernels (defined next to the kernels in the .cu files). Each launches on
+// `stream` and returns the launch error; nothing here knows about tensors.
+#pragma once
+
+#if defined(VERA_EMULATE_CUDA)
+#include "emu/cuda_emu.h"
+#else
+#include <cuda_runtime_api.h>
+#endif
+
+#include "cuda/params.h"
+
+namespace vera::cuda {
+
+cudaError_t launch_row_scale(const RowScaleParams& p, cudaStream_t stream);
+cudaError_t launch_col_scale(const ColScaleParams& p, cudaStream_t stream);
+cudaError_t launch_scale_add(const ScaleAddParams& p, cudaStream_t stream);
+cudaError_t launch_col_dot_reduce(const ColDotReduceParams& p, cudaStream_t stream);
+cudaError_t launch_row_dot(const RowDotParams& p, cudaStream_t stream);
+// check_only = true: the finiteness pass of a safe merge; false: the write pass.
+cudaError_t launch_merge(const MergeParams& p, bool check_only, cudaStream_t stream);
+
+// How many row chunks launch_col_dot_reduce uses for these sizes (the caller sizes the workspace).
+int col_dot_reduce_splits(int64_t rows, int64_t cols, int64_t num_adapters);
+
+}  // namespace vera::cuda

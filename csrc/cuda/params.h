@@ -1,0 +1,84 @@
+// Plain parameter structs for the VeRA kernels: raw pointers, sizes and strides (in elements, 64-bit), no
+// torch types. The .cpp launchers fill them from tensors; the kernels receive them by value.
+#pragma once
+
+#include <cstdint>
+
+namespace vera::cuda {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+// out[i, j] = lam[i] * in[i, j]; out (rows, cols) contiguous, in out_dtype (== in_dtype or F32).
+struct RowScaleParams {
+  const void* in;
+  int64_t in_row_stride;
+  const float* lam;
+  void* out;
+  int64_t rows, cols;
+  DType in_dtype, out_dtype;
+};
+
+// out[n, j] = in[n, j] * lam[a(n), j] (0 where a(n) < 0); a(n) = idx ? idx[n] : 0. out contiguous.
+struct ColScaleParams {
+  const void* in;
+  int64_t in_row_stride;
+  const float* lam;  // (num_adapters, cols) contiguous
+  const int64_t* idx;  // nullable
+  void* out;
+  int64_t rows, cols;
+  DType dtype;
+};
+
+// out[n, j] = base[n, j] + lam[a(n), j] * z[n, j]; out may alias base.
+struct ScaleAddParams {
+  const void* base;
+  int64_t base_row_stride;
+  const void* z;
+  int64_t z_row_stride;
+  const float* lam;
+  const int64_t* idx;  // nullable
+  void* out;
+  int64_t out_row_stride;
+  int64_t rows, cols;
+  DType dtype;
+};
+
+// out[k, j] = sum over rows n with a(n) = k of p[n, j] * q[n, j], fp32, in a fixed order. The rows are cut into
+// `splits` contiguous chunks whose partial sums (workspace, splits x num_adapters x cols) are added in order.
+struct ColDotReduceParams {
+  const void* p;
+  int64_t p_row_stride;
+  const void* q;
+  int64_t q_row_stride;
+  const int64_t* idx;  // nullable
+  float* workspace;    // splits * num_adapters * cols floats (unused when splits == 1)
+  float* out;          // (num_adapters, cols)
+  int64_t rows, cols, num_adapters;
+  int splits;
+  DType dtype;
+};
+
+// out[i] = sum_j p[i, j] * q[i, j], fp32.
+struct RowDotParams {
+  const void* p;
+  int64_t p_row_stride;
+  const void* q;
+  int64_t q_row_stride;
+  float* out;
+  int64_t rows, cols;
+  DType dtype;
+};
+
+// weight[o * w_stride_o + i * w_stride_i] += alpha * delta[o, i] (delta (out_f, in_f) fp32 contiguous), rounded
+// once. With check_only, nothing is written and *nonfinite is set to 1 if any merged value is not finite.
+struct MergeParams {
+  void* weight;
+  int64_t w_stride_o, w_stride_i;
+  const float* delta;
+  int64_t out_f, in_f;
+  float alpha;
+  int* nonfinite;
+  DType dtype;
+};
+
+}  // namespace vera::cuda

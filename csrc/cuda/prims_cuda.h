@@ -1,0 +1,21 @@
+// CUDA implementations of VeRA's element-wise and reduction steps (contract in common/vera_impl.h): they turn
+// tensors into the kernels' params structs and launch on the current stream of the tensors' device.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace vera::cuda {
+
+struct Prims {
+  static at::Tensor row_scale(const at::Tensor& in, const at::Tensor& lam, at::ScalarType dtype);
+  static at::Tensor col_scale(const at::Tensor& in, const at::Tensor& lam, const c10::optional<at::Tensor>& idx);
+  static void scale_add(at::Tensor& out, const at::Tensor& base, const at::Tensor& z, const at::Tensor& lam,
+                        const c10::optional<at::Tensor>& idx);
+  static at::Tensor col_dot_reduce(const at::Tensor& p, const at::Tensor& q, const c10::optional<at::Tensor>& idx,
+                                   int64_t num_adapters);
+  static at::Tensor row_dot(const at::Tensor& p, const at::Tensor& q);
+  static void merge_apply(at::Tensor& weight, const at::Tensor& delta, double alpha, bool transposed, bool safe);
+  static void check_adapter_idx(const at::Tensor& idx, int64_t num_adapters);
+};
+
+}  // namespace vera::cuda
