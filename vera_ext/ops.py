@@ -105,10 +105,9 @@ def _(x, weight, bias, A, B, lambda_d, lambda_b, adapter_idx=None):
 
 @torch.library.register_fake("vera_ext::vera_backward")
 def _(grad_out, u, A, B, lambda_d, lambda_b, adapter_idx, weight, output_mask):
-    empty = grad_out.new_empty(0)
-    grad_x = grad_out.new_empty(grad_out.shape[0], A.shape[1]) if output_mask[0] else empty
-    grad_ld = torch.empty_like(lambda_d, memory_format=torch.contiguous_format) if output_mask[1] else empty
-    grad_lb = torch.empty_like(lambda_b, memory_format=torch.contiguous_format) if output_mask[2] else empty
+    grad_x = grad_out.new_empty(grad_out.shape[0], A.shape[1]) if output_mask[0] else grad_out.new_empty(0)
+    grad_ld = lambda_d.new_empty(lambda_d.shape) if output_mask[1] else grad_out.new_empty(0)
+    grad_lb = lambda_b.new_empty(lambda_b.shape) if output_mask[2] else grad_out.new_empty(0)
     return grad_x, grad_ld, grad_lb
 
 
