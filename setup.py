@@ -105,7 +105,9 @@ def make_extension():
     debug = os.environ.get("VERA_EXT_DEBUG", "0") == "1"
     build_cuda, cuda_home, reason = cuda_decision()
 
-    cxx_flags = ["-fvisibility=hidden"]  # torch adds the C++ standard it was built with
+    # torch adds the C++ standard it was built with. -fopenmp: at::parallel_for is a header template that only
+    # runs in parallel when the caller is compiled with OpenMP (the runtime is torch's own libgomp).
+    cxx_flags = ["-fvisibility=hidden", "-fopenmp"]
     cxx_flags += ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     srcs = sources("csrc/*.cpp") + sources("csrc/common/*.cpp") + sources("csrc/cpu/*.cpp")
@@ -131,8 +133,7 @@ def make_extension():
         ext_cls = cpp_ext.CppExtension
         log(f"building CPU only, because {reason}{'; debug build' if debug else ''}")
 
-    if debug:
-        kwargs["extra_link_args"] = ["-g"]
+    kwargs["extra_link_args"] = ["-fopenmp"] + (["-g"] if debug else [])
     return ext_cls("vera_ext._C", srcs, include_dirs=include_dirs, **kwargs)
 
 

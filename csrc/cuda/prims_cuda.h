@@ -7,6 +7,7 @@
 namespace vera::cuda {
 
 struct Prims {
+  static constexpr int64_t kDecodeMaxRows = 0;  // no fused decode path yet: small N runs the GEMM path
   static at::Tensor row_scale(const at::Tensor& in, const at::Tensor& lam, at::ScalarType dtype);
   static at::Tensor col_scale(const at::Tensor& in, const at::Tensor& lam, const c10::optional<at::Tensor>& idx);
   static void scale_add(at::Tensor& out, const at::Tensor& base, const at::Tensor& z, const at::Tensor& lam,
