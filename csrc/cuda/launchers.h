@@ -19,6 +19,8 @@ cudaError_t launch_col_dot_reduce(const ColDotReduceParams& p, cudaStream_t stre
 cudaError_t launch_row_dot(const RowDotParams& p, cudaStream_t stream);
 // check_only = true: the finiteness pass of a safe merge; false: the write pass.
 cudaError_t launch_merge(const MergeParams& p, bool check_only, cudaStream_t stream);
+// Both passes of the fused small-N forward (p.n <= kDecodeMaxRows).
+cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream);
 
 // How many row chunks launch_col_dot_reduce uses for these sizes (the caller sizes the workspace).
 int col_dot_reduce_splits(int64_t rows, int64_t cols, int64_t num_adapters);

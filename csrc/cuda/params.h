@@ -81,4 +81,31 @@ struct MergeParams {
   DType dtype;
 };
 
+// Fused small-N forward (decode, serving), n <= kDecodeMaxRows:
+//   pass 1, a warp per row k of A:      u[n, k] = A_k . x_n;  h[n, k] = u[n, k] * lambda_d[a(n), k]  (fp32)
+//   pass 2, a warp per output o:        y[n, o] = (W_o . x_n + bias[o]  or  base[n, o]) + lambda_b[a(n), o] * (B_o . h_n)
+// Every row of A, W and B is read once, for all n, with 16-byte loads where the rows are 16-byte aligned.
+constexpr int kDecodeMaxRows = 32;
+struct DecodeParams {
+  const void* x;
+  int64_t x_row_stride;
+  const void* weight;  // (out_f, in_f) or null: then base is given
+  int64_t w_row_stride;
+  const void* bias;  // (out_f) or null
+  const void* base;  // (n, out_f) or null
+  int64_t base_row_stride;
+  const void* A;  // (r, in_f)
+  int64_t a_row_stride;
+  const void* B;  // (out_f, r)
+  int64_t b_row_stride;
+  const float* lambda_d;  // (num_adapters, r)
+  const float* lambda_b;  // (num_adapters, out_f)
+  const int64_t* idx;     // nullable
+  void* u;                // (n, r), contiguous
+  float* h;               // (n, r) fp32 workspace, contiguous
+  void* y;                // (n, out_f), contiguous
+  int64_t n, in_f, out_f, r;
+  DType dtype;
+};
+
 }  // namespace vera::cuda

@@ -109,6 +109,46 @@ void Prims::merge_apply(Tensor& weight, const Tensor& delta_, double alpha, bool
   C10_CUDA_CHECK(launch_merge(p, /*check_only=*/false, stream()));
 }
 
+std::tuple<Tensor, Tensor> Prims::decode_forward(const Tensor& x_, const c10::optional<Tensor>& weight_,
+                                                 const c10::optional<Tensor>& bias_, const c10::optional<Tensor>& base_,
+                                                 const AdapterArgs& a) {
+  static_assert(kDecodeMaxRows == vera::cuda::kDecodeMaxRows, "one decode row limit");
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const Tensor x = x_.contiguous(), A = rows_contiguous(a.A), B = rows_contiguous(a.B);
+  const Tensor ld = a.lambda_d.contiguous(), lb = a.lambda_b.contiguous();
+  const Tensor weight = weight_.has_value() ? rows_contiguous(*weight_) : Tensor();
+  const Tensor bias = bias_.has_value() ? bias_->contiguous() : Tensor();
+  const Tensor base = base_.has_value() ? rows_contiguous(*base_) : Tensor();
+  const int64_t n = x.size(0), in_f = x.size(1), r = ld.size(-1), out_f = B.size(0);
+  Tensor u = at::empty({n, r}, x.options());
+  Tensor h = at::empty({n, r}, x.options().dtype(at::kFloat));
+  Tensor y = at::empty({n, out_f}, x.options());
+  const DecodeParams p{x.const_data_ptr(),
+                       x.stride(0),
+                       weight.defined() ? weight.const_data_ptr() : nullptr,
+                       weight.defined() ? weight.stride(0) : 0,
+                       bias.defined() ? bias.const_data_ptr() : nullptr,
+                       base.defined() ? base.const_data_ptr() : nullptr,
+                       base.defined() ? base.stride(0) : 0,
+                       A.const_data_ptr(),
+                       A.stride(0),
+                       B.const_data_ptr(),
+                       B.stride(0),
+                       ld.const_data_ptr<float>(),
+                       lb.const_data_ptr<float>(),
+                       idx_ptr(a.adapter_idx),
+                       u.data_ptr(),
+                       h.data_ptr<float>(),
+                       y.data_ptr(),
+                       n,
+                       in_f,
+                       out_f,
+                       r,
+                       dtype_of(x.scalar_type())};
+  C10_CUDA_CHECK(launch_decode(p, stream()));
+  return {y, u};
+}
+
 void Prims::check_adapter_idx(const Tensor& idx, int64_t num_adapters) {
   // Reading the range back synchronizes; under CUDA-graph capture that is impossible, and the caller (which
   // built the indices) is trusted.

@@ -4,10 +4,20 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
+#include "common/checks.h"
+
 namespace vera::cuda {
 
 struct Prims {
-  static constexpr int64_t kDecodeMaxRows = 0;  // no fused decode path yet: small N runs the GEMM path
+  // Up to this many rows, forward runs the fused decode kernels (decode_kernels.cu).
+  static constexpr int64_t kDecodeMaxRows = 32;
+  static std::tuple<at::Tensor, at::Tensor> decode_forward(const at::Tensor& x,
+                                                           const c10::optional<at::Tensor>& weight,
+                                                           const c10::optional<at::Tensor>& bias,
+                                                           const c10::optional<at::Tensor>& base,
+                                                           const AdapterArgs& a);
   static at::Tensor row_scale(const at::Tensor& in, const at::Tensor& lam, at::ScalarType dtype);
   static at::Tensor col_scale(const at::Tensor& in, const at::Tensor& lam, const c10::optional<at::Tensor>& idx);
   static void scale_add(at::Tensor& out, const at::Tensor& base, const at::Tensor& z, const at::Tensor& lam,
