@@ -57,7 +57,8 @@ class VeraProjection(nn.Module):
         self.register_buffer("vera_A", vera_A.detach(), persistent=persistent)
         self.register_buffer("vera_B", vera_B.detach(), persistent=persistent)
         self.prng_key = prng_key
-        self._casts: dict = {}
+        self._cache: dict = {}
+        self._stamp = None
 
     @classmethod
     def from_key(cls, r: int, max_in_features: int, max_out_features: int, prng_key: int = 0, persistent=True):
@@ -90,28 +91,44 @@ class VeraProjection(nn.Module):
                     f"vera_B {tuple(self.vera_B.shape)}): it allows {what} <= {have}"
                 )
 
+    def _valid_cache(self) -> dict:
+        """The cache of casts and slices, emptied whenever the buffers are replaced or modified in place."""
+        A, B = self.vera_A, self.vera_B
+        stamp = (A.data_ptr(), A._version, B.data_ptr(), B._version)
+        if stamp != self._stamp:
+            self._cache.clear()
+            self._stamp = stamp
+        return self._cache
+
     def cast(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(A, B) in ``dtype`` on ``device``; cached until the buffers are replaced or modified in place."""
+        """(A, B) in ``dtype`` on ``device``, cast once and cached."""
         A, B = self.vera_A, self.vera_B
         if A.dtype == dtype and A.device == device and B.dtype == dtype and B.device == device:
             return A, B
         if torch.compiler.is_compiling():
             return A.to(device, dtype), B.to(device, dtype)
-        stamp = (A.data_ptr(), A._version, B.data_ptr(), B._version)
+        cache = self._valid_cache()
         key = (dtype, device)
-        hit = self._casts.get(key)
-        if hit is None or hit[0] != stamp:
-            hit = (stamp, A.to(device, dtype), B.to(device, dtype))
-            self._casts[key] = hit
-        return hit[1], hit[2]
+        if key not in cache:
+            cache[key] = (A.to(device, dtype), B.to(device, dtype))
+        return cache[key]
 
     def sliced(self, r: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device):
-        """The layer's views ``A[:r, :in_features]`` and ``B[:out_features, :r]`` (no copies)."""
-        A, B = self.cast(dtype, device)
-        return A[:r, :in_features], B[:out_features, :r]
+        """The layer's views ``A[:r, :in_features]`` and ``B[:out_features, :r]`` (no copies), cached: the
+        forward of a layer costs no cast and no slicing."""
+        if torch.compiler.is_compiling():
+            A, B = self.cast(dtype, device)
+            return A[:r, :in_features], B[:out_features, :r]
+        cache = self._valid_cache()
+        key = (r, in_features, out_features, dtype, device)
+        hit = cache.get(key)
+        if hit is None:
+            A, B = self.cast(dtype, device)
+            hit = cache[key] = (A[:r, :in_features], B[:out_features, :r])
+        return hit
 
     def _apply(self, fn, recurse=True):
-        self._casts.clear()
+        self._cache.clear()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
