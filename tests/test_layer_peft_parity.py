@@ -226,3 +226,28 @@ def test_projection_from_key_is_bit_identical_to_peft():
     proj = VeraProjection.from_key(5, 23, 17, prng_key=42)
     assert torch.equal(proj.vera_A, peft_model.base_model.vera_A["default"])
     assert torch.equal(proj.vera_B, peft_model.base_model.vera_B["default"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_through_the_layer(device):
+    ours, peft = pair(10, 8, 4, device)
+    x = torch.randn(0, 3, 10, device=device, requires_grad=True)
+    y = ours(x)
+    assert y.shape == (0, 3, 8)
+    torch.testing.assert_close(y, peft(x))
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_saved_activations_are_only_u(fused):
+    """Backward keeps u = x A^T (N x r) and nothing else that grows with N (DESIGN §2); PEFT keeps far more."""
+    from vera_ext.bench import saved_activation_bytes
+
+    n, in_f, out_f, r = 64, 48, 40, 16
+    ours, peft = pair(in_f, out_f, r)
+    if not fused:  # a base module that is not a plain nn.Linear takes the unfused path
+        ours.base_layer.register_forward_hook(lambda module, args, out: None)
+    x = torch.randn(n, in_f, requires_grad=True)
+    assert saved_activation_bytes(ours, x) == n * r * 4
+    assert saved_activation_bytes(peft, x) >= n * (in_f + r + out_f) * 4  # x, u, z at least
