@@ -12,3 +12,10 @@ from .projection import VeraProjection, generate_projection
 __version__ = "0.1.0"
 
 __all__ = ["BASE_ADAPTER", "VeraLinear", "VeraProjection", "build_info", "generate_projection", "ops"]
+
+# Model-level VeRA (issue 6): config, injection, PEFT-format checkpoints, mixed batches, PEFT patching.
+from .config import VeraConfig
+from .model import VeraModel, get_vera_model
+from .peft_patch import is_peft_patched, patch_peft, unpatch_peft
+
+__all__ += ["VeraConfig", "VeraModel", "get_vera_model", "is_peft_patched", "patch_peft", "unpatch_peft"]

@@ -1,0 +1,281 @@
+"""Adapter checkpoints in PEFT 0.21.2's directory format, both ways.
+
+    <dir>/adapter_config.json          the "default" adapter ("peft_type": "VERA")
+    <dir>/adapter_model.safetensors    base_model.model.<path>.vera_lambda_b / .vera_lambda_d,
+                                       base_model.vera_A / base_model.vera_B (with save_projection),
+                                       bias entries (bias="all"/"vera_only"), base_model.model.<path>.<key> of
+                                       modules_to_save
+    <dir>/<name>/...                   every other adapter, the same layout
+
+Loading checks the whole checkpoint against the model before anything changes: a wrong architecture, missing or
+extra keys, wrong shapes, or a projection that is not this model's fail with a ValueError naming them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .config import VeraConfig
+from .layer import VeraLinear
+from .modules_to_save import ModulesToSave
+from .plan import AdapterPlan, adapter_internals, plan_adapter
+
+__all__ = ["save_pretrained", "from_pretrained", "load_adapter", "adapter_state_dict", "WEIGHTS_NAME"]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+VERA_A, VERA_B = "base_model.vera_A", "base_model.vera_B"
+PathLike = Union[str, os.PathLike]
+
+
+def _is_bias(name: str) -> bool:
+    return (name == "bias" or name.endswith(".bias")) and ".vera_lambda_" not in name
+
+
+# ----------------------------------------------------------------------------------------------------- saving
+
+
+def adapter_state_dict(vera_model, adapter_name: str) -> dict[str, Tensor]:
+    """The live tensors of one adapter under their checkpoint keys (what ``save_pretrained`` writes)."""
+    config = vera_model.peft_config[adapter_name]
+    out: dict[str, Tensor] = {}
+    wrappers = vera_model.modules_to_save_wrappers()
+    for path, layer in vera_model.vera_layers().items():
+        if adapter_name in layer.vera_lambda_d:
+            out[f"{PREFIX}{path}.vera_lambda_b"] = layer.vera_lambda_b[adapter_name]
+            out[f"{PREFIX}{path}.vera_lambda_d"] = layer.vera_lambda_d[adapter_name]
+            bias = getattr(layer.base_layer, "bias", None)
+            if config.bias == "vera_only" and isinstance(bias, Tensor):
+                out[f"{PREFIX}{path}.base_layer.bias"] = bias
+    if config.bias == "all":
+        inside = tuple(f"{p}." for p in wrappers)
+        for name, param in vera_model.model.named_parameters():
+            if _is_bias(name) and not name.startswith(inside):
+                out[PREFIX + name] = param
+    for path, wrapper in wrappers.items():
+        if adapter_name in wrapper.modules_to_save:
+            for key, value in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{path}.{key}"] = value
+    if config.save_projection:
+        out[VERA_A] = vera_model.vera_projection.vera_A
+        out[VERA_B] = vera_model.vera_projection.vera_B
+    return out
+
+
+def save_pretrained(
+    vera_model,
+    save_directory: PathLike,
+    selected_adapters: Optional[list[str]] = None,
+    safe_serialization: bool = True,
+    is_main_process: bool = True,
+) -> None:
+    """Write each adapter (default: all) as PEFT does: "default" into ``save_directory``, others into
+    ``save_directory/<name>``; adapter_config.json has ``inference_mode: true``."""
+    if os.path.isfile(save_directory):
+        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    names = list(vera_model.peft_config) if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in names if n not in vera_model.peft_config]
+    if unknown or isinstance(selected_adapters, str):
+        raise ValueError(
+            f"You passed an invalid `selected_adapters` arguments, current supported adapter names are "
+            f"{list(vera_model.peft_config)} - got {selected_adapters}."
+        )
+    if not is_main_process:
+        return
+    for name in names:
+        out_dir = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+        os.makedirs(out_dir, exist_ok=True)
+        # cloned: safetensors refuses aliased tensors (e.g. tied weights inside modules_to_save)
+        state = adapter_state_dict(vera_model, name)
+        tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(tensors, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            torch.save(tensors, os.path.join(out_dir, LEGACY_WEIGHTS_NAME))
+        _config_to_write(vera_model, name).save_pretrained(out_dir)
+
+
+def _config_to_write(vera_model, name: str) -> VeraConfig:
+    config = copy.deepcopy(vera_model.peft_config[name])
+    config.inference_mode = True
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = vera_model.model.__dict__.get("name_or_path", None) or None
+    if config.task_type is None:
+        cls = type(vera_model.model)
+        config.auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def read_adapter_dir(model_id: PathLike) -> tuple[VeraConfig, dict[str, Tensor]]:
+    """(config, tensors on the CPU) of a local adapter directory."""
+    directory = os.fspath(model_id)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"adapter directory {directory!r} does not exist (vera_ext reads local directories)")
+    config = VeraConfig.from_pretrained(directory)
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        tensors = load_file(path, device="cpu")
+    elif os.path.isfile(os.path.join(directory, LEGACY_WEIGHTS_NAME)):
+        tensors = torch.load(os.path.join(directory, LEGACY_WEIGHTS_NAME), map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory!r}")
+    return config, tensors
+
+
+def from_pretrained(model: nn.Module, model_id: PathLike, adapter_name: str = "default", is_trainable: bool = False):
+    """A VeraModel around ``model`` with the adapter stored in ``model_id``; ``model`` is untouched on error."""
+    from .model import VeraModel
+
+    config, tensors = read_adapter_dir(model_id)
+    config.inference_mode = not is_trainable
+    if adapter_internals(model):
+        raise ValueError("model already holds VeRA layers; use VeraModel.load_adapter to add another adapter")
+    plan = plan_adapter(model, config, adapter_name)
+    _check_checkpoint(tensors, _expected_shapes(model, plan), plan, None, model_id)
+    vera_model = VeraModel(model, config, adapter_name)
+    _fill(vera_model, adapter_name, tensors, load_projection=True)
+    if not is_trainable:
+        vera_model.eval()
+    return vera_model
+
+
+def load_adapter(vera_model, model_id: PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+    """Add the adapter stored in ``model_id`` as ``adapter_name`` (not activated). Changes nothing on error."""
+    config, tensors = read_adapter_dir(model_id)
+    config.inference_mode = not is_trainable
+    plan = vera_model.plan_adapter(adapter_name, config)
+    _check_checkpoint(tensors, _expected_shapes(vera_model.model, plan), plan, vera_model.vera_projection, model_id)
+    vera_model.apply_adapter_plan(plan, config)
+    _fill(vera_model, adapter_name, tensors, load_projection=False)
+    if is_trainable:  # PEFT makes a trainable loaded adapter's weights require grad even while inactive
+        for param in _own_parameters(vera_model, adapter_name):
+            param.requires_grad_(True)
+    else:
+        vera_model.eval()
+
+
+def _own_parameters(vera_model, adapter_name: str):
+    for layer in vera_model.vera_layers().values():
+        if adapter_name in layer.vera_lambda_d:
+            yield layer.vera_lambda_b[adapter_name]
+            yield layer.vera_lambda_d[adapter_name]
+    for wrapper in vera_model.modules_to_save_wrappers().values():
+        if adapter_name in wrapper.modules_to_save:
+            yield from wrapper.modules_to_save[adapter_name].parameters()
+
+
+def _expected_shapes(model: nn.Module, plan: AdapterPlan) -> dict[str, tuple]:
+    """{checkpoint key: shape} the adapter will have once added (mirrors ``adapter_state_dict``)."""
+    config = plan.config
+    out: dict[str, tuple] = {}
+    internals = adapter_internals(model)
+    new_targets = [t.path for t in plan.targets if not isinstance(t.module, VeraLinear)]
+    for t in plan.targets:
+        out[f"{PREFIX}{t.path}.vera_lambda_b"] = (t.out_features,)
+        out[f"{PREFIX}{t.path}.vera_lambda_d"] = (config.r,)
+        bias = getattr(t.base, "bias", None)
+        if config.bias == "vera_only" and isinstance(bias, Tensor):
+            out[f"{PREFIX}{t.path}.base_layer.bias"] = tuple(bias.shape)
+    if config.bias == "all":
+        wrapped = [p for p, m in internals.items() if isinstance(m, ModulesToSave)] + plan.modules_to_save
+        inside = tuple(f"{p}." for p in wrapped)
+        for name, param in model.named_parameters():
+            if _is_bias(name) and not name.startswith(inside):
+                out[PREFIX + _name_after_wrapping(name, new_targets)] = tuple(param.shape)
+    for path in plan.modules_to_save:
+        module = model.get_submodule(path)
+        source = module.original_module if isinstance(module, ModulesToSave) else module
+        for key, value in source.state_dict().items():
+            out[f"{PREFIX}{path}.{key}"] = tuple(value.shape)
+    if config.save_projection:
+        R, max_in, max_out = plan.projection_shape
+        out[VERA_A], out[VERA_B] = (R, max_in), (max_out, R)
+    return out
+
+
+def _name_after_wrapping(name: str, new_targets: list[str]) -> str:
+    for path in new_targets:
+        if name.startswith(f"{path}."):
+            return f"{path}.base_layer.{name[len(path) + 1:]}"
+    return name
+
+
+def _check_checkpoint(tensors: dict, expected: dict, plan: AdapterPlan, projection, model_id) -> None:
+    where = f"checkpoint {os.fspath(model_id)!r}"
+    config = plan.config
+    keys = set(tensors)
+    if config.save_projection and not {VERA_A, VERA_B} <= keys:
+        raise ValueError(
+            f"Specified to load vera_A and vera_B from state dictionary however they were not present! ({where})"
+        )
+    if not config.save_projection:
+        if keys & {VERA_A, VERA_B}:
+            warnings.warn(
+                "Specified to not load vera_A and vera_B from state dictionary however they are present in state"
+                " dictionary! Consider using them to ensure checkpoint loading is correct on all platforms using"
+                " `peft_config.save_projection = True`"
+            )
+            keys -= {VERA_A, VERA_B}
+        else:
+            warnings.warn(
+                "Specified to not load vera_A and vera_B from state dictionary. This means we will be relying on"
+                " PRNG initialisation to restore these projections using `config.projection_prng_key`, which may"
+                " not be accurate on all system configurations."
+            )
+    missing = sorted(set(expected) - keys)
+    extra = sorted(k for k in keys - set(expected) if not (config.bias != "none" and _is_bias(k)))
+    if missing or extra:
+        raise ValueError(
+            f"{where} does not fit this model (different architecture or target_modules?): "
+            f"{len(missing)} missing key(s) {_few(missing)}, {len(extra)} unexpected key(s) {_few(extra)}"
+        )
+    ignored = sorted(k for k in keys - set(expected))
+    if ignored:
+        warnings.warn(f"{where}: bias entries of modules this adapter does not train were ignored: {_few(ignored)}")
+    wrong = [
+        f"{k}: checkpoint {tuple(tensors[k].shape)}, model {shape}"
+        for k, shape in expected.items()
+        if tuple(tensors[k].shape) != shape
+    ]
+    if wrong:
+        raise ValueError(f"{where} has tensors of the wrong shape (different architecture?): {_few(wrong)}")
+    not_float = [k for k in expected if not tensors[k].is_floating_point()]
+    if not_float:
+        raise ValueError(f"{where} has non-floating-point tensors: {_few(not_float)}")
+    if projection is not None and config.save_projection:
+        same = all(
+            torch.equal(tensors[key].to(torch.float32), buf.detach().to("cpu", torch.float32))
+            for key, buf in ((VERA_A, projection.vera_A), (VERA_B, projection.vera_B))
+        )
+        if not same:
+            raise ValueError(
+                f"{where} holds a vera_A/vera_B projection that differs from this model's shared projection; all "
+                "adapters of a model share one projection, so load this adapter into a model of its own"
+            )
+
+
+def _fill(vera_model, adapter_name: str, tensors: dict, load_projection: bool) -> None:
+    with torch.no_grad():
+        for key, live in adapter_state_dict(vera_model, adapter_name).items():
+            if key in (VERA_A, VERA_B) and not load_projection:
+                continue  # verified equal to the model's projection
+            live.copy_(tensors[key])
+
+
+def _few(items: list, limit: int = 6) -> str:
+    shown = ", ".join(map(str, items[:limit]))
+    return f"[{shown}{', ...' if len(items) > limit else ''}]"

@@ -1,0 +1,474 @@
+"""VeraModel: VeRA adapters injected into any model, with PEFT's model-level API and mixed-adapter batches."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import VeraConfig
+from .layer import BASE_ADAPTER, VeraLinear
+from .mixed_batch import mixed_batch_hooks
+from .modules_to_save import ModulesToSave
+from .plan import AdapterPlan, plan_adapter
+from .projection import VeraProjection
+from .targets import base_dtype_device, is_conv1d
+
+__all__ = ["VeraModel", "get_vera_model"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def get_vera_model(model: nn.Module, config: VeraConfig, adapter_name: str = "default") -> "VeraModel":
+    """Inject a VeRA adapter into ``model`` (changed in place) and return the :class:`VeraModel` wrapping it.
+    ``config`` is a :class:`vera_ext.VeraConfig` or PEFT's ``VeraConfig``."""
+    return VeraModel(model, config, adapter_name)
+
+
+class VeraModel(nn.Module):
+    """``model`` with VeRA layers in place of its target modules, one shared projection for all of them.
+
+    The API is PEFT's (``PeftModel`` + ``VeraModel``): ``add_adapter``, ``set_adapter``, ``delete_adapter``,
+    ``disable_adapter()``, ``merge_adapter``, ``unmerge_adapter``, ``merge_and_unload``, ``unload``,
+    ``save_pretrained``, ``from_pretrained``, ``load_adapter``, ``print_trainable_parameters``. Attributes it
+    does not have are read from the wrapped model. ``forward(..., adapter_names=[...])`` runs a mixed batch: one
+    adapter name per sample (``"__base__"``: none), all in one pass.
+    """
+
+    prefix = "vera_lambda_"
+
+    def __init__(self, model: nn.Module, config: VeraConfig, adapter_name: str = "default"):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(model, VeraModel) or any(isinstance(m, (VeraLinear, ModulesToSave)) for m in model.modules()):
+            raise ValueError("model already holds VeRA layers; add more adapters with VeraModel.add_adapter")
+        self.model = model
+        self.peft_config: dict[str, VeraConfig] = {}
+        self.vera_projection: Optional[VeraProjection] = None
+        self.targeted_module_names: list[str] = []
+        self.active_adapter: Union[str, list[str]] = adapter_name
+        self._adapters_disabled = False
+        try:
+            self.add_adapter(adapter_name, config)
+        except Exception:
+            self.active_adapter = []
+            raise
+
+    # ----------------------------------------------------------------------------------------- bookkeeping
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    def vera_layers(self) -> dict[str, VeraLinear]:
+        """{path in the model: VeraLinear}."""
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, VeraLinear)}
+
+    def modules_to_save_wrappers(self) -> dict[str, ModulesToSave]:
+        """{path in the model: ModulesToSave}."""
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, ModulesToSave)}
+
+    @property
+    def vera_A(self) -> dict[str, torch.Tensor]:
+        """{adapter: shared vera_A}, as PEFT's BufferDict (every adapter shares one tensor)."""
+        return {} if self.vera_projection is None else {n: self.vera_projection.vera_A for n in self.peft_config}
+
+    @property
+    def vera_B(self) -> dict[str, torch.Tensor]:
+        return {} if self.vera_projection is None else {n: self.vera_projection.vera_B for n in self.peft_config}
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    def _require_adapters(self, names: Sequence[str], what: str = "Adapter {} not found.") -> None:
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(what.format(name) + f" Known adapters: {list(self.peft_config)}")
+
+    # ----------------------------------------------------------------------------------------- adding
+
+    def add_adapter(self, adapter_name: str, config: VeraConfig) -> None:
+        """Add adapter ``adapter_name`` (not made active; the first adapter of a model is). PEFT's checks: one
+        ``projection_prng_key`` and one ``save_projection`` for all adapters, at most one adapter with a bias
+        mode, and the shared projection must fit every target. A refused call changes nothing."""
+        config = VeraConfig.from_peft(config)
+        self.apply_adapter_plan(self.plan_adapter(adapter_name, config), config)
+
+    def plan_adapter(self, adapter_name: str, config: VeraConfig) -> AdapterPlan:
+        """Everything :meth:`add_adapter` would do, checked; raises on any problem. Changes nothing."""
+        config = VeraConfig.from_peft(config)
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+        if adapter_name == BASE_ADAPTER:
+            raise ValueError(f"adapter_name {BASE_ADAPTER!r} is reserved: it means 'no adapter' in mixed batches")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+        for existing in self.peft_config.values():
+            if existing.projection_prng_key != config.projection_prng_key:
+                raise ValueError(
+                    "Vera PRNG initialisation key must be the same for all adapters. Got "
+                    f"config.projection_prng_key={config.projection_prng_key} but previous config had "
+                    f"{existing.projection_prng_key}."
+                )
+        save_values = sorted({c.save_projection for c in self.peft_config.values()} | {config.save_projection})
+        if len(save_values) > 1:
+            raise ValueError(
+                "VeRA projection weights must be saved for all adapters or none, but got multiple different values: "
+                f"{save_values}"
+            )
+        if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
+            raise ValueError(
+                "VeraModel supports only 1 adapter with bias. When using multiple adapters, set bias to 'none' for all "
+                "adapters."
+            )
+        return plan_adapter(self.model, config, adapter_name, self.vera_projection)
+
+    def apply_adapter_plan(self, plan: AdapterPlan, config: VeraConfig) -> None:
+        """Carry out a plan from :meth:`plan_adapter` (``config`` is stored as the adapter's config, with its
+        resolved target_modules/modules_to_save and fan_in_fan_out corrected as PEFT does)."""
+        first = self.vera_projection is None
+        previous = {} if first else {p: p.requires_grad for p in self.parameters()}
+        if first:
+            self.vera_projection = _projection_as_peft_makes_it(plan)
+        config.target_modules = plan.config.target_modules
+        config.modules_to_save = plan.config.modules_to_save
+        self.peft_config[plan.name] = config
+        name, r = plan.name, config.r
+        for target in plan.targets:
+            if isinstance(target.module, VeraLinear):
+                layer = target.module
+                layer.update_layer(name, r, vera_dropout=config.vera_dropout, d_initial=config.d_initial,
+                                   init_weights=config.init_weights)
+            else:
+                _warn_fan_in_fan_out(config, target.conv1d)
+                layer = VeraLinear(target.module, r, projection=self.vera_projection, adapter_name=name,
+                                   vera_dropout=config.vera_dropout, d_initial=config.d_initial,
+                                   init_weights=config.init_weights, fan_in_fan_out=target.conv1d)
+                _replace(self.model, target.path, layer)
+                if target.path not in self.targeted_module_names:
+                    self.targeted_module_names.append(target.path)
+            _round_like_peft(layer, name, target.base)
+        for path in plan.modules_to_save:
+            module = self.model.get_submodule(path)
+            if isinstance(module, ModulesToSave):
+                module.add(name)
+            else:
+                _replace(self.model, path, ModulesToSave(module, name))
+        if first:
+            adapter_params = {id(p) for p in self._adapter_parameters()}
+            for p in self.model.parameters():
+                if id(p) not in adapter_params:
+                    p.requires_grad_(False)
+        self._activate(self.active_adapters, inference_mode=config.inference_mode)
+        self._mark_bias_trainable()
+        for p, requires_grad in previous.items():
+            p.requires_grad_(requires_grad)
+
+    def _adapter_parameters(self):
+        for layer in self.vera_layers().values():
+            yield from layer.vera_lambda_b.values()
+            yield from layer.vera_lambda_d.values()
+        for wrapper in self.modules_to_save_wrappers().values():
+            yield from wrapper.modules_to_save.parameters()
+
+    def _activate(self, names: list[str], inference_mode: bool = False) -> None:
+        """Route the layers to ``names`` and make exactly their adapter weights trainable (PEFT's set_adapter)."""
+        for layer in self.vera_layers().values():
+            layer.set_adapter([n for n in names if n in layer.vera_lambda_d])
+            for store in (layer.vera_lambda_b, layer.vera_lambda_d):
+                for key, p in store.items():
+                    p.requires_grad_(key in names and not inference_mode)
+        for wrapper in self.modules_to_save_wrappers().values():
+            wrapper.set_adapter(names, inference_mode)
+
+    def _mark_bias_trainable(self) -> None:
+        for name in self.active_adapters:
+            bias = self.peft_config[name].bias
+            if bias == "all":  # PEFT marks biases before wrapping modules_to_save, whose originals stay frozen
+                inside = tuple(f"{path}." for path in self.modules_to_save_wrappers())
+                for n, p in self.model.named_parameters():
+                    if (n == "bias" or n.endswith(".bias")) and not n.startswith(inside):
+                        p.requires_grad_(True)
+            elif bias == "vera_only":
+                for layer in self.vera_layers().values():
+                    if isinstance(getattr(layer.base_layer, "bias", None), nn.Parameter):
+                        layer.base_layer.bias.requires_grad_(True)
+
+    # ----------------------------------------------------------------------------------------- switching
+
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` (or a list, summed) the active adapter(s); their weights become trainable unless
+        ``inference_mode``. Merged layers are unmerged first, with PEFT's warning."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._require_adapters(names)
+        for wrapper in self.modules_to_save_wrappers().values():
+            held = [n for n in names if n in wrapper.modules_to_save]
+            if len(held) > 1:
+                raise ValueError(f"Only one adapter can be set at a time for modules_to_save, got {held}")
+        for layer in self.vera_layers().values():
+            if layer.merged:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                layer.unmerge()
+        self._activate(names, inference_mode)
+        self.active_adapter = adapter_name if isinstance(adapter_name, str) else names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere (refused while it is merged). If it was active, the remaining active ones
+        stay, or the first remaining adapter by name becomes active (with PEFT's warning)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        if any(adapter_name in layer.merged_adapters for layer in self.vera_layers().values()):
+            raise ValueError(
+                f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged. Please unmerge them first."
+            )
+        del self.peft_config[adapter_name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # layers announce their own choice; the model-level one is below
+            for layer in self.vera_layers().values():
+                if adapter_name in layer.vera_lambda_d:
+                    layer.delete_adapter(adapter_name)
+        for wrapper in self.modules_to_save_wrappers().values():
+            wrapper.delete(adapter_name)
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [sorted(self.peft_config)[0]]
+            warnings.warn(
+                f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {remaining[0]}."
+            )
+        self._activate(remaining)
+        self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
+
+    @contextmanager
+    def disable_adapter(self):
+        """Context manager: inside it the model runs as the base model (bias modes aside, as in PEFT)."""
+        if self._adapters_disabled:
+            yield
+            return
+        grads = {p: p.requires_grad for p in self._adapter_parameters()}
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self._enable(True)
+            for p, requires_grad in grads.items():
+                p.requires_grad_(requires_grad)
+
+    def disable_adapter_layers(self) -> None:
+        for name in self.active_adapters:
+            bias = self.peft_config[name].bias
+            if bias != "none":
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the "
+                    "same output as the base model would without adaption."
+                )
+        self._enable(False)
+        for p in self._adapter_parameters():
+            p.requires_grad_(False)
+
+    def enable_adapter_layers(self) -> None:
+        self._enable(True)
+        self._activate(self.active_adapters)
+
+    def _enable(self, enabled: bool) -> None:
+        for module in list(self.vera_layers().values()) + list(self.modules_to_save_wrappers().values()):
+            module.enable_adapters(enabled)
+        self._adapters_disabled = not enabled
+
+    # ----------------------------------------------------------------------------------------- merging
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Merge adapters (default: the active ones) into the base weights. With ``safe_merge`` every layer is
+        checked first and nothing is merged if any result would be non-finite."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
+        if adapter_names is not None:
+            self._require_adapters(adapter_names)
+        work = []
+        for path, layer in self.vera_layers().items():
+            wanted = layer.active_adapters if adapter_names is None else adapter_names
+            names = [n for n in wanted if n in layer.vera_lambda_d]
+            if not names:
+                continue
+            base = layer.base_layer
+            if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+                raise TypeError(
+                    f"cannot merge into {path} ({type(base).__name__}): only nn.Linear and Conv1D weights can absorb "
+                    "the adapter; use it unmerged"
+                )
+            work.append((layer, names))
+        if safe_merge:
+            for layer, names in work:
+                _check_merge_is_finite(layer, names)
+        for layer, names in work:
+            layer.merge(safe_merge=False, adapter_names=names)
+
+    def unmerge_adapter(self) -> None:
+        merged = [layer for layer in self.vera_layers().values() if layer.merged]
+        if not merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+        for layer in merged:
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
+    ) -> nn.Module:
+        """Merge (see :meth:`merge_adapter`) and return the model with plain modules in place of VeRA layers."""
+        self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        return self._unload()
+
+    def unload(self) -> nn.Module:
+        """Return the base model with every VeRA layer removed (nothing merged)."""
+        return self._unload()
+
+    def _unload(self) -> nn.Module:
+        for path, layer in self.vera_layers().items():
+            _replace(self.model, path, layer.base_layer)
+        for path, wrapper in self.modules_to_save_wrappers().items():
+            active = wrapper.active_adapter
+            _replace(self.model, path, wrapper.modules_to_save[active] if active else wrapper.original_module)
+        self.peft_config = {}
+        self.vera_projection = None
+        self.active_adapter = []
+        return self.model
+
+    # ----------------------------------------------------------------------------------------- running
+
+    def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
+        """Run the model. ``adapter_names``: one adapter per sample (``"__base__"``: none) for a mixed batch."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with mixed_batch_hooks(self, adapter_names, args, kwargs):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
+        """``model.generate`` with optional per-sample adapters (repeated for each beam with ``num_beams``)."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        beams = kwargs.get("num_beams", 1)
+        if isinstance(beams, int) and beams > 1:
+            adapter_names = [n for n in adapter_names for _ in range(beams)]
+        with mixed_batch_hooks(self, adapter_names, (), {}):
+            return self.model.generate(*args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------- parameters
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as PEFT counts them (buffers such as A/B are not parameters)."""
+        trainable = total = 0
+        for _, param in self.named_parameters():
+            n = param.numel()
+            if n == 0 and hasattr(param, "ds_numel"):
+                n = param.ds_numel
+            if param.__class__.__name__ == "Params4bit":
+                n *= 2 * (param.element_size() if hasattr(param, "element_size") else 1)
+            total += n
+            trainable += n if param.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters=None, **kwargs) -> None:
+        """Write PEFT's adapter directory: ``adapter_config.json`` + ``adapter_model.safetensors`` per adapter
+        (``"default"`` at the top, others in a sub-folder of their name)."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, save_directory, selected_adapters=selected_adapters, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
+                        is_trainable: bool = False, **kwargs) -> "VeraModel":
+        """Load an adapter directory written by PEFT or vera_ext onto ``model``. On any mismatch (architecture,
+        keys, shapes, projection) it raises and ``model`` is left as it was."""
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+
+    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
+                     **kwargs):
+        """Load an adapter directory as ``adapter_name`` (not made active). A refused load changes nothing."""
+        from .checkpoint import load_adapter
+
+        return load_adapter(self, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def _warn_fan_in_fan_out(config: VeraConfig, conv1d: bool) -> None:
+    """PEFT's warnings when fan_in_fan_out disagrees with the layer (it then corrects the config, as here)."""
+    if conv1d and not config.fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."
+        )
+        config.fan_in_fan_out = True
+    elif not conv1d and config.fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False."
+        )
+        config.fan_in_fan_out = False
+
+
+def _projection_as_peft_makes_it(plan: AdapterPlan) -> VeraProjection:
+    """The shared projection drawn from the key, then (PEFT's quirk) passed through each target's fp16/bf16 dtype
+    and back to fp32, and placed on the last target's device, as PEFT's per-layer moves leave it."""
+    R, max_in, max_out = plan.projection_shape
+    config = plan.config
+    proj = VeraProjection.from_key(R, max_in, max_out, config.projection_prng_key, persistent=config.save_projection)
+    A, B, device = proj.vera_A, proj.vera_B, None
+    for target in plan.targets:
+        dtype, device_ = base_dtype_device(target.base)
+        if dtype is not None and dtype.is_floating_point:
+            A, B = A.to(dtype), B.to(dtype)
+        device = device_ or device
+    if A.dtype in _LOW_PRECISION:
+        A, B = A.float(), B.float()
+    return VeraProjection(A.to(device or "cpu"), B.to(device or "cpu"), persistent=config.save_projection,
+                          prng_key=config.projection_prng_key)
+
+
+def _round_like_peft(layer: VeraLinear, name: str, base: nn.Module) -> None:
+    """PEFT creates lambdas in the base layer's dtype and upcasts them to fp32: on fp16/bf16 models their initial
+    values are rounded to that dtype. Do the same so both start from identical numbers."""
+    dtype, _ = base_dtype_device(base)
+    if dtype in _LOW_PRECISION:
+        with torch.no_grad():
+            for store in (layer.vera_lambda_b, layer.vera_lambda_d):
+                store[name].copy_(store[name].to(dtype))
+
+
+def _check_merge_is_finite(layer: VeraLinear, names: list[str]) -> None:
+    weight = layer.base_layer.weight
+    merged = weight.detach()
+    for name in names:
+        if name in layer.merged_adapters:
+            continue
+        delta = layer.get_delta_weight(name).to(weight.device, torch.float32)
+        merged = (merged.float() + delta).to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
