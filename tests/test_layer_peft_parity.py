@@ -8,7 +8,7 @@ from torch import nn
 
 from vera_ext import VeraLinear, VeraProjection
 
-from conftest import DEVICES, LOW_PRECISION, assert_low_precision_close, make_peft_vera_linear
+from vera_testing import DEVICES, LOW_PRECISION, assert_low_precision_close, make_peft_vera_linear
 
 
 def pair(in_f, out_f, r, device="cpu", bias=True, seed=0, init_weights=False, **kwargs):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import DEVICES
+from vera_testing import DEVICES
 from test_ops import make_case
 
 OPS = torch.ops.vera_ext

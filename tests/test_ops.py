@@ -6,7 +6,7 @@ import torch
 import vera_ext
 from vera_ext import ops
 
-from conftest import DEVICES, LOW_PRECISION, assert_low_precision_close, peft_formula, vera_reference
+from vera_testing import DEVICES, LOW_PRECISION, assert_low_precision_close, peft_formula, vera_reference
 
 OPS = torch.ops.vera_ext
 
@@ -239,3 +239,17 @@ def test_build_info_reports_cuda_part():
     assert set(info) >= {"with_cuda", "cuda_runtime_version", "debug"}
     has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("vera_ext::vera_merge_", "CUDA")
     assert has_cuda_kernel == info["with_cuda"]
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_delta_weight_gradients_match_float64(fan_in_fan_out):
+    _, _, A, B, ld, lb = make_case(1, 9, 7, 4, seed=12)
+    ld.requires_grad_(True)
+    lb.requires_grad_(True)
+    delta = ops.vera_delta_weight(A, B, ld, lb, fan_in_fan_out, torch.float32)
+    G = torch.randn_like(delta)
+    ours = torch.autograd.grad(delta, [ld, lb], G)
+    ref = (lb.double()[:, None] * B.double()) @ (ld.double()[:, None] * A.double())
+    expected = torch.autograd.grad(ref.T if fan_in_fan_out else ref, [ld, lb], G.double())
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .projection import VeraProjection
+from .targets import is_conv1d
 
 __all__ = ["VeraLinear", "BASE_ADAPTER"]
 
@@ -192,17 +193,18 @@ class VeraLinear(nn.Module):
     # ------------------------------------------------------------------------------------------ merging
 
     def _base_weight(self) -> Tensor:
-        weight = getattr(self.base_layer, "weight", None)
-        if not isinstance(weight, Tensor) or weight.dim() != 2:
+        # Only layers whose output is x @ W^T (+ b) can absorb delta_W: a custom module may use its weight otherwise.
+        if not (isinstance(self.base_layer, nn.Linear) or is_conv1d(self.base_layer)):
             raise TypeError(
-                f"merging needs a base layer with a 2-D weight; {type(self.base_layer).__name__} has none "
-                "(the adapter can still be used unmerged)"
+                f"merging is supported for only nn.Linear and Conv1D base layers, not "
+                f"{type(self.base_layer).__name__} (the adapter can still be used unmerged)"
             )
-        return weight
+        return self.base_layer.weight
 
     def _adapter_operands(self, name: str, dtype: torch.dtype, device: torch.device):
         A, B = self.vera_projection.sliced(self.r[name], self.in_features, self.out_features, dtype, device)
-        return A, B, _fp32(self.vera_lambda_d[name]), _fp32(self.vera_lambda_b[name])
+        acc = _opmath(dtype)
+        return A, B, self.vera_lambda_d[name].to(acc), self.vera_lambda_b[name].to(acc)
 
     def get_delta_weight(self, adapter_name: str) -> Tensor:
         """``diag(lambda_b) B_l diag(lambda_d) A_l``, (out, in) or (in, out) with fan_in_fan_out, in the
@@ -330,8 +332,9 @@ class VeraLinear(nn.Module):
 
         # Adapters of different rank share one u = x A[:r_max]^T; zero-padded lambda_d masks the extra columns.
         r_max = max(self.r[n] for n in used)
-        lambda_d = torch.stack([F.pad(_fp32(self.vera_lambda_d[n]), (0, r_max - self.r[n])) for n in used])
-        lambda_b = torch.stack([_fp32(self.vera_lambda_b[n]) for n in used])
+        acc = _opmath(x.dtype)
+        lambda_d = torch.stack([F.pad(self.vera_lambda_d[n].to(acc), (0, r_max - self.r[n])) for n in used])
+        lambda_b = torch.stack([self.vera_lambda_b[n].to(acc) for n in used])
         x_d = self._mixed_dropout(x, names, rows_per_sample)
 
         if self._fusable(x, args, kwargs) and x_d is x:
@@ -367,5 +370,6 @@ def _check_rank(r) -> None:
         raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
 
 
-def _fp32(t: Tensor) -> Tensor:
-    return t if t.dtype == torch.float32 else t.float()
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops keep lambdas in: fp32, or fp64 for fp64 data."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -189,3 +189,26 @@ def _backward_linear(ctx, grad_y, _grad_u):
 
 
 torch.library.register_autograd("vera_ext::vera_linear_forward", _backward_linear, setup_context=_setup_linear)
+
+
+def _setup_delta(ctx, inputs, output):
+    A, B, lambda_d, lambda_b, fan_in_fan_out, _dtype = inputs
+    _refuse_projection_grad(A, B)
+    ctx.fan_in_fan_out = fan_in_fan_out
+    ctx.save_for_backward(A, B, lambda_d, lambda_b)
+
+
+def _backward_delta(ctx, grad):
+    # delta = diag(lambda_b) B diag(lambda_d) A, so with G = dL/d(delta) as (O, I):
+    #   dlambda_d[k] = sum_i (B_hat^T G)[k, i] A[k, i]      dlambda_b[o] = sum_k (G A_hat^T)[o, k] B[o, k]
+    A, B, lambda_d, lambda_b = ctx.saved_tensors
+    acc = lambda_d.dtype
+    G = (grad.t() if ctx.fan_in_fan_out else grad).to(acc)
+    A, B = A.to(acc), B.to(acc)
+    need_ld, need_lb = ctx.needs_input_grad[2:4]
+    grad_ld = ((lambda_b[:, None] * B).t() @ G * A).sum(1) if need_ld else None
+    grad_lb = ((G @ (lambda_d[:, None] * A).t()) * B).sum(1) if need_lb else None
+    return None, None, grad_ld, grad_lb, None, None
+
+
+torch.library.register_autograd("vera_ext::vera_delta_weight", _backward_delta, setup_context=_setup_delta)
