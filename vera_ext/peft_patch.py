@@ -95,10 +95,7 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _get_delta_weight(self, adapter: str) -> torch.Tensor:
-    lambda_d, lambda_b = self.vera_lambda_d[adapter], self.vera_lambda_b[adapter]
-    if torch.is_grad_enabled() and (lambda_d.requires_grad or lambda_b.requires_grad):
-        # our delta-weight op has no autograd formula yet: keep PEFT's differentiable computation here
-        return _originals["get_delta_weight"](self, adapter)
+    lambda_d = self.vera_lambda_d[adapter]
     dtype = self.vera_B[adapter].dtype
     A, B, ld, lb = _operands(self, adapter, self.vera_A[adapter].dtype, lambda_d.device)
     return ops.vera_delta_weight(A, B, ld, lb, self.fan_in_fan_out, dtype)
