@@ -95,9 +95,13 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: 
 
 
 def saved_activation_bytes(layer: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd saves for backward in one forward, excluding parameters and buffers (which do not grow
-    with N); tensors sharing storage are counted once."""
-    frozen = {t.untyped_storage().data_ptr() for t in list(layer.parameters()) + list(layer.buffers())}
+    """Bytes autograd saves for backward in one forward, excluding parameters, buffers and the projection's cached
+    casts (none of which grow with N); tensors sharing storage are counted once."""
+    frozen_tensors = list(layer.parameters()) + list(layer.buffers())
+    for module in layer.modules():
+        if isinstance(module, VeraProjection):
+            frozen_tensors += module.cached_tensors()
+    frozen = {t.untyped_storage().data_ptr() for t in frozen_tensors}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):

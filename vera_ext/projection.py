@@ -127,6 +127,10 @@ class VeraProjection(nn.Module):
             hit = cache[key] = (A[:r, :in_features], B[:out_features, :r])
         return hit
 
+    def cached_tensors(self) -> list[Tensor]:
+        """The cached casts and slices (frozen data shared by every layer, not activations)."""
+        return [t for entry in self._cache.values() for t in entry]
+
     def _apply(self, fn, recurse=True):
         self._cache.clear()
         return super()._apply(fn, recurse)

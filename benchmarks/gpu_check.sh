@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# The one command a session lent an H200 runs (issue 4), from the repo root of the device machine's copy:
+#
+#   device tool: run(command="bash benchmarks/gpu_check.sh", timeout_s=600)
+#
+# Steps, in this order (the benchmark numbers before the slow sanitizer runs), each under `timeout` and inside an
+# overall budget, so one hang cannot eat the lease; a failed step is recorded and the next one runs:
+#   env        nvidia-smi, torch, nvcc, compute-sanitizer, peft versions
+#   build      pip install -e . for sm_90 against the image's torch (MAX_JOBS=16), then build_info()['with_cuda']
+#   cuda_tests pytest -m cuda tests (junit in $OUT/junit.xml)
+#   bench      benchmarks/gpu_bench.py ($OUT/gpu_bench.json and .log)
+#   memcheck   compute-sanitizer memcheck on benchmarks/sanitize_kernels.py (every op, small shapes)
+#   racecheck  compute-sanitizer racecheck on our kernels only, sanitize_kernels.py --quick
+#   synccheck  compute-sanitizer synccheck, likewise (optional)
+#   full_tests the rest of the test suite with the time left (optional)
+# Files under $OUT (8 at most come back): summary.txt check.log build.log tests.log junit.xml sanitizer.log
+# gpu_bench.json gpu_bench.log. Exit status: 0 when every required step passed, 1 otherwise.
+#
+# Knobs: CHECK_BUDGET_S (default 540: whole script), CHECK_STEPS (default all; e.g. "build bench" for a rerun on a
+# warm machine, whose build is then incremental), PYTHON (default python3).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+BUDGET=${CHECK_BUDGET_S:-540}
+STEPS=${CHECK_STEPS:-"env build cuda_tests bench memcheck racecheck synccheck full_tests"}
+START=$(date +%s)
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+
+exec > >(tee -a "$OUT/check.log") 2>&1
+TEE_PID=$!
+
+SUMMARY=()
+FAILED=0
+BUILD_OK=1
+
+elapsed() { echo $(( $(date +%s) - START )); }
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
+record() {  # record NAME STATUS SECONDS LOG
+  SUMMARY+=("$(printf '%-11s %-30s %5ss  %s' "$1" "$2" "$3" "$4")")
+  echo "---- $1: $2 (${3}s; log: $4)"
+}
+
+# step NAME LIMIT_S LOG REQUIRED COMMAND...   LOG "-" means this script's own output (check.log).
+step() {
+  local name=$1 limit=$2 log=$3 required=$4
+  shift 4
+  wanted "$name" || return 0
+  if [[ $BUILD_OK != 1 && $name != env && $name != build ]]; then
+    record "$name" "SKIPPED (no build)" 0 -
+    (( required )) && FAILED=$((FAILED + 1))
+    return 0
+  fi
+  local left=$(( BUDGET - $(elapsed) - 15 ))  # 15 s kept for the summary
+  if (( left < 30 )); then
+    record "$name" "SKIPPED (out of time)" 0 -
+    (( required )) && FAILED=$((FAILED + 1))
+    return 0
+  fi
+  (( limit > left )) && limit=$left
+  echo
+  echo "==== $name (limit ${limit}s; ${BUDGET}s budget, $(elapsed)s used) $(date +%T)"
+  local path=-
+  [[ $log != - ]] && path="$OUT/$log" && echo "==== $name: $*" >>"$path"
+  local t0 rc
+  t0=$(date +%s)
+  # a shell function of this script runs in a child bash (timeout runs programs); they are exported below
+  declare -F "$1" >/dev/null && set -- bash -c '"$@"' _ "$@"
+  if [[ $log == - ]]; then
+    timeout -k 10 "$limit" "$@"
+  else
+    timeout -k 10 "$limit" "$@" >>"$path" 2>&1
+  fi
+  rc=$?
+  [[ $log != - ]] && echo >>"$path"  # a killed command may leave its last line open
+  local took=$(( $(date +%s) - t0 )) status
+  case $rc in
+    0) status=PASSED ;;
+    124 | 137) status="TIMEOUT after ${limit}s" ;;
+    *) status="FAILED (rc=$rc)" ;;
+  esac
+  if (( rc != 0 )); then
+    if (( required )); then FAILED=$((FAILED + 1)); else status="$status, optional"; fi
+    [[ $log != - ]] && { echo "     last lines of $log:"; tail -n 25 "$path" | sed 's/^/     | /'; }
+  fi
+  record "$name" "$status" "$took" "$log"
+  return $rc
+}
+
+versions() {
+  nvidia-smi || echo "nvidia-smi failed"
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used \
+    --format=csv || true
+  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda",
+torch.version.cuda, "| gpu", torch.cuda.is_available() and torch.cuda.get_device_name())'
+  "$PY" -c 'import peft, transformers; print("peft", peft.__version__, "| transformers", transformers.__version__)'
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2 || ls /usr/local/cuda/bin/nvcc
+  if [[ -x $CS ]]; then "$CS" --version | head -n 3; else echo "compute-sanitizer not found at $CS"; fi
+  nproc
+}
+
+check_build() {
+  "$PY" - <<'PY'
+import torch, vera_ext
+info = vera_ext.build_info()
+print("build_info:", info, "| torch", torch.__version__, "| cuda available:", torch.cuda.is_available())
+missing = [op for op in ("vera_forward", "vera_linear_forward", "vera_backward", "vera_delta_weight", "vera_merge_")
+           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"vera_ext::{op}", "CUDA")]
+assert info["with_cuda"], "vera_ext was built without its CUDA part"
+assert not missing, f"no CUDA kernel registered for {missing}"
+assert torch.cuda.is_available(), "torch sees no GPU"
+PY
+}
+
+build() {
+  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 VERA_EXT_CUDA=1 \
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . && check_build
+}
+
+cuda_tests() {  # pytest -m cuda; fails too when every CUDA test was skipped (a GPU the tests cannot see)
+  "$PY" -m pytest $PYTEST_OPTS -m cuda --junitxml="$OUT/junit.xml" tests
+  local rc=$?
+  "$PY" - "$OUT/junit.xml" <<'PY' || rc=1
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suite = root if root.tag == "testsuite" else root.find("testsuite")
+n, skipped = int(suite.get("tests")), int(suite.get("skipped"))
+print(f"CUDA tests: {n} selected, {n - skipped} ran, {skipped} skipped")
+sys.exit(0 if n > skipped else 1)
+PY
+  return $rc
+}
+
+CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+PYTEST_OPTS="-q -p no:cacheprovider -rfE"
+"$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST_OPTS+=" --timeout=300"
+export PY CS OUT PYTEST_OPTS
+export -f versions check_build build cuda_tests
+
+echo "gpu_check: $(date -u +%FT%TZ), budget ${BUDGET}s, steps: $STEPS, OUT=$OUT"
+command -v nvidia-smi >/dev/null ||
+  echo "gpu_check: WARNING: no nvidia-smi on this machine; this script is for the GPU machine (device tool)"
+step env 60 - 1 versions
+step build 420 build.log 1 build || BUILD_OK=0
+step cuda_tests 240 tests.log 1 cuda_tests
+step bench 300 - 1 "$PY" benchmarks/gpu_bench.py --out "$OUT"
+step memcheck 240 sanitizer.log 1 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  "$CS" --tool memcheck --error-exitcode 1 --print-limit 50 "$PY" benchmarks/sanitize_kernels.py
+step racecheck 180 sanitizer.log 1 \
+  "$CS" --tool racecheck --kernel-name kns=vera --error-exitcode 1 --print-limit 50 \
+  "$PY" benchmarks/sanitize_kernels.py --quick
+step synccheck 90 sanitizer.log 0 \
+  "$CS" --tool synccheck --kernel-name kns=vera --error-exitcode 1 --print-limit 50 \
+  "$PY" benchmarks/sanitize_kernels.py --quick
+step full_tests 600 tests.log 0 "$PY" -m pytest $PYTEST_OPTS -m "not cuda" tests
+
+{
+  echo "gpu_check summary ($(date -u +%FT%TZ), $(elapsed)s of ${BUDGET}s budget)"
+  printf '%s\n' "${SUMMARY[@]}"
+  echo
+  grep -h "^build_info:" "$OUT/build.log" 2>/dev/null
+  grep -hE "^(FAILED|ERROR) |^CUDA tests:|[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran" \
+    "$OUT/tests.log" 2>/dev/null | tail -n 30
+  grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|^sanitize_kernels:|^FAIL " "$OUT/sanitizer.log" 2>/dev/null
+  grep -hE "^(TARGET|SECTION FAILED|VeraLinear\(x)" "$OUT/gpu_bench.log" 2>/dev/null
+  echo
+  if (( FAILED )); then echo "OVERALL: FAILED ($FAILED required step(s) did not pass)"; else echo "OVERALL: PASSED"; fi
+} >"$OUT/summary.txt"
+
+echo
+[[ -f $OUT/gpu_bench.log ]] && sed -n '/^case /,$p' "$OUT/gpu_bench.log"
+echo
+cat "$OUT/summary.txt"
+echo "files in \$OUT ($(ls "$OUT" | wc -l), at most 8 come back): $(ls "$OUT" | tr '\n' ' ')"
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null
+exit $(( FAILED > 0 ))
