@@ -150,11 +150,12 @@ std::tuple<Tensor, Tensor> Prims::decode_forward(const Tensor& x_, const c10::op
 }
 
 void Prims::check_adapter_idx(const Tensor& idx, int64_t num_adapters) {
-  // Reading the range back synchronizes; under CUDA-graph capture that is impossible, and the caller (which
-  // built the indices) is trusted.
+  // Reading the range back synchronizes (once: min and max come back together); under CUDA-graph capture that is
+  // impossible, and the caller, which built the indices, is trusted.
   if (idx.numel() == 0 || c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
   const auto [lo, hi] = at::aminmax(idx);
-  const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+  const Tensor range = at::stack({lo, hi}).cpu();
+  const int64_t lo_v = range[0].item<int64_t>(), hi_v = range[1].item<int64_t>();
   TORCH_CHECK(lo_v >= -1 && hi_v < num_adapters, "adapter_idx holds values in [", lo_v, ", ", hi_v,
               "]: expected -1 (no adapter) or an adapter index in [0, ", num_adapters, ")");
 }
