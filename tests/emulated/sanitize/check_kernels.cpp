@@ -1,0 +1,275 @@
+// Runs every VeRA kernel launcher of csrc/cuda on random inputs (edge sizes, row strides, all dtypes) and
+// compares with reference.h. Sizes stay small: this runs under ThreadSanitizer. Prints one line per failure.
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "checks.h"
+#include "cuda/launchers.h"
+#include "reference.h"
+
+namespace vera::check {
+namespace {
+
+using namespace vera::cuda;
+
+constexpr DType kDtypes[] = {DType::F32, DType::F16, DType::BF16};
+
+struct Shape {
+  int64_t rows, cols, ld;
+};
+// Empty, single element, odd with a row stride, several blocks with a ragged tail.
+constexpr Shape kShapes[] = {{0, 5, 5}, {1, 1, 1}, {5, 33, 40}, {37, 100, 130}};
+
+struct Checker {
+  std::mt19937 rng;
+  int failures = 0;
+
+  explicit Checker(unsigned seed) : rng(seed) {}
+
+  bool launched(cudaError_t err, const std::string& what) {
+    if (err == cudaSuccess) return true;
+    ++failures;
+    std::printf("FAIL %s: launch error %s: %s\n", what.c_str(), cudaGetErrorString(err),
+                vera_emu::last_launch_error().c_str());
+    return false;
+  }
+
+  void expect_equal(const Matrix& got, const Matrix& want, const std::string& what) {
+    for (int64_t i = 0; i < want.rows; ++i)
+      for (int64_t j = 0; j < want.cols; ++j)
+        if (got.get(i, j) != want.get(i, j)) {
+          ++failures;
+          std::printf("FAIL %s: [%lld, %lld] = %.9g, expected %.9g\n", what.c_str(), (long long)i, (long long)j,
+                      got.get(i, j), want.get(i, j));
+          return;
+        }
+  }
+
+  void expect_close(const std::vector<float>& got, const std::vector<Sum>& want, const std::string& what) {
+    for (size_t e = 0; e < want.size(); ++e)
+      if (!close(got[e], want[e])) {
+        ++failures;
+        std::printf("FAIL %s: [%zu] = %.9g, expected %.9g\n", what.c_str(), e, got[e], want[e].value);
+        return;
+      }
+  }
+
+  static std::string name(const char* kernel, DType t, const Shape& s, const char* extra = "") {
+    return std::string(kernel) + " " + dtype_name(t) + " " + std::to_string(s.rows) + "x" + std::to_string(s.cols) +
+           " ld " + std::to_string(s.ld) + extra;
+  }
+
+  void row_scale(DType t, const Shape& s, DType out_t) {
+    Matrix in(t, s.rows, s.cols, s.ld), out(out_t, s.rows, s.cols, s.cols), want(out_t, s.rows, s.cols, s.cols);
+    in.randomize(rng);
+    const std::vector<float> lam = random_floats(rng, s.rows);
+    const std::string what = name("row_scale", t, s, out_t == DType::F32 ? " -> f32" : "");
+    if (!launched(launch_row_scale({in.data(), s.ld, lam.data(), out.data(), s.rows, s.cols, t, out_t}, nullptr), what))
+      return;
+    row_scale_ref(in, lam, want);
+    expect_equal(out, want, what);
+  }
+
+  void col_scale(DType t, const Shape& s, bool with_idx) {
+    const int64_t k = with_idx ? 3 : 1;
+    Matrix in(t, s.rows, s.cols, s.ld), out(t, s.rows, s.cols, s.cols), want(t, s.rows, s.cols, s.cols);
+    in.randomize(rng);
+    const std::vector<float> lam = random_floats(rng, k * s.cols);
+    const std::vector<int64_t> idx = random_idx(rng, s.rows, k);
+    const std::vector<int64_t>* ip = with_idx ? &idx : nullptr;
+    const std::string what = name("col_scale", t, s, with_idx ? " idx" : "");
+    if (!launched(launch_col_scale({in.data(), s.ld, lam.data(), ip ? idx.data() : nullptr, out.data(), s.rows,
+                                    s.cols, t},
+                                   nullptr),
+                  what))
+      return;
+    col_scale_ref(in, lam, ip, want);
+    expect_equal(out, want, what);
+  }
+
+  void scale_add(DType t, const Shape& s, bool with_idx, bool in_place) {
+    const int64_t k = with_idx ? 3 : 1;
+    Matrix base(t, s.rows, s.cols, s.ld), z(t, s.rows, s.cols, s.ld + 3), want(t, s.rows, s.cols, s.cols);
+    base.randomize(rng);
+    z.randomize(rng);
+    const std::vector<float> lam = random_floats(rng, k * s.cols);
+    const std::vector<int64_t> idx = random_idx(rng, s.rows, k);
+    const std::vector<int64_t>* ip = with_idx ? &idx : nullptr;
+    scale_add_ref(base, z, lam, ip, want);
+    Matrix separate(t, s.rows, s.cols, s.cols);
+    Matrix& out = in_place ? base : separate;  // in place: out aliases base, with base's row stride
+    const std::string what =
+        name("scale_add", t, s, in_place ? (with_idx ? " idx in-place" : " in-place") : (with_idx ? " idx" : ""));
+    if (!launched(launch_scale_add({base.data(), s.ld, z.data(), z.ld, lam.data(), ip ? idx.data() : nullptr,
+                                    out.data(), out.ld, s.rows, s.cols, t},
+                                   nullptr),
+                  what))
+      return;
+    expect_equal(out, want, what);
+  }
+
+  // Returns the number of row splits used.
+  int col_dot_reduce(DType t, const Shape& s, int64_t k, bool with_idx) {
+    Matrix p(t, s.rows, s.cols, s.ld), q(t, s.rows, s.cols, s.ld + 1);
+    p.randomize(rng);
+    q.randomize(rng);
+    const std::vector<int64_t> idx = random_idx(rng, s.rows, k);
+    const std::vector<int64_t>* ip = with_idx ? &idx : nullptr;
+    const int splits = col_dot_reduce_splits(s.rows, s.cols, k);
+    std::vector<float> workspace(size_t(splits > 1 ? splits * k * s.cols : 0) + 1), out(size_t(k * s.cols) + 1, -1.f);
+    const std::string extra = " k " + std::to_string(k) + " splits " + std::to_string(splits);
+    const std::string what = name("col_dot_reduce", t, s, extra.c_str());
+    if (!launched(launch_col_dot_reduce({p.data(), s.ld, q.data(), q.ld, ip ? idx.data() : nullptr, workspace.data(),
+                                         out.data(), s.rows, s.cols, k, splits, t},
+                                        nullptr),
+                  what))
+      return splits;
+    expect_close(out, col_dot_reduce_ref(p, q, ip, k), what);
+    return splits;
+  }
+
+  void row_dot(DType t, const Shape& s) {
+    Matrix p(t, s.rows, s.cols, s.ld), q(t, s.rows, s.cols, s.cols);
+    p.randomize(rng);
+    q.randomize(rng);
+    std::vector<float> out(size_t(s.rows) + 1, -1.f);
+    const std::string what = name("row_dot", t, s);
+    if (!launched(launch_row_dot({p.data(), s.ld, q.data(), q.ld, out.data(), s.rows, s.cols, t}, nullptr), what))
+      return;
+    expect_close(out, row_dot_ref(p, q), what);
+  }
+
+  // weight (out_f, in_f), or (in_f, out_f) when transposed, with row stride ld >= its cols.
+  void merge(DType t, int64_t out_f, int64_t in_f, bool transposed, float alpha, bool check_only, bool poison) {
+    const int64_t wr = transposed ? in_f : out_f, wc = transposed ? out_f : in_f;
+    Matrix w(t, wr, wc, wc + 2);
+    w.randomize(rng);
+    std::vector<float> delta = random_floats(rng, out_f * in_f);
+    if (poison && out_f * in_f > 0) delta[size_t(out_f * in_f / 2)] = INFINITY;
+    const Matrix before = w;
+    int flag = 0;
+    const std::string what = std::string("merge ") + dtype_name(t) + " " + std::to_string(out_f) + "x" +
+                             std::to_string(in_f) + (transposed ? " fan_in_fan_out" : "") +
+                             (check_only ? " check_only" : "") + (poison ? " inf" : "");
+    const MergeParams p{w.data(), transposed ? 1 : w.ld, transposed ? w.ld : 1, delta.data(), out_f, in_f, alpha,
+                        &flag, t};
+    if (!launched(launch_merge(p, check_only, nullptr), what)) return;
+    Matrix want = before;
+    bool finite = true;
+    for (int64_t o = 0; o < out_f; ++o)
+      for (int64_t i = 0; i < in_f; ++i) {
+        const int64_t r = transposed ? i : o, c = transposed ? o : i;
+        Matrix one(t, 1, 1, 1);
+        one.set(0, 0, before.get(r, c) + alpha * delta[size_t(o * in_f + i)]);
+        finite &= std::isfinite(one.get(0, 0));
+        if (!check_only) want.set(r, c, one.get(0, 0));
+      }
+    expect_equal(w, want, what);
+    const int want_flag = check_only && !finite ? 1 : 0;
+    if (flag != want_flag) {
+      ++failures;
+      std::printf("FAIL %s: non-finite flag %d, expected %d\n", what.c_str(), flag, want_flag);
+    }
+  }
+
+  // The fused small-N forward. u is checked against the float64 dot rounded to the dtype (one flip allowed), y
+  // against float64 from the kernel's own u (so a flip in u is not counted twice).
+  void decode(DType t, int64_t n, int64_t in_f, int64_t out_f, int64_t r, bool with_weight, bool with_idx,
+              bool strided) {
+    const int64_t k = with_idx ? 3 : 1, pad = strided ? 8 : 0;
+    Matrix x(t, n, in_f, in_f), a(t, r, in_f, in_f + pad), b(t, out_f, r, r + pad), w(t, out_f, in_f, in_f),
+        bias(t, 1, out_f, out_f), base(t, n, out_f, out_f + pad), u(t, n, r, r), y(t, n, out_f, out_f);
+    for (Matrix* m : {&x, &a, &b, &w, &bias, &base}) m->randomize(rng);
+    const std::vector<float> ld = random_floats(rng, k * r), lb = random_floats(rng, k * out_f);
+    const std::vector<int64_t> idx = random_idx(rng, n, k);
+    std::vector<float> h(size_t(n * r) + 1);
+    const std::string what = "decode " + std::string(dtype_name(t)) + " n " + std::to_string(n) + " in " +
+                             std::to_string(in_f) + " out " + std::to_string(out_f) + " r " + std::to_string(r) +
+                             (with_weight ? " weight+bias" : " base") + (with_idx ? " idx" : "") +
+                             (strided ? " strided" : "");
+    const DecodeParams p{x.data(), in_f, with_weight ? w.data() : nullptr, in_f, with_weight ? bias.data() : nullptr,
+                         with_weight ? nullptr : base.data(), base.ld, a.data(), a.ld, b.data(), b.ld, ld.data(),
+                         lb.data(), with_idx ? idx.data() : nullptr, u.data(), h.data(), y.data(), n, in_f,
+                         out_f, r, t};
+    if (!launched(launch_decode(p, nullptr), what)) return;
+    const double eps = t == DType::F32 ? 0x1p-23 : t == DType::F16 ? 0x1p-10 : 0x1p-7;
+    auto bad = [&](const char* name, int64_t i, int64_t j, double got, double want, double mag) {
+      if (std::fabs(got - want) <= eps * std::fabs(want) + 1e-5 * mag + 0x1p-24) return false;
+      ++failures;
+      std::printf("FAIL %s: %s[%lld, %lld] = %.9g, expected %.9g\n", what.c_str(), name, (long long)i, (long long)j,
+                  got, want);
+      return true;
+    };
+    for (int64_t m = 0; m < n; ++m) {
+      const int64_t ad = with_idx ? idx[m] : 0;
+      for (int64_t kk = 0; kk < r; ++kk) {
+        double dot = 0, mag = 0;
+        for (int64_t j = 0; j < in_f; ++j) {
+          dot += double(x.get(m, j)) * a.get(kk, j);
+          mag += std::fabs(double(x.get(m, j)) * a.get(kk, j));
+        }
+        if (bad("u", m, kk, u.get(m, kk), dot, mag)) return;
+      }
+      for (int64_t o = 0; o < out_f; ++o) {
+        double before = with_weight ? bias.get(0, o) : base.get(m, o), mag = std::fabs(before);
+        for (int64_t j = 0; with_weight && j < in_f; ++j) {
+          before += double(w.get(o, j)) * x.get(m, j);
+          mag += std::fabs(double(w.get(o, j)) * x.get(m, j));
+        }
+        double adapter = 0;
+        for (int64_t kk = 0; ad >= 0 && kk < r; ++kk) {
+          const double term = double(b.get(o, kk)) * (double(u.get(m, kk)) * ld[ad * r + kk]) * lb[ad * out_f + o];
+          adapter += term;
+          mag += std::fabs(term);
+        }
+        if (bad("y", m, o, y.get(m, o), before + adapter, mag)) return;
+      }
+    }
+  }
+};
+
+}  // namespace
+
+int check_kernels(unsigned seed) {
+  Checker c(seed);
+  for (const DType t : kDtypes) {
+    for (const Shape& s : kShapes) {
+      c.row_scale(t, s, t);
+      if (t != DType::F32) c.row_scale(t, s, DType::F32);
+      for (const bool idx : {false, true}) {
+        c.col_scale(t, s, idx);
+        c.scale_add(t, s, idx, /*in_place=*/false);
+        c.scale_add(t, s, idx, /*in_place=*/true);
+      }
+      c.row_dot(t, s);
+    }
+    int max_splits = 1;
+    for (const Shape& s : kShapes) max_splits = std::max(max_splits, c.col_dot_reduce(t, s, 1, false));
+    max_splits = std::max(max_splits, c.col_dot_reduce(t, {300, 40, 47}, 3, true));
+    max_splits = std::max(max_splits, c.col_dot_reduce(t, {513, 33, 33}, 2, true));
+    if (max_splits < 2) {
+      ++c.failures;
+      std::printf("FAIL col_dot_reduce: no case used more than one row split\n");
+    }
+    for (const bool transposed : {false, true}) {
+      for (const auto& [o, i] : {std::pair<int64_t, int64_t>{0, 3}, {1, 1}, {33, 65}, {40, 31}}) {
+        c.merge(t, o, i, transposed, 1.f, false, false);
+        c.merge(t, o, i, transposed, -0.5f, false, false);
+      }
+      c.merge(t, 33, 65, transposed, 1.f, true, false);
+      c.merge(t, 33, 65, transposed, 1.f, true, true);
+    }
+  }
+  for (const DType t : kDtypes) {
+    c.decode(t, 1, 7, 5, 3, true, false, false);       // odd sizes: element-wise loads
+    c.decode(t, 3, 64, 40, 16, true, false, false);    // 16-byte loads in every dtype
+    c.decode(t, 5, 131, 37, 24, true, true, true);     // mixed adapters, strided projection slices
+    c.decode(t, 17, 64, 33, 8, false, true, false);    // base given instead of a weight
+    c.decode(t, 32, 40, 24, 12, true, true, false);    // the most rows
+  }
+  std::printf("kernels: %d failure(s)\n", c.failures);
+  return c.failures;
+}
+
+}  // namespace vera::check
