@@ -138,10 +138,13 @@ def _setup_forward(ctx, inputs, output):
     _refuse_projection_grad(A, B)
     _, u = output
     ctx.mark_non_differentiable(u)
+    ctx.set_materialize_grads(False)  # no (N, r) zeros for u's gradient; grad_y may then be None too
     ctx.save_for_backward(u, A, B, lambda_d, lambda_b, adapter_idx)
 
 
 def _backward_forward(ctx, grad_y, _grad_u):
+    if grad_y is None:
+        return (None,) * 7
     u, A, B, lambda_d, lambda_b, adapter_idx = ctx.saved_tensors
     # (adapter_idx may be left out of needs_input_grad when it takes its default)
     need_x, need_base, _, _, need_ld, need_lb = ctx.needs_input_grad[:6]
@@ -164,6 +167,7 @@ def _setup_linear(ctx, inputs, output):
     _refuse_projection_grad(A, B)
     _, u = output
     ctx.mark_non_differentiable(u)
+    ctx.set_materialize_grads(False)  # no (N, r) zeros for u's gradient; grad_y may then be None too
     # x is kept only when the base weight itself is trained; VeRA alone needs just u.
     saved_x = x if weight.requires_grad else None
     ctx.has_bias = bias is not None
@@ -171,6 +175,8 @@ def _setup_linear(ctx, inputs, output):
 
 
 def _backward_linear(ctx, grad_y, _grad_u):
+    if grad_y is None:
+        return (None,) * 8
     u, weight, x, A, B, lambda_d, lambda_b, adapter_idx = ctx.saved_tensors
     need_x, need_w, need_bias, _, _, need_ld, need_lb = ctx.needs_input_grad[:7]
     grad_x = grad_w = grad_bias = grad_ld = grad_lb = None

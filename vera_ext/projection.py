@@ -93,7 +93,7 @@ class VeraProjection(nn.Module):
 
     def _valid_cache(self) -> dict:
         """The cache of casts and slices, emptied whenever the buffers are replaced or modified in place."""
-        A, B = self.vera_A, self.vera_B
+        A, B = self._buffers["vera_A"], self._buffers["vera_B"]  # (attribute access costs ~1 us per decode call)
         stamp = (A.data_ptr(), A._version, B.data_ptr(), B._version)
         if stamp != self._stamp:
             self._cache.clear()

@@ -9,6 +9,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <vector>
+
 #include "cpu/prims_cpu.h"
 
 namespace vera::cpu {
@@ -22,37 +24,48 @@ using at::Tensor;
 #define VERA_CPU_CLONES
 #endif
 
-// out[v] = row . xs[v] for v < n_vec (xs rows ld_x apart), in acc_t with independent partial sums.
+// out[i * n_vec + v] = rows_i . xs_v for i < n_rows (rows row_stride apart) and v < n_vec (xs ld_x apart), in
+// acc_t. Four rows go together so each x load serves four rows, with two independent vector accumulators per row:
+// FMA latency and the per-dot overhead (zeroing, the final tree) are spread over four rows.
 template <typename T, typename acc_t>
-__attribute__((always_inline)) inline void dots_impl(const T* row, const acc_t* xs, int64_t ld_x, int64_t n_vec,
-                                                     int64_t len, acc_t* out) {
-  constexpr int kLanes = 64;  // several independent vector accumulators: FMA latency, not a single chain, bounds
-  for (int64_t v = 0; v < n_vec; ++v) {
-    const acc_t* x = xs + v * ld_x;
-    acc_t part[kLanes] = {};
-    int64_t j = 0;
-    for (; j + kLanes <= len; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) part[l] += static_cast<acc_t>(row[j + l]) * x[j + l];
-    acc_t s = 0;
-    for (int l = 0; l < kLanes; ++l) s += part[l];
-    for (; j < len; ++j) s += static_cast<acc_t>(row[j]) * x[j];
-    out[v] = s;
+__attribute__((always_inline)) inline void dots_impl(const T* rows, int64_t row_stride, int64_t n_rows,
+                                                     const acc_t* xs, int64_t ld_x, int64_t n_vec, int64_t len,
+                                                     acc_t* out) {
+  constexpr int kRows = 4, kLanes = 32;
+  for (int64_t r0 = 0; r0 < n_rows; r0 += kRows) {
+    const int nr = static_cast<int>(std::min<int64_t>(kRows, n_rows - r0));
+    const T* row[kRows];
+    for (int i = 0; i < kRows; ++i) row[i] = rows + (r0 + std::min(i, nr - 1)) * row_stride;  // tail: repeat last
+    for (int64_t v = 0; v < n_vec; ++v) {
+      const acc_t* x = xs + v * ld_x;
+      acc_t part[kRows][kLanes] = {};
+      int64_t j = 0;
+      for (; j + kLanes <= len; j += kLanes)
+        for (int i = 0; i < kRows; ++i)
+          for (int l = 0; l < kLanes; ++l) part[i][l] += static_cast<acc_t>(row[i][j + l]) * x[j + l];
+      for (int i = 0; i < nr; ++i) {
+        // Pairwise tree over the lanes: one vector add per level (a serial sum of the lanes would cost more than
+        // the dot product of a 1024-wide row).
+        for (int width = kLanes / 2; width > 0; width /= 2)
+          for (int l = 0; l < width; ++l) part[i][l] += part[i][l + width];
+        acc_t s = part[i][0];
+        for (int64_t jj = j; jj < len; ++jj) s += static_cast<acc_t>(row[i][jj]) * x[jj];
+        out[(r0 + i) * n_vec + v] = s;
+      }
+    }
   }
 }
 
-VERA_CPU_CLONES void dots(const float* row, const float* xs, int64_t ld_x, int64_t n, int64_t len, float* out) {
-  dots_impl(row, xs, ld_x, n, len, out);
-}
-VERA_CPU_CLONES void dots(const c10::BFloat16* row, const float* xs, int64_t ld_x, int64_t n, int64_t len,
-                          float* out) {
-  dots_impl(row, xs, ld_x, n, len, out);
-}
-VERA_CPU_CLONES void dots(const c10::Half* row, const float* xs, int64_t ld_x, int64_t n, int64_t len, float* out) {
-  dots_impl(row, xs, ld_x, n, len, out);
-}
-void dots(const double* row, const double* xs, int64_t ld_x, int64_t n, int64_t len, double* out) {
-  dots_impl(row, xs, ld_x, n, len, out);
-}
+#define VERA_DOTS(T, ACC)                                                                                       \
+  void dots(const T* rows, int64_t row_stride, int64_t n_rows, const ACC* xs, int64_t ld_x, int64_t n_vec,    \
+            int64_t len, ACC* out) {                                                                          \
+    dots_impl(rows, row_stride, n_rows, xs, ld_x, n_vec, len, out);                                           \
+  }
+VERA_CPU_CLONES VERA_DOTS(float, float)
+VERA_CPU_CLONES VERA_DOTS(c10::BFloat16, float)
+VERA_CPU_CLONES VERA_DOTS(c10::Half, float)
+VERA_DOTS(double, double)
+#undef VERA_DOTS
 
 Tensor rows_contiguous(const Tensor& t) {
   return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
@@ -91,11 +104,11 @@ std::tuple<Tensor, Tensor> Prims::decode_forward(const Tensor& x, const c10::opt
     acc_t* hp = hf.data_ptr<acc_t>();
 
     at::parallel_for(0, r, grain_rows(in_f * n), [&](int64_t k0, int64_t k1) {
-      acc_t dot[kDecodeMaxRows];
+      std::vector<acc_t> dot((k1 - k0) * n);
+      dots(A.const_data_ptr<scalar_t>() + k0 * A.stride(0), A.stride(0), k1 - k0, xp, in_f, n, in_f, dot.data());
       for (int64_t k = k0; k < k1; ++k) {
-        dots(A.const_data_ptr<scalar_t>() + k * A.stride(0), xp, in_f, n, in_f, dot);
         for (int64_t row = 0; row < n; ++row) {
-          const scalar_t uk = static_cast<scalar_t>(dot[row]);
+          const scalar_t uk = static_cast<scalar_t>(dot[(k - k0) * n + row]);
           const int64_t ad = idx ? idx[row] : 0;
           up[row * r + k] = uk;
           hp[row * r + k] = ad < 0 ? acc_t(0) : static_cast<acc_t>(uk) * ldp[ad * r + k];
@@ -108,20 +121,17 @@ std::tuple<Tensor, Tensor> Prims::decode_forward(const Tensor& x, const c10::opt
     const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* basep = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, out_f, grain_rows((in_f + r) * n), [&](int64_t o0, int64_t o1) {
-      acc_t plain[kDecodeMaxRows], adapter[kDecodeMaxRows];
+      std::vector<acc_t> plain((o1 - o0) * n), adapter((o1 - o0) * n);
+      if (wp) dots(wp + o0 * weight.stride(0), weight.stride(0), o1 - o0, xp, in_f, n, in_f, plain.data());
+      dots(B.const_data_ptr<scalar_t>() + o0 * B.stride(0), B.stride(0), o1 - o0, hp, r, n, r, adapter.data());
       for (int64_t o = o0; o < o1; ++o) {
-        if (wp) {
-          dots(wp + o * weight.stride(0), xp, in_f, n, in_f, plain);
-          const acc_t b = bp ? static_cast<acc_t>(bp[o]) : acc_t(0);
-          for (int64_t row = 0; row < n; ++row) plain[row] += b;
-        } else {
-          for (int64_t row = 0; row < n; ++row) plain[row] = static_cast<acc_t>(basep[row * base.stride(0) + o]);
-        }
-        dots(B.const_data_ptr<scalar_t>() + o * B.stride(0), hp, r, n, r, adapter);
         for (int64_t row = 0; row < n; ++row) {
+          const int64_t i = (o - o0) * n + row;
+          const acc_t before = wp ? plain[i] + (bp ? static_cast<acc_t>(bp[o]) : acc_t(0))
+                                  : static_cast<acc_t>(basep[row * base.stride(0) + o]);
           const int64_t ad = idx ? idx[row] : 0;
-          const acc_t add = ad < 0 ? acc_t(0) : lbp[ad * out_f + o] * adapter[row];
-          yp[row * out_f + o] = static_cast<scalar_t>(plain[row] + add);
+          const acc_t add = ad < 0 ? acc_t(0) : lbp[ad * out_f + o] * adapter[i];
+          yp[row * out_f + o] = static_cast<scalar_t>(before + add);
         }
       }
     });
