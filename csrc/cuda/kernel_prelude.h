@@ -27,3 +27,10 @@ inline cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 
 #endif
 
 #include <cstdint>
+
+// Loop unrolling hint for nvcc; g++ (the emulated build) has no such pragma and would warn.
+#if defined(__CUDACC__)
+#define VERA_UNROLL _Pragma("unroll")
+#else
+#define VERA_UNROLL
+#endif
