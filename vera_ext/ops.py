@@ -133,29 +133,35 @@ def _refuse_projection_grad(A: Tensor, B: Tensor) -> None:
         )
 
 
-def _setup_forward(ctx, inputs, output):
-    x, base_out, A, B, lambda_d, lambda_b, adapter_idx = inputs
+def _save_adapter(ctx, A, B, lambda_d, lambda_b, adapter_idx, u, weight=None, x=None):
     _refuse_projection_grad(A, B)
-    _, u = output
     ctx.mark_non_differentiable(u)
     ctx.set_materialize_grads(False)  # no (N, r) zeros for u's gradient; grad_y may then be None too
-    ctx.save_for_backward(u, A, B, lambda_d, lambda_b, adapter_idx)
+    ctx.save_for_backward(u, A, B, lambda_d, lambda_b, adapter_idx, weight, x)
+
+
+def _adapter_grads(ctx, grad_y, need_x, need_ld, need_lb):
+    """(grad_x, grad_lambda_d, grad_lambda_b), each None when not needed; grad_x includes grad_y @ weight when a
+    fused base weight was saved."""
+    u, A, B, lambda_d, lambda_b, adapter_idx, weight, _ = ctx.saved_tensors
+    if not (need_x or need_ld or need_lb):
+        return None, None, None
+    gx, gld, glb = _ops.vera_backward(grad_y, u, A, B, lambda_d, lambda_b, adapter_idx, weight,
+                                      [need_x, need_ld, need_lb])
+    return gx if need_x else None, gld if need_ld else None, glb if need_lb else None
+
+
+def _setup_forward(ctx, inputs, output):
+    x, base_out, A, B, lambda_d, lambda_b, adapter_idx = inputs
+    _save_adapter(ctx, A, B, lambda_d, lambda_b, adapter_idx, output[1])
 
 
 def _backward_forward(ctx, grad_y, _grad_u):
     if grad_y is None:
         return (None,) * 7
-    u, A, B, lambda_d, lambda_b, adapter_idx = ctx.saved_tensors
     # (adapter_idx may be left out of needs_input_grad when it takes its default)
     need_x, need_base, _, _, need_ld, need_lb = ctx.needs_input_grad[:6]
-    grad_x = grad_ld = grad_lb = None
-    if need_x or need_ld or need_lb:
-        gx, gld, glb = _ops.vera_backward(
-            grad_y, u, A, B, lambda_d, lambda_b, adapter_idx, None, [need_x, need_ld, need_lb]
-        )
-        grad_x = gx if need_x else None
-        grad_ld = gld if need_ld else None
-        grad_lb = glb if need_lb else None
+    grad_x, grad_ld, grad_lb = _adapter_grads(ctx, grad_y, need_x, need_ld, need_lb)
     return grad_x, grad_y if need_base else None, None, None, grad_ld, grad_lb, None
 
 
@@ -164,33 +170,19 @@ torch.library.register_autograd("vera_ext::vera_forward", _backward_forward, set
 
 def _setup_linear(ctx, inputs, output):
     x, weight, bias, A, B, lambda_d, lambda_b, adapter_idx = inputs
-    _refuse_projection_grad(A, B)
-    _, u = output
-    ctx.mark_non_differentiable(u)
-    ctx.set_materialize_grads(False)  # no (N, r) zeros for u's gradient; grad_y may then be None too
     # x is kept only when the base weight itself is trained; VeRA alone needs just u.
-    saved_x = x if weight.requires_grad else None
+    _save_adapter(ctx, A, B, lambda_d, lambda_b, adapter_idx, output[1], weight, x if weight.requires_grad else None)
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(u, weight, saved_x, A, B, lambda_d, lambda_b, adapter_idx)
 
 
 def _backward_linear(ctx, grad_y, _grad_u):
     if grad_y is None:
         return (None,) * 8
-    u, weight, x, A, B, lambda_d, lambda_b, adapter_idx = ctx.saved_tensors
     need_x, need_w, need_bias, _, _, need_ld, need_lb = ctx.needs_input_grad[:7]
-    grad_x = grad_w = grad_bias = grad_ld = grad_lb = None
-    if need_x or need_ld or need_lb:
-        gx, gld, glb = _ops.vera_backward(
-            grad_y, u, A, B, lambda_d, lambda_b, adapter_idx, weight, [need_x, need_ld, need_lb]
-        )
-        grad_x = gx if need_x else None
-        grad_ld = gld if need_ld else None
-        grad_lb = glb if need_lb else None
-    if need_w:
-        grad_w = grad_y.t().mm(x)
-    if need_bias and ctx.has_bias:
-        grad_bias = grad_y.sum(0)
+    grad_x, grad_ld, grad_lb = _adapter_grads(ctx, grad_y, need_x, need_ld, need_lb)
+    x = ctx.saved_tensors[-1]
+    grad_w = grad_y.t().mm(x) if need_w else None
+    grad_bias = grad_y.sum(0) if need_bias and ctx.has_bias else None
     return grad_x, grad_w, grad_bias, None, None, grad_ld, grad_lb, None
 
 
