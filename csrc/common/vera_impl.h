@@ -33,15 +33,11 @@ inline bool use_rowwise(int64_t rows, int64_t r, bool has_idx) {
   return has_idx || rows < r;
 }
 
-// Small N (decode, serving): a backend that defines kDecodeMaxRows > 0 computes the whole layer in one fused pass
-// (decode_forward), reading each weight row once for all rows of x instead of paying a GEMM call per product.
+// Small N (decode, serving): each backend's decode_forward computes the whole layer in one fused pass, reading each
+// weight row once for all rows of x instead of paying a GEMM call per product.
 template <class P>
 bool use_decode(const Tensor& x) {
-  if constexpr (P::kDecodeMaxRows > 0) {
-    return x.size(0) > 0 && x.size(0) <= P::kDecodeMaxRows;
-  } else {
-    return false;
-  }
+  return x.size(0) > 0 && x.size(0) <= P::kDecodeMaxRows;
 }
 
 // lambda as (num_adapters, C): a single adapter's vector becomes one row.
@@ -72,9 +68,7 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x, const Tensor& base_out,
   check_like(base_out, "base_out", {x.size(0), base_out.size(1)}, x, "x");
   check_adapter(a, x, "x", x.size(1), base_out.size(1));
   if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
-  if constexpr (P::kDecodeMaxRows > 0) {
-    if (use_decode<P>(x)) return P::decode_forward(x, c10::nullopt, c10::nullopt, base_out, a);
-  }
+  if (use_decode<P>(x)) return P::decode_forward(x, c10::nullopt, c10::nullopt, base_out, a);
 
   Tensor u = at::mm(x, A.t());
   Tensor h = P::col_scale(u, as_rows(lambda_d), adapter_idx);
@@ -96,9 +90,7 @@ std::tuple<Tensor, Tensor> vera_linear_forward(const Tensor& x, const Tensor& we
   }
   check_adapter(a, x, "x", x.size(1), weight.size(0));
   if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
-  if constexpr (P::kDecodeMaxRows > 0) {
-    if (use_decode<P>(x)) return P::decode_forward(x, weight, bias, c10::nullopt, a);
-  }
+  if (use_decode<P>(x)) return P::decode_forward(x, weight, bias, c10::nullopt, a);
 
   Tensor base = at::linear(x, weight, bias);
   Tensor u = at::mm(x, A.t());
