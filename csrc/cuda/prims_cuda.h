@@ -1,32 +1,25 @@
-// CUDA implementations of VeRA's element-wise and reduction steps (contract in common/vera_impl.h): they turn
-// tensors into the kernels' params structs and launch on the current stream of the tensors' device.
+// The CUDA Prims: the kernel steps of kernel_prims.h launched on the current stream of the tensors' device, under
+// a device guard, with every launch checked.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
 
-#include <tuple>
-
-#include "common/checks.h"
+#include "cuda/kernel_prims.h"
 
 namespace vera::cuda {
 
-struct Prims {
-  // Up to this many rows, forward runs the fused decode kernels (decode_kernels.cu).
-  static constexpr int64_t kDecodeMaxRows = 32;
-  static std::tuple<at::Tensor, at::Tensor> decode_forward(const at::Tensor& x,
-                                                           const c10::optional<at::Tensor>& weight,
-                                                           const c10::optional<at::Tensor>& bias,
-                                                           const c10::optional<at::Tensor>& base,
-                                                           const AdapterArgs& a);
-  static at::Tensor row_scale(const at::Tensor& in, const at::Tensor& lam, at::ScalarType dtype);
-  static at::Tensor col_scale(const at::Tensor& in, const at::Tensor& lam, const c10::optional<at::Tensor>& idx);
-  static void scale_add(at::Tensor& out, const at::Tensor& base, const at::Tensor& z, const at::Tensor& lam,
-                        const c10::optional<at::Tensor>& idx);
-  static at::Tensor col_dot_reduce(const at::Tensor& p, const at::Tensor& q, const c10::optional<at::Tensor>& idx,
-                                   int64_t num_adapters);
-  static at::Tensor row_dot(const at::Tensor& p, const at::Tensor& q);
-  static void merge_apply(at::Tensor& weight, const at::Tensor& delta, double alpha, bool transposed, bool safe);
-  static void check_adapter_idx(const at::Tensor& idx, int64_t num_adapters);
+struct CudaLaunch {
+  using Guard = c10::cuda::CUDAGuard;
+  static cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+  static void check(cudaError_t err, const char* /*what*/) { C10_CUDA_CHECK(err); }
+  static bool capturing() {
+    return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  }
 };
+
+using Prims = KernelPrims<CudaLaunch>;
 
 }  // namespace vera::cuda

@@ -1,0 +1,180 @@
+// VeRA's element-wise and reduction steps (contract in common/vera_impl.h) over the kernels of csrc/cuda: tensors
+// become params structs, launched through a launch policy. The real build uses CudaLaunch (prims_cuda.h: device
+// guard, current stream, C10_CUDA_CHECK); the emulated test library uses the same code with an emulated launch, so
+// the params filling is tested on the CPU too.
+//
+// A launch policy L provides: L::Guard (constructed from the tensors' device), L::stream(), L::check(err, what),
+// and L::capturing() (true while a CUDA graph is being captured).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "common/checks.h"
+#include "cuda/launchers.h"
+
+namespace vera::cuda {
+
+namespace detail {
+
+inline DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: TORCH_CHECK(false, "vera_ext CUDA kernels support float32, float16 and bfloat16, got ", t);
+  }
+}
+
+// Rows contiguous, any row stride: projection slices (A[:r, :I], B[:O, :r]) are read in place.
+inline at::Tensor rows_contiguous(const at::Tensor& t) {
+  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
+}
+
+inline const int64_t* idx_ptr(const c10::optional<at::Tensor>& idx) {
+  return idx.has_value() ? idx->const_data_ptr<int64_t>() : nullptr;
+}
+
+}  // namespace detail
+
+template <class L>
+struct KernelPrims {
+  using Tensor = at::Tensor;
+  using OptTensor = c10::optional<Tensor>;
+
+  // Up to this many rows, forward runs the fused decode kernels (decode_kernels.cu).
+  static constexpr int64_t kDecodeMaxRows = vera::cuda::kDecodeMaxRows;
+
+  static Tensor row_scale(const Tensor& in_, const Tensor& lam_, at::ScalarType dtype) {
+    const typename L::Guard guard(in_.device());
+    const Tensor in = detail::rows_contiguous(in_), lam = lam_.contiguous();
+    Tensor out = at::empty(in.sizes(), in.options().dtype(dtype));
+    const RowScaleParams p{in.const_data_ptr(), in.stride(0), lam.const_data_ptr<float>(), out.data_ptr(),
+                           in.size(0), in.size(1), detail::dtype_of(in.scalar_type()), detail::dtype_of(dtype)};
+    L::check(launch_row_scale(p, L::stream()), "row_scale");
+    return out;
+  }
+
+  static Tensor col_scale(const Tensor& in_, const Tensor& lam_, const OptTensor& idx) {
+    const typename L::Guard guard(in_.device());
+    const Tensor in = detail::rows_contiguous(in_), lam = lam_.contiguous();
+    Tensor out = at::empty({in.size(0), in.size(1)}, in.options());
+    const ColScaleParams p{in.const_data_ptr(), in.stride(0), lam.const_data_ptr<float>(), detail::idx_ptr(idx),
+                           out.data_ptr(), in.size(0), in.size(1), detail::dtype_of(in.scalar_type())};
+    L::check(launch_col_scale(p, L::stream()), "col_scale");
+    return out;
+  }
+
+  static void scale_add(Tensor& out, const Tensor& base_, const Tensor& z_, const Tensor& lam_, const OptTensor& idx) {
+    const typename L::Guard guard(out.device());
+    TORCH_CHECK(out.stride(1) == 1 || out.size(1) <= 1, "scale_add: out must have contiguous rows");
+    const Tensor base = detail::rows_contiguous(base_), z = detail::rows_contiguous(z_), lam = lam_.contiguous();
+    const ScaleAddParams p{base.const_data_ptr(), base.stride(0), z.const_data_ptr(), z.stride(0),
+                           lam.const_data_ptr<float>(), detail::idx_ptr(idx), out.data_ptr(), out.stride(0),
+                           out.size(0), out.size(1), detail::dtype_of(out.scalar_type())};
+    L::check(launch_scale_add(p, L::stream()), "scale_add");
+  }
+
+  // splits <= 0: the launcher's own choice (col_dot_reduce_splits); tests force other counts.
+  static Tensor col_dot_reduce(const Tensor& p_, const Tensor& q_, const OptTensor& idx, int64_t num_adapters,
+                               int64_t splits = 0) {
+    const typename L::Guard guard(p_.device());
+    const Tensor p = detail::rows_contiguous(p_), q = detail::rows_contiguous(q_);
+    const int64_t rows = p.size(0), cols = p.size(1);
+    TORCH_CHECK(num_adapters <= 65535, "vera_ext CUDA: at most 65535 adapters in one mixed batch, got ",
+                num_adapters);
+    const int s = splits > 0 ? static_cast<int>(splits) : col_dot_reduce_splits(rows, cols, num_adapters);
+    Tensor out = at::empty({num_adapters, cols}, p.options().dtype(at::kFloat));
+    Tensor workspace = at::empty({s > 1 ? s * num_adapters * cols : 0}, out.options());
+    const ColDotReduceParams params{p.const_data_ptr(), p.stride(0), q.const_data_ptr(), q.stride(0),
+                                    detail::idx_ptr(idx), workspace.data_ptr<float>(), out.data_ptr<float>(), rows,
+                                    cols, num_adapters, s, detail::dtype_of(p.scalar_type())};
+    L::check(launch_col_dot_reduce(params, L::stream()), "col_dot_reduce");
+    return out;
+  }
+
+  static Tensor row_dot(const Tensor& p_, const Tensor& q_) {
+    const typename L::Guard guard(p_.device());
+    const Tensor p = detail::rows_contiguous(p_), q = detail::rows_contiguous(q_);
+    TORCH_INTERNAL_ASSERT(p.scalar_type() == q.scalar_type() && p.sizes() == q.sizes());
+    Tensor out = at::empty({p.size(0)}, p.options().dtype(at::kFloat));
+    const RowDotParams params{p.const_data_ptr(), p.stride(0), q.const_data_ptr(), q.stride(0),
+                              out.data_ptr<float>(), p.size(0), p.size(1), detail::dtype_of(p.scalar_type())};
+    L::check(launch_row_dot(params, L::stream()), "row_dot");
+    return out;
+  }
+
+  // One pass of the merge kernel over weight; returns the non-finite flag (raised only by check_only).
+  static int merge_pass(Tensor& weight, const Tensor& delta_, double alpha, bool transposed, bool check_only) {
+    const typename L::Guard guard(weight.device());
+    const Tensor delta = delta_.contiguous();
+    Tensor flag = at::zeros({1}, weight.options().dtype(at::kInt));
+    const MergeParams p{weight.data_ptr(), transposed ? weight.stride(1) : weight.stride(0),
+                        transposed ? weight.stride(0) : weight.stride(1), delta.const_data_ptr<float>(),
+                        delta.size(0), delta.size(1), static_cast<float>(alpha), flag.data_ptr<int>(),
+                        detail::dtype_of(weight.scalar_type())};
+    L::check(launch_merge(p, check_only, L::stream()), "merge");
+    return check_only ? flag.item<int>() : 0;
+  }
+
+  static void merge_apply(Tensor& weight, const Tensor& delta, double alpha, bool transposed, bool safe) {
+    if (safe) {
+      TORCH_CHECK_VALUE(merge_pass(weight, delta, alpha, transposed, /*check_only=*/true) == 0,
+                        "safe merge refused: the merged weight would hold non-finite values (the adapter seems to "
+                        "be broken); weight left unchanged");
+    }
+    merge_pass(weight, delta, alpha, transposed, /*check_only=*/false);
+  }
+
+  static std::tuple<Tensor, Tensor> decode_forward(const Tensor& x_, const OptTensor& weight_, const OptTensor& bias_,
+                                                   const OptTensor& base_, const AdapterArgs& a) {
+    const typename L::Guard guard(x_.device());
+    const Tensor x = x_.contiguous(), A = detail::rows_contiguous(a.A), B = detail::rows_contiguous(a.B);
+    const Tensor ld = a.lambda_d.contiguous(), lb = a.lambda_b.contiguous();
+    const Tensor weight = weight_.has_value() ? detail::rows_contiguous(*weight_) : Tensor();
+    const Tensor bias = bias_.has_value() ? bias_->contiguous() : Tensor();
+    const Tensor base = base_.has_value() ? detail::rows_contiguous(*base_) : Tensor();
+    const int64_t n = x.size(0), in_f = x.size(1), r = ld.size(-1), out_f = B.size(0);
+    Tensor u = at::empty({n, r}, x.options());
+    Tensor h = at::empty({n, r}, x.options().dtype(at::kFloat));
+    Tensor y = at::empty({n, out_f}, x.options());
+    const DecodeParams p{x.const_data_ptr(),
+                         x.stride(0),
+                         weight.defined() ? weight.const_data_ptr() : nullptr,
+                         weight.defined() ? weight.stride(0) : 0,
+                         bias.defined() ? bias.const_data_ptr() : nullptr,
+                         base.defined() ? base.const_data_ptr() : nullptr,
+                         base.defined() ? base.stride(0) : 0,
+                         A.const_data_ptr(),
+                         A.stride(0),
+                         B.const_data_ptr(),
+                         B.stride(0),
+                         ld.const_data_ptr<float>(),
+                         lb.const_data_ptr<float>(),
+                         detail::idx_ptr(a.adapter_idx),
+                         u.data_ptr(),
+                         h.data_ptr<float>(),
+                         y.data_ptr(),
+                         n,
+                         in_f,
+                         out_f,
+                         r,
+                         detail::dtype_of(x.scalar_type())};
+    L::check(launch_decode(p, L::stream()), "decode");
+    return {y, u};
+  }
+
+  static void check_adapter_idx(const Tensor& idx, int64_t num_adapters) {
+    // Reading the range back synchronizes (once: min and max come back together); under CUDA-graph capture that is
+    // impossible, and the caller, which built the indices, is trusted.
+    if (idx.numel() == 0 || L::capturing()) return;
+    const auto [lo, hi] = at::aminmax(idx);
+    const Tensor range = at::stack({lo, hi}).cpu();
+    const int64_t lo_v = range[0].item<int64_t>(), hi_v = range[1].item<int64_t>();
+    TORCH_CHECK(lo_v >= -1 && hi_v < num_adapters, "adapter_idx holds values in [", lo_v, ", ", hi_v,
+                "]: expected -1 (no adapter) or an adapter index in [0, ", num_adapters, ")");
+  }
+};
+
+}  // namespace vera::cuda
