@@ -19,3 +19,8 @@ from .model import VeraModel, get_vera_model
 from .peft_patch import is_peft_patched, patch_peft, unpatch_peft
 
 __all__ += ["VeraConfig", "VeraModel", "get_vera_model", "is_peft_patched", "patch_peft", "unpatch_peft"]
+
+# Compile, autocast and meta-device init (issue 8): autocast rules are registered by vera_ext.ops on import.
+from .meta_init import materialize
+
+__all__ += ["materialize"]

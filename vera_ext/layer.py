@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .autocast import autocast_dtype
 from .projection import VeraProjection
 from .targets import is_conv1d
 
@@ -52,6 +53,9 @@ class VeraLinear(nn.Module):
     """
 
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
+    #: Per-sample adapter names set by VeraModel for one compiled mixed-batch call (None otherwise); see
+    #: VeraModel.forward. Adapters this layer lacks run on the base layer alone.
+    _batch_adapter_names: Optional[list[str]] = None
 
     def __init__(
         self,
@@ -83,6 +87,7 @@ class VeraLinear(nn.Module):
         self.vera_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.merged_adapters: list[str] = []
+        self._lambda_init: dict[str, dict] = {}  # how each adapter's lambdas were initialized (reset_lambdas_)
         self._active_adapter: list[str] = []
         self._disable_adapters = False
         for p in base_layer.parameters():
@@ -124,6 +129,7 @@ class VeraLinear(nn.Module):
                 lambda_d.fill_(d_initial)
                 lambda_b.zero_()
         self.r[adapter_name] = int(r)
+        self._lambda_init[adapter_name] = {"d_initial": d_initial, "init_weights": init_weights, "round_to": None}
         self.vera_lambda_b[adapter_name] = lambda_b
         self.vera_lambda_d[adapter_name] = lambda_d
         self.vera_dropout[adapter_name] = nn.Dropout(p=vera_dropout) if vera_dropout > 0.0 else nn.Identity()
@@ -135,6 +141,32 @@ class VeraLinear(nn.Module):
             with torch.no_grad():
                 self.vera_lambda_d[adapter_name].fill_(d_initial)
                 self.vera_lambda_b[adapter_name].zero_()
+
+    def round_lambdas_(self, adapter_name: str, dtype: torch.dtype) -> None:
+        """Round the adapter's (fp32) lambdas to ``dtype`` and back, as PEFT's lambdas are when created on a
+        low-precision model; remembered, so :meth:`reset_lambdas_` repeats it."""
+        self._require_known([adapter_name])
+        with torch.no_grad():
+            for store in (self.vera_lambda_b, self.vera_lambda_d):
+                store[adapter_name].copy_(store[adapter_name].to(dtype))
+        self._lambda_init[adapter_name]["round_to"] = dtype
+
+    def reset_lambdas_(self, adapter_name: str) -> None:
+        """Initialize the adapter's lambdas in place as :meth:`update_layer` did (e.g. after ``to_empty()``):
+        with ``init_weights`` lambda_b = 0 and lambda_d = d_initial, bit-identical to the first time; without,
+        lambda_b = 1 and lambda_d ~ randn from the global RNG (identical only from the same RNG state)."""
+        self._require_known([adapter_name])
+        init = self._lambda_init[adapter_name]
+        lambda_b, lambda_d = self.vera_lambda_b[adapter_name], self.vera_lambda_d[adapter_name]
+        with torch.no_grad():
+            if init["init_weights"]:
+                lambda_d.fill_(init["d_initial"])
+                lambda_b.zero_()
+            else:
+                lambda_d.copy_(torch.randn(lambda_d.shape))
+                lambda_b.fill_(1.0)
+        if init["round_to"] is not None:
+            self.round_lambdas_(adapter_name, init["round_to"])
 
     def _require_known(self, names: Iterable[str]) -> None:
         unknown = [n for n in names if n not in self.vera_lambda_d]
@@ -163,6 +195,7 @@ class VeraLinear(nn.Module):
         for store in (self.vera_lambda_b, self.vera_lambda_d, self.vera_dropout):
             del store[adapter_name]
         del self.r[adapter_name]
+        self._lambda_init.pop(adapter_name, None)
         if adapter_name in self._active_adapter:
             remaining = list(self.vera_lambda_d.keys())
             self._active_adapter = remaining[:1]
@@ -270,7 +303,8 @@ class VeraLinear(nn.Module):
             and not kwargs
             and not base._forward_hooks
             and not base._forward_pre_hooks
-            and x.dtype == base.weight.dtype
+            # (under autocast both are cast to the autocast dtype, as nn.Linear's own GEMM does)
+            and autocast_dtype(x) == autocast_dtype(base.weight)
         )
 
     def _dropout_active(self, name: str) -> bool:
@@ -284,6 +318,8 @@ class VeraLinear(nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is None and self._batch_adapter_names is not None:
+            adapter_names = [n if n in self.vera_lambda_d else BASE_ADAPTER for n in self._batch_adapter_names]
         if adapter_names is not None:
             return self._forward_mixed(x, list(adapter_names), args, kwargs)
         if self.merged:
@@ -296,15 +332,16 @@ class VeraLinear(nn.Module):
         result = None
         if self._fusable(x, args, kwargs) and not self._dropout_active(active[0]):
             name, active = active[0], active[1:]
-            A, B, ld, lb = self._adapter_operands(name, x.dtype, x.device)
+            # Under autocast the op casts x/weight/bias to the autocast dtype; A/B come from the cache already cast.
+            A, B, ld, lb = self._adapter_operands(name, autocast_dtype(x), x.device)
             result = ops.vera_linear_forward(x, self.base_layer.weight, self.base_layer.bias, A, B, ld, lb)
         else:
             result = self.base_layer(x, *args, **kwargs)
         for name in active:
             x_c = x if x.dtype == result.dtype else x.to(result.dtype)
-            A, B, ld, lb = self._adapter_operands(name, result.dtype, result.device)
+            A, B, ld, lb = self._adapter_operands(name, autocast_dtype(result), result.device)
             result = ops.vera_forward(self.vera_dropout[name](x_c), result, A, B, ld, lb)
-        return result if result.dtype == previous_dtype else result.to(previous_dtype)
+        return _restore_dtype(result, previous_dtype)
 
     def _forward_mixed(self, x: Tensor, names: list[str], args, kwargs) -> Tensor:
         if self.merged:
@@ -341,14 +378,16 @@ class VeraLinear(nn.Module):
         x_d = self._mixed_dropout(x, names, rows_per_sample)
 
         if self._fusable(x, args, kwargs) and x_d is x:
-            A, B = self.vera_projection.sliced(r_max, self.in_features, self.out_features, x.dtype, x.device)
+            A, B = self.vera_projection.sliced(r_max, self.in_features, self.out_features, autocast_dtype(x), x.device)
             w = self.base_layer
-            return ops.vera_linear_forward(x, w.weight, w.bias, A, B, lambda_d, lambda_b, idx).to(previous_dtype)
+            return _restore_dtype(ops.vera_linear_forward(x, w.weight, w.bias, A, B, lambda_d, lambda_b, idx),
+                                  previous_dtype)
         result = self.base_layer(x, *args, **kwargs)
         if x_d.dtype != result.dtype:
             x_d = x_d.to(result.dtype)
-        A, B = self.vera_projection.sliced(r_max, self.in_features, self.out_features, result.dtype, result.device)
-        return ops.vera_forward(x_d, result, A, B, lambda_d, lambda_b, idx).to(previous_dtype)
+        A, B = self.vera_projection.sliced(r_max, self.in_features, self.out_features, autocast_dtype(result),
+                                           result.device)
+        return _restore_dtype(ops.vera_forward(x_d, result, A, B, lambda_d, lambda_b, idx), previous_dtype)
 
     def _mixed_dropout(self, x: Tensor, names: list[str], rows_per_sample: int) -> Tensor:
         """Each sample gets its adapter's dropout (rows of "__base__" need none: their adapter term is 0)."""
@@ -371,6 +410,14 @@ class VeraLinear(nn.Module):
 def _check_rank(r) -> None:
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+
+
+def _restore_dtype(result: Tensor, x_dtype: torch.dtype) -> Tensor:
+    """The layer returns x's dtype (as PEFT's VeRA does), except under autocast, where it returns the dtype the
+    GEMMs computed in, as nn.Linear does (PEFT's LoRA does too; PEFT's VeRA would upcast to x's dtype)."""
+    if result.dtype == x_dtype or torch.is_autocast_enabled(result.device.type):
+        return result
+    return result.to(x_dtype)
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import VeraConfig
 from .layer import BASE_ADAPTER, VeraLinear
-from .mixed_batch import mixed_batch_hooks
+from .mixed_batch import _checkpointing, mixed_batch_hooks
 from .modules_to_save import ModulesToSave
 from .plan import AdapterPlan, plan_adapter
 from .projection import VeraProjection
@@ -350,8 +350,41 @@ class VeraModel(nn.Module):
         """Run the model. ``adapter_names``: one adapter per sample (``"__base__"``: none) for a mixed batch."""
         if adapter_names is None:
             return self.model(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return self._forward_mixed_compiled(list(adapter_names), args, kwargs)
         with mixed_batch_hooks(self, adapter_names, args, kwargs):
             return self.model(*args, **kwargs)
+
+    def _forward_mixed_compiled(self, names: list[str], args, kwargs):
+        """A mixed batch under torch.compile. Registering forward pre-hooks inside a compiled region is a graph
+        break (RemovableHandle bumps a class-level counter), so the names reach the layers as an attribute set
+        for this call. The names are Python strings: each distinct list compiles its own graph."""
+        if any(not isinstance(n, str) for n in names):
+            raise TypeError(f"adapter_names must be a list of str (one per sample), got {names!r}")
+        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Known adapters: "
+                f"{list(self.peft_config)} and {BASE_ADAPTER!r} (no adapter)"
+            )
+        if self.model.training and _checkpointing(self.model):
+            raise ValueError(
+                "mixed-adapter batches cannot be trained with gradient checkpointing: the recomputed forward would "
+                "not see `adapter_names`"
+            )
+        if self.modules_to_save_wrappers():
+            raise NotImplementedError(
+                "mixed-adapter batches with modules_to_save are not supported under torch.compile; run this call "
+                "eagerly (torch.compiler.disable) or drop modules_to_save"
+            )
+        layers = list(self.vera_layers().values())
+        for layer in layers:
+            layer._batch_adapter_names = names
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for layer in layers:
+                layer._batch_adapter_names = None
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
         """``model.generate`` with optional per-sample adapters (repeated for each beam with ``num_beams``)."""
@@ -440,16 +473,17 @@ def _projection_as_peft_makes_it(plan: AdapterPlan) -> VeraProjection:
     R, max_in, max_out = plan.projection_shape
     config = plan.config
     proj = VeraProjection.from_key(R, max_in, max_out, config.projection_prng_key, persistent=config.save_projection)
-    A, B, device = proj.vera_A, proj.vera_B, None
+    A, B, device, rounding = proj.vera_A, proj.vera_B, None, []
     for target in plan.targets:
         dtype, device_ = base_dtype_device(target.base)
         if dtype is not None and dtype.is_floating_point:
             A, B = A.to(dtype), B.to(dtype)
+            rounding.append(dtype)
         device = device_ or device
     if A.dtype in _LOW_PRECISION:
         A, B = A.float(), B.float()
     return VeraProjection(A.to(device or "cpu"), B.to(device or "cpu"), persistent=config.save_projection,
-                          prng_key=config.projection_prng_key)
+                          prng_key=config.projection_prng_key, round_through=rounding)
 
 
 def _round_like_peft(layer: VeraLinear, name: str, base: nn.Module) -> None:
@@ -457,9 +491,7 @@ def _round_like_peft(layer: VeraLinear, name: str, base: nn.Module) -> None:
     values are rounded to that dtype. Do the same so both start from identical numbers."""
     dtype, _ = base_dtype_device(base)
     if dtype in _LOW_PRECISION:
-        with torch.no_grad():
-            for store in (layer.vera_lambda_b, layer.vera_lambda_d):
-                store[name].copy_(store[name].to(dtype))
+        layer.round_lambdas_(name, dtype)
 
 
 def _check_merge_is_finite(layer: VeraLinear, names: list[str]) -> None:

@@ -11,6 +11,9 @@ names the adapter of each row (``-1``: none) and the lambdas are stacked: ``(K, 
 The projection slices must already have x's dtype (cast once and reuse; ``VeraLinear`` caches this).
 Gradients flow to ``x``, ``base_out`` (and ``weight``/``bias`` for the fused op) and both lambdas; the
 projection is frozen and must not require grad.
+
+Under ``torch.autocast`` the two forward ops compute in the autocast dtype like ``F.linear``, lambdas kept fp32
+(see :mod:`vera_ext.autocast`). All ops trace under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -210,3 +213,8 @@ def _backward_delta(ctx, grad):
 
 
 torch.library.register_autograd("vera_ext::vera_delta_weight", _backward_delta, setup_context=_setup_delta)
+
+
+# -------------------------------------------------------------------------------------------------- autocast
+
+from . import autocast as _autocast  # noqa: E402,F401  (registers the Autocast kernels of the forward ops)

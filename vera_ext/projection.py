@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,14 @@ class VeraProjection(nn.Module):
     made once and cached (refreshed when the buffers change), never on every forward.
     """
 
-    def __init__(self, vera_A: Tensor, vera_B: Tensor, persistent: bool = True, prng_key: Optional[int] = None):
+    def __init__(
+        self,
+        vera_A: Tensor,
+        vera_B: Tensor,
+        persistent: bool = True,
+        prng_key: Optional[int] = None,
+        round_through: Sequence[torch.dtype] = (),
+    ):
         super().__init__()
         if vera_A.dim() != 2 or vera_B.dim() != 2:
             raise ValueError(
@@ -57,6 +64,9 @@ class VeraProjection(nn.Module):
         self.register_buffer("vera_A", vera_A.detach(), persistent=persistent)
         self.register_buffer("vera_B", vera_B.detach(), persistent=persistent)
         self.prng_key = prng_key
+        # dtypes the fresh fp32 draw passed through before it was stored (PEFT's low-precision quirk), replayed by
+        # regenerate_() so a regenerated pair is bit-identical to the one built eagerly.
+        self.round_through = tuple(round_through)
         self._cache: dict = {}
         self._stamp = None
 
@@ -65,6 +75,32 @@ class VeraProjection(nn.Module):
         """Generate the pair from a PRNG key, bit-identical to PEFT (see :func:`generate_projection`)."""
         vera_A, vera_B = generate_projection(r, max_in_features, max_out_features, prng_key)
         return cls(vera_A, vera_B, persistent=persistent, prng_key=prng_key)
+
+    def regenerate_(self) -> "VeraProjection":
+        """Overwrite ``vera_A``/``vera_B`` in place (keeping their dtype and device) with the pair drawn from
+        ``prng_key``, as at construction: after ``to_empty()`` of a model built on the meta device the buffers
+        hold garbage, and this restores them bit-identically. Returns ``self``.
+
+        ValueError when the projection was built from given tensors (``prng_key`` is None; load A/B from the
+        checkpoint that holds them instead) or when the buffers are still on the meta device (``to_empty`` first).
+        """
+        if self.prng_key is None:
+            raise ValueError(
+                "this VeraProjection was built from given tensors, not from a PRNG key, so it cannot be regenerated; "
+                "load vera_A/vera_B from the checkpoint that holds them"
+            )
+        if self.vera_A.is_meta or self.vera_B.is_meta:
+            raise ValueError(
+                "vera_A/vera_B are on the meta device; allocate them first (module.to_empty(device=...)), then "
+                "regenerate"
+            )
+        A, B = generate_projection(self.r, self.max_in_features, self.max_out_features, self.prng_key)
+        for dtype in self.round_through:
+            A, B = A.to(dtype), B.to(dtype)
+        with torch.no_grad():
+            self.vera_A.copy_(A)
+            self.vera_B.copy_(B)
+        return self
 
     @property
     def r(self) -> int:
