@@ -78,13 +78,17 @@ def test_gradients_fp32_match_float64(device, n, i, o, r):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_linear_gradients_include_base(device):
-    x, _, A, B, ld, lb = make_case(6, 11, 7, 4, device, seed=3)
-    weight = torch.randn(7, 11, device=device, requires_grad=True)
-    bias = torch.randn(7, device=device, requires_grad=True)
+@pytest.mark.parametrize("weight_grad", [True, False])
+# I=11, O=7, r=4: N=3 is below both merged-weight thresholds (csrc/common/vera_impl.h), N=6 uses W + delta_W in
+# backward only, N=40 in forward and backward.
+@pytest.mark.parametrize("n", [3, 6, 40])
+def test_fused_linear_gradients_include_base(device, weight_grad, n):
+    x, _, A, B, ld, lb = make_case(n, 11, 7, 4, device, seed=3)
+    weight = torch.randn(7, 11, device=device, requires_grad=weight_grad)
+    bias = torch.randn(7, device=device, requires_grad=weight_grad)
     for t in (x, ld, lb):
         t.requires_grad_(True)
-    g = torch.randn(6, 7, device=device)
+    g = torch.randn(n, 7, device=device)
     ours = _grads(lambda *a: ops.vera_linear_forward(*a), (x, weight, bias, A, B, ld, lb), g)
 
     def ref_fn(x, weight, bias, A, B, ld, lb):

@@ -59,6 +59,44 @@ Tensor adapter_output(const Tensor& h, const AdapterArgs& a, const Tensor& base,
   return at::addmm(base, h, b_hat.t());
 }
 
+// delta_W (O, I) in the op-math dtype (fp32; fp64 for an fp64 projection).
+template <class P>
+Tensor delta_weight_opmath(const AdapterArgs& a) {
+  const at::ScalarType acc = opmath_dtype(a.A.scalar_type());
+  return at::mm(P::row_scale(a.B, a.lambda_b, acc), P::row_scale(a.A, a.lambda_d, acc));
+}
+
+// The fused linear op at training sizes, one adapter: with delta_W = diag(lambda_b) B diag(lambda_d) A, the layer is
+// x @ (W + delta_W)^T and its input gradient grad_out @ (W + delta_W). Forming W + delta_W costs O*r*I + O*I, and
+// saves the N*r*O GEMM for z in forward and the N*r*(O + I) of the two adapter GEMMs behind grad_x in backward, so it
+// pays once N is large against I (forward) or against O*I/(O+I) (backward). Only where the data are in the op-math
+// dtype: rounding W + delta_W to fp16/bf16 would be an error the unmerged computation does not make.
+inline bool merged_weight_allowed(const AdapterArgs& a, const Tensor& data) {
+  return !a.adapter_idx.has_value() && opmath_dtype(data.scalar_type()) == data.scalar_type();
+}
+
+inline bool use_merged_forward(int64_t rows, int64_t in_f, int64_t r, const AdapterArgs& a) {
+  return merged_weight_allowed(a, a.A) && rows * r > in_f * (r + 1);
+}
+
+inline bool use_merged_backward(int64_t rows, int64_t in_f, int64_t out_f, int64_t r, const AdapterArgs& a) {
+  return merged_weight_allowed(a, a.A) && rows * r * (in_f + out_f) > in_f * out_f * (r + 1);
+}
+
+// W + delta_W in W's dtype (equal to the op-math dtype where it is used).
+template <class P>
+Tensor merged_weight(const AdapterArgs& a, const Tensor& weight) {
+  return delta_weight_opmath<P>(a).add_(weight);
+}
+
+// grad_x from gv, the gradient w.r.t. h: (lambda_d * gv) @ A, plus grad_out @ W for the fused linear op.
+template <class P>
+Tensor input_grad_from_gv(const Tensor& grad_out, const Tensor& gv, const Tensor& ld, const AdapterArgs& a,
+                          const OptTensor& weight) {
+  Tensor gh = P::col_scale(gv, ld, a.adapter_idx);  // gradient w.r.t. u
+  return weight.has_value() ? at::mm(grad_out, *weight).addmm_(gh, a.A) : at::mm(gh, a.A);
+}
+
 template <class P>
 std::tuple<Tensor, Tensor> vera_forward(const Tensor& x, const Tensor& base_out, const Tensor& A, const Tensor& B,
                                         const Tensor& lambda_d, const Tensor& lambda_b, const OptTensor& adapter_idx) {
@@ -92,8 +130,11 @@ std::tuple<Tensor, Tensor> vera_linear_forward(const Tensor& x, const Tensor& we
   if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
   if (use_decode<P>(x)) return P::decode_forward(x, weight, bias, c10::nullopt, a);
 
-  Tensor base = at::linear(x, weight, bias);
   Tensor u = at::mm(x, A.t());
+  if (use_merged_forward(x.size(0), weight.size(1), lambda_d.size(-1), a)) {
+    return {at::linear(x, merged_weight<P>(a, weight), bias), u};
+  }
+  Tensor base = at::linear(x, weight, bias);
   Tensor h = P::col_scale(u, as_rows(lambda_d), adapter_idx);
   Tensor y = adapter_output<P>(h, a, base, /*base_is_ours=*/true);
   return {y, u};
@@ -114,44 +155,45 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad_out, const T
   if (weight.has_value()) check_like(*weight, "weight", {grad_out.size(1), A.size(1)}, grad_out, "grad_out");
   if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
 
-  const bool rowwise = use_rowwise(rows, r, adapter_idx.has_value());
   const Tensor ld = as_rows(lambda_d), lb = as_rows(lambda_b);
   Tensor grad_x, grad_ld, grad_lb;
 
-  // gv = grad_out @ B_hat, the gradient w.r.t. h (N, r).
-  Tensor gv;
-  if (output_mask[0] || output_mask[1]) {
-    gv = rowwise ? at::mm(P::col_scale(grad_out, lb, adapter_idx), B)
-                 : at::mm(grad_out, P::row_scale(B, lambda_b, grad_out.scalar_type()));
-  }
-  if (output_mask[0]) {
-    Tensor gh = P::col_scale(gv, ld, adapter_idx);  // gradient w.r.t. u
-    grad_x = weight.has_value() ? at::mm(grad_out, *weight).addmm_(gh, A) : at::mm(gh, A);
-  }
-  if (output_mask[1]) {
-    grad_ld = P::col_dot_reduce(gv, u, adapter_idx, ld.size(0));
-    if (!adapter_idx.has_value()) grad_ld = grad_ld.view({r});
-  }
-  if (output_mask[2]) {
-    Tensor h = P::col_scale(u, ld, adapter_idx);
-    if (rowwise) {
-      grad_lb = P::col_dot_reduce(grad_out, at::mm(h, B.t()), adapter_idx, lb.size(0));
-      if (!adapter_idx.has_value()) grad_lb = grad_lb.view({grad_out.size(1)});
-    } else {
-      // (grad_out^T h)[o, k] summed against B[o, k]: an (O, r) GEMM over N, then a row dot; no (N, O) tensor.
-      grad_lb = P::row_dot(at::mm(grad_out.t(), h), B);
+  if (use_rowwise(rows, r, adapter_idx.has_value())) {
+    // gv = (lambda_b[a(n)] * grad_out) @ B, the gradient w.r.t. h (N, r); z = h @ B^T for lambda_b.
+    Tensor gv;
+    if (output_mask[0] || output_mask[1]) gv = at::mm(P::col_scale(grad_out, lb, adapter_idx), B);
+    if (output_mask[0]) grad_x = input_grad_from_gv<P>(grad_out, gv, ld, a, weight);
+    if (output_mask[1]) grad_ld = P::col_dot_reduce(gv, u, adapter_idx, ld.size(0));
+    if (output_mask[2]) {
+      grad_lb = P::col_dot_reduce(grad_out, at::mm(P::col_scale(u, ld, adapter_idx), B.t()), adapter_idx, lb.size(0));
+    }
+    if (!adapter_idx.has_value()) {
+      if (grad_ld.defined()) grad_ld = grad_ld.view({r});
+      if (grad_lb.defined()) grad_lb = grad_lb.view({grad_out.size(1)});
+    }
+  } else {
+    // One adapter, dense: both lambda gradients come from the (O, r) GEMM q = grad_out^T u over the N rows,
+    //   dlambda_b[o] = sum_k B[o, k] lambda_d[k] q[o, k],   dlambda_d[k] = sum_o lambda_b[o] B[o, k] q[o, k],
+    // so no (N, O) or (N, r) gradient is formed for them.
+    if (output_mask[1] || output_mask[2]) {
+      Tensor q = at::mm(grad_out.t(), u);
+      if (output_mask[1]) {
+        grad_ld = P::col_dot_reduce(P::row_scale(B, lambda_b, q.scalar_type()), q, c10::nullopt, 1).view({r});
+      }
+      if (output_mask[2]) grad_lb = P::row_dot(P::col_scale(q, ld, c10::nullopt), B);
+    }
+    if (output_mask[0]) {
+      if (weight.has_value() && use_merged_backward(rows, A.size(1), grad_out.size(1), r, a)) {
+        grad_x = at::mm(grad_out, merged_weight<P>(a, *weight));
+      } else {
+        Tensor gv = at::mm(grad_out, P::row_scale(B, lambda_b, grad_out.scalar_type()));
+        grad_x = input_grad_from_gv<P>(grad_out, gv, ld, a, weight);
+      }
     }
   }
   auto empty = [&] { return at::empty({0}, grad_out.options()); };
   return {grad_x.defined() ? grad_x : empty(), grad_ld.defined() ? grad_ld : empty(),
           grad_lb.defined() ? grad_lb : empty()};
-}
-
-// delta_W (O, I) in the op-math dtype (fp32; fp64 for an fp64 projection).
-template <class P>
-Tensor delta_weight_opmath(const AdapterArgs& a) {
-  const at::ScalarType acc = opmath_dtype(a.A.scalar_type());
-  return at::mm(P::row_scale(a.B, a.lambda_b, acc), P::row_scale(a.A, a.lambda_d, acc));
 }
 
 inline void check_merge_args(const AdapterArgs& a) {
