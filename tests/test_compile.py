@@ -113,12 +113,18 @@ def test_mark_dynamic_batch_and_sequence():
             assert_matches_eager(model, compiled, torch.randn(shape))
 
 
-def test_mixed_adapter_batch_compiles_and_equals_eager():
-    model = vera_mlp()
-    model.add_adapter("b", vera_ext.VeraConfig(r=6, target_modules=["lin1", "lin2"], init_weights=False))
+@pytest.mark.parametrize("modules_to_save", [None, ["head"]])
+def test_mixed_adapter_batch_compiles_and_equals_eager(modules_to_save):
+    model = vera_mlp(modules_to_save=modules_to_save)
+    model.add_adapter("b", vera_ext.VeraConfig(r=6, target_modules=["lin1", "lin2"], init_weights=False,
+                                               modules_to_save=modules_to_save))
+    if modules_to_save:
+        with torch.no_grad():  # the samples of each adapter must run through that adapter's own head copy
+            model.model.head.modules_to_save["b"].bias.add_(3.0)
     names = ["default", "__base__", "b", "b", "default"]
     compiled = torch.compile(lambda x: model(x, adapter_names=names), backend="aot_eager", fullgraph=True)
-    model.set_adapter(["default", "b"])  # gradients for both adapters' lambdas
+    if not modules_to_save:  # (modules_to_save allow one active adapter)
+        model.set_adapter(["default", "b"])  # gradients for both adapters' lambdas
     x = torch.randn(5, 10, requires_grad=True)
     y_ref = model(x, adapter_names=names)
     grads_ref = torch.autograd.grad(y_ref.square().sum(), [x] + trainable(model))
@@ -127,7 +133,8 @@ def test_mixed_adapter_batch_compiles_and_equals_eager():
     torch.testing.assert_close(y, y_ref)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b)
-    assert all(layer._batch_adapter_names is None for layer in model.vera_layers().values())
+    receivers = [*model.vera_layers().values(), *model.modules_to_save_wrappers().values()]
+    assert all(module._batch_adapter_names is None for module in receivers)
     with pytest.raises(Exception, match="non-existing adapter"):
         torch.compile(lambda x: model(x, adapter_names=["nope"] * 5), backend="aot_eager", fullgraph=True)(x)
 

@@ -53,8 +53,8 @@ class VeraLinear(nn.Module):
     """
 
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
-    #: Per-sample adapter names set by VeraModel for one compiled mixed-batch call (None otherwise); see
-    #: VeraModel.forward. Adapters this layer lacks run on the base layer alone.
+    #: Per-sample adapter names set by VeraModel for one mixed-batch call (vera_ext.mixed_batch), None otherwise.
+    #: Adapters this layer lacks run on the base layer alone.
     _batch_adapter_names: Optional[list[str]] = None
 
     def __init__(

@@ -1,9 +1,14 @@
-"""Mixed-adapter batches at model level: one adapter name per sample, passed to every VeRA layer for one call."""
+"""Mixed-adapter batches at model level: one adapter name per sample, handed to every VeRA layer for one call.
+
+The names travel as an attribute (``_batch_adapter_names``) that the model sets on each VeRA layer and
+modules_to_save wrapper for the duration of the call and clears afterwards. Unlike forward pre-hooks this traces
+under ``torch.compile(fullgraph=True)`` (registering a hook bumps a class-level counter, a graph break); the names
+are Python strings, so each distinct list compiles its own graph. Like PEFT's hooks, it is per model, not per
+thread: concurrent mixed-batch calls on one model object need one model per thread.
+"""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from functools import partial
 from typing import Sequence
 
 import torch
@@ -11,20 +16,13 @@ import torch
 from .layer import BASE_ADAPTER
 from .modules_to_save import ModulesToSave
 
-__all__ = ["mixed_batch_hooks"]
+__all__ = ["check_adapter_names", "run_with_adapter_names"]
 
 _BATCH_KWARGS = ("input_ids", "inputs_embeds", "x", "input", "hidden_states", "pixel_values")
 
 
-def _inject(module, args, kwargs, names):
-    kwargs["adapter_names"] = names
-    return args, kwargs
-
-
-@contextmanager
-def mixed_batch_hooks(vera_model, adapter_names: Sequence[str], args: tuple, kwargs: dict):
-    """Check ``adapter_names`` and, for the duration, hand each VeRA layer (and modules_to_save wrapper) its
-    per-sample names; a layer without some adapter runs those samples on the base layer alone."""
+def check_adapter_names(vera_model, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> list[str]:
+    """``adapter_names`` as a list, after checking it against the model and the batch (TypeError/ValueError)."""
     if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of str (one per sample), got {adapter_names!r}")
     names = list(adapter_names)
@@ -34,8 +32,7 @@ def mixed_batch_hooks(vera_model, adapter_names: Sequence[str], args: tuple, kwa
             f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Known adapters: "
             f"{list(vera_model.peft_config)} and {BASE_ADAPTER!r} (no adapter)"
         )
-    layers = vera_model.vera_layers()
-    if any(layer.merged for layer in layers.values()):
+    if any(layer.merged for layer in vera_model.vera_layers().values()):
         raise ValueError(
             "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
         )
@@ -50,18 +47,21 @@ def mixed_batch_hooks(vera_model, adapter_names: Sequence[str], args: tuple, kwa
             "mixed-adapter batches cannot be trained with gradient checkpointing: the recomputed forward would "
             "not see `adapter_names`"
         )
-    handles = []
+    return names
+
+
+def run_with_adapter_names(vera_model, names: list[str], call):
+    """``call()`` with every VeRA layer and modules_to_save wrapper seeing ``names`` (checked) as its
+    per-sample adapters; a layer without some adapter runs those samples on the base layer alone."""
+    receivers = list(vera_model.vera_layers().values())
+    receivers += [m for m in vera_model.model.modules() if isinstance(m, ModulesToSave)]
+    for module in receivers:
+        module._batch_adapter_names = names
     try:
-        for layer in layers.values():
-            own = [n if n in layer.vera_lambda_d else BASE_ADAPTER for n in names]
-            handles.append(layer.register_forward_pre_hook(partial(_inject, names=own), with_kwargs=True))
-        for module in vera_model.model.modules():
-            if isinstance(module, ModulesToSave):
-                handles.append(module.register_forward_pre_hook(partial(_inject, names=names), with_kwargs=True))
-        yield
+        return call()
     finally:
-        for handle in handles:
-            handle.remove()
+        for module in receivers:
+            module._batch_adapter_names = None
 
 
 def _checkpointing(model) -> bool:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import VeraConfig
 from .layer import BASE_ADAPTER, VeraLinear
-from .mixed_batch import _checkpointing, mixed_batch_hooks
+from .mixed_batch import check_adapter_names, run_with_adapter_names
 from .modules_to_save import ModulesToSave
 from .plan import AdapterPlan, plan_adapter
 from .projection import VeraProjection
@@ -350,41 +350,8 @@ class VeraModel(nn.Module):
         """Run the model. ``adapter_names``: one adapter per sample (``"__base__"``: none) for a mixed batch."""
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        if torch.compiler.is_compiling():
-            return self._forward_mixed_compiled(list(adapter_names), args, kwargs)
-        with mixed_batch_hooks(self, adapter_names, args, kwargs):
-            return self.model(*args, **kwargs)
-
-    def _forward_mixed_compiled(self, names: list[str], args, kwargs):
-        """A mixed batch under torch.compile. Registering forward pre-hooks inside a compiled region is a graph
-        break (RemovableHandle bumps a class-level counter), so the names reach the layers as an attribute set
-        for this call. The names are Python strings: each distinct list compiles its own graph."""
-        if any(not isinstance(n, str) for n in names):
-            raise TypeError(f"adapter_names must be a list of str (one per sample), got {names!r}")
-        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.peft_config})
-        if unknown:
-            raise ValueError(
-                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Known adapters: "
-                f"{list(self.peft_config)} and {BASE_ADAPTER!r} (no adapter)"
-            )
-        if self.model.training and _checkpointing(self.model):
-            raise ValueError(
-                "mixed-adapter batches cannot be trained with gradient checkpointing: the recomputed forward would "
-                "not see `adapter_names`"
-            )
-        if self.modules_to_save_wrappers():
-            raise NotImplementedError(
-                "mixed-adapter batches with modules_to_save are not supported under torch.compile; run this call "
-                "eagerly (torch.compiler.disable) or drop modules_to_save"
-            )
-        layers = list(self.vera_layers().values())
-        for layer in layers:
-            layer._batch_adapter_names = names
-        try:
-            return self.model(*args, **kwargs)
-        finally:
-            for layer in layers:
-                layer._batch_adapter_names = None
+        names = check_adapter_names(self, adapter_names, args, kwargs)
+        return run_with_adapter_names(self, names, lambda: self.model(*args, **kwargs))
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
         """``model.generate`` with optional per-sample adapters (repeated for each beam with ``num_beams``)."""
@@ -393,8 +360,8 @@ class VeraModel(nn.Module):
         beams = kwargs.get("num_beams", 1)
         if isinstance(beams, int) and beams > 1:
             adapter_names = [n for n in adapter_names for _ in range(beams)]
-        with mixed_batch_hooks(self, adapter_names, (), {}):
-            return self.model.generate(*args, **kwargs)
+        names = check_adapter_names(self, adapter_names, (), {})
+        return run_with_adapter_names(self, names, lambda: self.model.generate(*args, **kwargs))
 
     # ----------------------------------------------------------------------------------------- parameters
 

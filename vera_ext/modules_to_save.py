@@ -19,6 +19,9 @@ class ModulesToSave(nn.Module):
     are PEFT's: ``<path>.original_module.*`` and ``<path>.modules_to_save.<adapter>.*``. Attribute reads that the
     wrapper does not answer go to the module that would run (so ``lm_head.weight`` still works)."""
 
+    #: Per-sample adapter names for one mixed-batch model call (vera_ext.mixed_batch), None otherwise.
+    _batch_adapter_names: Optional[list[str]] = None
+
     def __init__(self, module: nn.Module, adapter_name: str):
         super().__init__()
         if isinstance(module, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
@@ -66,6 +69,8 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self._active]
 
     def forward(self, x, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
+        if adapter_names is None:
+            adapter_names = self._batch_adapter_names
         if adapter_names is None or self._disabled:
             return self.running_module()(x, *args, **kwargs)
         names = list(adapter_names)
