@@ -34,6 +34,14 @@ def _flatten(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _unflatten(y: Tensor, like: Tensor) -> Tensor:
+    """The op's (N, O) output with ``like``'s leading dims. Not a view (aten's own matmul reshapes the same way): FSDP2
+    warns on modules that return views, since an in-place op on one would skip its pre-backward hook."""
+    if like.dim() == 2:
+        return y
+    return torch.ops.aten._unsafe_view(y, (*like.shape[:-1], y.shape[-1]))
+
+
 def vera_forward(
     x: Tensor,
     base_out: Tensor,
@@ -50,7 +58,7 @@ def vera_forward(
     """
     x2, b2 = _flatten(x), _flatten(base_out)
     y, _ = _ops.vera_forward(x2, b2, A, B, lambda_d, lambda_b, adapter_idx)
-    return y.view(*base_out.shape[:-1], y.shape[-1])
+    return _unflatten(y, base_out)
 
 
 def vera_linear_forward(
@@ -67,7 +75,7 @@ def vera_linear_forward(
     returns ``(..., O)``."""
     x2 = _flatten(x)
     y, _ = _ops.vera_linear_forward(x2, weight, bias, A, B, lambda_d, lambda_b, adapter_idx)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return _unflatten(y, x)
 
 
 def vera_delta_weight(
