@@ -1,19 +1,41 @@
-"""Command line: `python -m vera_ext bench [--quick] [--device cpu|cuda] [--json PATH]`."""
+"""Command line: ``python -m vera_ext <command> [options]``; ``python -m vera_ext <command> --help`` for each."""
 
 import sys
+
+COMMANDS = {
+    "bench": "side-by-side benchmark and profiling: base layer vs PEFT's VeRA vs vera_ext",
+    "demo": "a short end-to-end demonstration of vera_ext",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: python -m vera_ext <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"bench": "side-by-side benchmark: base layer vs PEFT's VeRA vs vera_ext"}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: python -m vera_ext <command> [options]\n\ncommands:")
-        for name, text in commands.items():
-            print(f"  {name:<8} {text}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    from . import bench
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"{_usage()}\n\npython -m vera_ext: unknown command {command!r}", file=sys.stderr)
+        return 2
+    # Imported on demand: each command pulls in what it needs (the bench imports peft, the demo models).
+    if command == "bench":
+        from . import bench
 
-    return bench.main(argv[1:])
+        return bench.main(rest)
+    try:
+        from . import demo
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}.demo":
+            raise  # a dependency of the demo is missing: its own message says which
+        print("python -m vera_ext demo: this installation has no vera_ext/demo.py", file=sys.stderr)
+        return 2
+    return demo.main(rest)
 
 
 if __name__ == "__main__":

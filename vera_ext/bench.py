@@ -1,224 +1,293 @@
-"""Side-by-side benchmark: the base layer alone vs PEFT's VeRA vs vera_ext, measured in one process.
+"""`python -m vera_ext bench`: the base layer vs PEFT's VeRA vs vera_ext, side by side in one process.
 
-Implementations run interleaved (one timed call of each per round) so that machine noise hits all of them alike;
-each reports the median over rounds and the ratio to PEFT measured in the same rounds. Memory is the activation
-memory saved for backward, in bytes that grow with N (parameters and frozen buffers excluded).
+    python -m vera_ext bench --quick                       # seconds: every case at small N, few rounds
+    python -m vera_ext bench --device cuda --shape llama2-7b-qv --dtype bfloat16 --json out.json --plot out.png
+    python -m vera_ext bench --case decode,decode_mixed --trace traces/
+    python -m vera_ext bench --list                        # the cases and shape presets
+
+Implementations run interleaved, one timed sample of each per round, so machine noise hits all alike (CUDA: events
+after warm-up; CPU: perf_counter). Each case reports medians, interquartile ranges, the ratios to the base layer and
+to PEFT in the same rounds, and the case's floor: max(FLOPs / GEMM rate, bytes / bandwidth), both rates measured
+at the start of the run (the best of a few samples of a large mm and a large copy). The bandwidth is memory's,
+not cache's: a layer whose weights stay in cache between calls (on the CPU, a 1024x1024 fp32 weight is 4 MiB) can
+run below its floor, which then says that the case is cache-resident. The table goes to stdout, a progress bar to
+stderr (when it is a terminal).
+
+Modules: cases and shapes in bench_cases, timing and ceilings in bench_timing, records/table/JSON/plot in
+bench_report, --trace in bench_trace.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import statistics
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
-from torch import nn
 
-from .layer import VeraLinear
-from .projection import VeraProjection
+from .bench_cases import (CASE_HELP, CASES, DEFAULT_SHAPE, SHAPES, Case, Layers, ShapePreset, case_cost,
+                          decode_case, decode_mixed_case, merge_case, training_cases)
+from .bench_report import (Result, check_writable_file, format_table, require_matplotlib, set_ratios, write_json,
+                           write_plot)
+from .bench_timing import floor_ms, measure_ceilings, saved_activation_bytes, time_interleaved
+from .bench_trace import nvtx_range, trace_case
+
+# Re-exported: benchmarks/gpu_bench.py and the tests use these from here.
+__all__ = ["Result", "Settings", "format_table", "main", "run_suite", "saved_activation_bytes", "time_interleaved"]
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 
 
 @dataclass
-class Result:
-    case: str
-    shape: dict
-    dtype: str
+class Settings:
+    """One run: ``shape`` already sized (quick sizes and overrides applied)."""
+
     device: str
-    implementation: str
-    median_ms: float
-    spread_ms: float  # interquartile range
-    ratio_to_base: Optional[float] = None
-    ratio_to_peft: Optional[float] = None
-    saved_bytes: Optional[int] = None
-    extra: dict = field(default_factory=dict)
+    dtype: torch.dtype
+    shape: ShapePreset
+    cases: tuple[str, ...] = CASES
+    rounds: int = 15
+    quick: bool = False
+
+    @property
+    def warmup(self) -> int:
+        return 1 if self.quick and self.device == "cpu" else 3  # GPU warm-up calls are cheap; first calls not
+
+    @property
+    def ceiling_sizes(self) -> tuple[int, int]:
+        """(GEMM n, copy MiB): large enough to reach the machine's rates, small enough for --quick."""
+        if self.device == "cuda":
+            return (4096, 256) if self.quick else (8192, 1024)
+        return 1024, 64
 
 
-def build_layers(in_f: int, out_f: int, r: int, dtype: torch.dtype, device: str, seed: int = 0):
-    """(base, peft_layer or None, ours) around identical weights and one projection, lambdas non-trivial."""
-    torch.manual_seed(seed)
-    base = nn.Linear(in_f, out_f).to(device, dtype).requires_grad_(False)
-    proj = VeraProjection.from_key(r, in_f, out_f, prng_key=seed).to(device)
-    ours = VeraLinear(copy.deepcopy(base), r, projection=proj, init_weights=False)
-    peft = None
+def default_rounds(device: str, quick: bool) -> int:
+    return 5 if quick else (30 if device == "cuda" else 15)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def build_cases(s: Settings):
+    """Yield the selected cases in CASES order, building layers only for what is selected."""
+    selected = set(s.cases)
+    if selected & {"train_fwd", "train_fwd_bwd", "saved_activations", "decode", "merge"}:
+        layers = Layers(s.shape, s.dtype, s.device)
+        if selected & {"train_fwd", "train_fwd_bwd", "saved_activations"}:
+            yield from training_cases(layers, s.shape.n_train, selected)
+        if "decode" in selected:
+            yield decode_case(layers, s.shape.n_decode)
+    if "decode_mixed" in selected:
+        # Own layers: the PEFT loop switches adapters (and their requires_grad), which must not leak into others.
+        yield decode_mixed_case(Layers(s.shape, s.dtype, s.device, adapters=s.shape.adapters), s.shape.n_mixed)
+    if "merge" in selected:  # last: merge+unmerge round-trips the weight, up to rounding
+        yield merge_case(layers)
+
+
+def measure_case(case: Case, s: Settings, ceilings: dict) -> list[Result]:
+    """Time (or read the memory of) one case; floors from ``ceilings``."""
+    shape = {"preset": s.shape.name, **case.shape}
+    dt = _dtype_name(s.dtype)
+    if case.metric == "memory":
+        rows = [Result(case.name, shape, dt, s.device, k, None, None, saved_bytes=v, metric="memory",
+                       extra=case.extra.get(k, {})) for k, v in case.saved_bytes.items()]
+    else:
+        with case.mode(), nvtx_range(f"bench/{case.name}", s.device):
+            timings = time_interleaved(case.fns, s.device, s.rounds, None, s.warmup)
+        rows = []
+        for k, (median, iqr) in timings.items():
+            flops, moved = case_cost(case.name, case.shape, k != "base", s.dtype.itemsize)
+            rows.append(Result(case.name, shape, dt, s.device, k, median, iqr, flops=flops, bytes=moved,
+                               floor_ms=floor_ms(flops, moved, ceilings),
+                               extra={**case.extra.get(k, {}), "machine": ceilings}))
+    set_ratios(rows)
+    return rows
+
+
+def run_suite(s: Settings, progress=None, trace_dir: Optional[str] = None) -> tuple[list[Result], dict, list[str]]:
+    """Measure the machine's ceilings, then every selected case; with ``trace_dir``, also write one profiler trace
+    per timed case. Returns (results, ceilings, trace paths). ``progress``: a tqdm-like bar or None."""
+
+    def step(what: str) -> None:
+        if progress is not None:
+            progress.set_postfix_str(what)
+
+    step("ceilings")
+    gemm_n, copy_mib = s.ceiling_sizes
+    ceilings = measure_ceilings(s.device, s.dtype, gemm_n, copy_mib, rounds=3 if s.quick else 5)
+    ceilings["dtype"] = _dtype_name(s.dtype)
+    if progress is not None:
+        progress.update()
+    results, traces, timed = [], [], []
+    for case in build_cases(s):
+        step(case.name)
+        results += measure_case(case, s, ceilings)
+        if case.fns and trace_dir is not None:  # (kept alive only when needed: layers and inputs can be large)
+            timed.append(case)
+        if progress is not None:
+            progress.update()
+    if trace_dir is not None:
+        for case in timed:
+            step(f"trace {case.name}")
+            traces.append(trace_case(case, s.device, trace_dir))
+            if progress is not None:
+                progress.update()
+    return results, ceilings, traces
+
+
+def describe(s: Settings, ceilings: dict) -> str:
+    """The table's header: what ran where, and the measured ceilings."""
     try:
-        from peft import VeraConfig, get_peft_model
+        import peft
 
-        holder = nn.Sequential()
-        holder.add_module("layer", copy.deepcopy(base))
-        peft_model = get_peft_model(holder, VeraConfig(r=r, target_modules=["layer"], init_weights=False,
-                                                       projection_prng_key=seed))
-        peft = peft_model.base_model.model.layer
-        with torch.no_grad():
-            peft.vera_lambda_d["default"].copy_(ours.vera_lambda_d["default"])
-            peft.vera_lambda_b["default"].copy_(ours.vera_lambda_b["default"])
+        peft_version = peft.__version__
     except ImportError:
-        pass
-    return base, peft, ours
+        peft_version = "not installed (no PEFT rows)"
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name() if s.device == "cuda" else f"{threads} thread{'s' * (threads != 1)}"
+    sh = s.shape
+    return (f"vera_ext bench: {s.device} ({where}), {_dtype_name(s.dtype)}, shape {sh.name}: I={sh.in_f} O={sh.out_f} "
+            f"r={sh.r} ({sh.source}); {s.rounds} rounds{' (quick)' if s.quick else ''}; torch {torch.__version__}, "
+            f"peft {peft_version}\n"
+            f"ceilings: GEMM {ceilings['gemm_n']}^3 {ceilings['gemm_flops_per_s'] / 1e12:.3f} TFLOP/s, copy "
+            f"{ceilings['copy_mib']} MiB {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + written)")
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def plot_title(s: Settings) -> str:
+    sh = s.shape
+    return (f"vera_ext bench: {s.device}, {_dtype_name(s.dtype)}, {sh.name} (I={sh.in_f}, O={sh.out_f}, r={sh.r}, "
+            f"train N={sh.n_train}, mixed N={sh.n_mixed} over M={sh.adapters})")
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int, inner: int, warmup: int = 3):
-    """Median and IQR in ms per call for each fn, all run in the same rounds (CUDA events on the GPU)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(inner):
-                    fn()
-                end.record()
-                torch.cuda.synchronize()
-                samples[name].append(start.elapsed_time(end) / inner)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    fn()
-                samples[name].append((time.perf_counter() - t0) * 1e3 / inner)
-    out = {}
-    for name, s in samples.items():
-        q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
-        out[name] = (statistics.median(s), q[2] - q[0])
-    return out
+# ------------------------------------------------------------------------------------------------------ the CLI
 
 
-def saved_activation_bytes(layer: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd saves for backward in one forward, excluding parameters, buffers and the projection's cached
-    casts (none of which grow with N); tensors sharing storage are counted once."""
-    frozen_tensors = list(layer.parameters()) + list(layer.buffers())
-    for module in layer.modules():
-        if isinstance(module, VeraProjection):
-            frozen_tensors += module.cached_tensors()
-    frozen = {t.untyped_storage().data_ptr() for t in frozen_tensors}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in frozen and t.numel() > 0:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
-    return sum(seen.values())
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
-def _ratios(results: list[Result]) -> None:
-    by = {r.implementation: r for r in results}
-    for r in results:
-        if "base" in by:
-            r.ratio_to_base = r.median_ms / by["base"].median_ms
-        if "peft" in by:
-            r.ratio_to_peft = r.median_ms / by["peft"].median_ms
+def make_parser() -> argparse.ArgumentParser:
+    listed = [n for n, s in SHAPES.items() if not s.hidden]
+    p = argparse.ArgumentParser(prog="python -m vera_ext bench",
+                                description="Benchmark and profile one adapted layer: the base layer alone vs "
+                                            "PEFT's VeRA vs vera_ext, side by side in one process.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="cases:\n" + "\n".join(f"  {c:<18} {CASE_HELP[c]}" for c in CASES)
+                                + "\nshapes:\n" + "\n".join(f"  {n:<18} {SHAPES[n].in_f}x{SHAPES[n].out_f} "
+                                                            f"r={SHAPES[n].r}: {SHAPES[n].source}" for n in listed))
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
+    p.add_argument("--shape", metavar="PRESET",
+                   help=f"one of {', '.join(listed)} (default: {DEFAULT_SHAPE['cpu']} on cpu, "
+                        f"{DEFAULT_SHAPE['cuda']} on cuda)")
+    p.add_argument("--case", action="append", metavar="NAME[,NAME...]",
+                   help="cases to run, comma-separated or repeated (default: all)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="activations and weights (default: float32 on cpu, "
+                   "bfloat16 on cuda); lambdas stay fp32")
+    p.add_argument("--rounds", type=_positive_int, help="timed samples per implementation (default: 15 on cpu, "
+                   "30 on cuda, 5 with --quick)")
+    p.add_argument("--quick", action="store_true", help="small N, fewer adapters and rounds: a seconds-long run")
+    p.add_argument("--r", type=_positive_int, help="override the preset's rank")
+    p.add_argument("--n", type=_positive_int, help="override the preset's training N (rows)")
+    p.add_argument("--json", metavar="PATH", help="write the result records as a JSON list")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the ratios (needs matplotlib)")
+    p.add_argument("--trace", metavar="DIR", help="write a torch.profiler Chrome trace per case into DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is no tty)")
+    p.add_argument("--list", action="store_true", help="list the cases and shape presets, and exit")
+    return p
 
 
-def bench_training(n, in_f, out_f, r, dtype, device, rounds, inner=1) -> list[Result]:
-    """Forward and forward+backward of one layer; lambdas and x require grad, the base is frozen."""
-    base, peft, ours = build_layers(in_f, out_f, r, dtype, device)
-    impls = {"base": base, "vera_ext": ours} | ({"peft": peft} if peft is not None else {})
-    xs = [torch.randn(n, in_f, device=device, dtype=dtype, requires_grad=True) for _ in range(2)]
-    grad = torch.randn(n, out_f, device=device, dtype=dtype)
-    rot = {"i": 0}
-
-    def pick():
-        rot["i"] ^= 1
-        return xs[rot["i"]]
-
-    def fwd(layer):
-        return lambda: layer(pick())
-
-    def fwd_bwd(layer):
-        return lambda: layer(pick()).backward(grad)
-
-    shape = {"N": n, "I": in_f, "O": out_f, "r": r}
-    results = []
-    for case, make in (("train_fwd", fwd), ("train_fwd_bwd", fwd_bwd)):
-        timings = time_interleaved({k: make(m) for k, m in impls.items()}, device, rounds, inner)
-        rows = [Result(case, shape, str(dtype).replace("torch.", ""), device, k, *timings[k]) for k in impls]
-        _ratios(rows)
-        results += rows
-    mem = [Result("saved_activations", shape, str(dtype).replace("torch.", ""), device, k, 0.0, 0.0,
-                  saved_bytes=saved_activation_bytes(m, xs[0])) for k, m in impls.items()]
-    results += mem
-    return results
-
-
-def bench_decode(n, in_f, out_f, r, dtype, device, rounds, inner=20) -> list[Result]:
-    """Inference forward at small N (serving), no autograd."""
-    base, peft, ours = build_layers(in_f, out_f, r, dtype, device)
-    impls = {"base": base, "vera_ext": ours} | ({"peft": peft} if peft is not None else {})
-    x = torch.randn(n, in_f, device=device, dtype=dtype)
-    with torch.inference_mode():
-        timings = time_interleaved({k: (lambda m=m: m(x)) for k, m in impls.items()}, device, rounds, inner)
-    rows = [Result("decode", {"N": n, "I": in_f, "O": out_f, "r": r}, str(dtype).replace("torch.", ""), device, k,
-                   *timings[k]) for k in impls]
-    _ratios(rows)
-    return rows
-
-
-def bench_merge(in_f, out_f, r, dtype, device, rounds) -> list[Result]:
-    _, peft, ours = build_layers(in_f, out_f, r, dtype, device)
-    impls = {"vera_ext": ours} | ({"peft": peft} if peft is not None else {})
-
-    def merge_unmerge(layer):
-        def run():
-            layer.merge()
-            layer.unmerge()
-        return run
-
-    timings = time_interleaved({k: merge_unmerge(m) for k, m in impls.items()}, device, rounds, 1)
-    rows = [Result("merge+unmerge", {"I": in_f, "O": out_f, "r": r}, str(dtype).replace("torch.", ""), device, k,
-                   *timings[k]) for k in impls]
-    _ratios(rows)
-    return rows
+def parse_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Settings:
+    """Validate everything that can be checked before measuring (parser.error exits with status 2)."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible (use --device cpu)")
+    shape_name = args.shape or DEFAULT_SHAPE[device]
+    if shape_name not in SHAPES:
+        listed = [n for n, s in SHAPES.items() if not s.hidden]
+        parser.error(f"--shape: unknown preset {shape_name!r}; choose from {', '.join(listed)}")
+    cases = list(CASES)
+    if args.case:
+        asked = [c.strip() for entry in args.case for c in entry.split(",") if c.strip()]
+        unknown = [c for c in asked if c not in CASES]
+        if unknown or not asked:
+            parser.error(f"--case: unknown case(s) {', '.join(map(repr, unknown)) or '(none given)'}; choose from "
+                         f"{', '.join(CASES)}")
+        cases = [c for c in CASES if c in asked]
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            problem = check_writable_file(path)
+            if problem:
+                parser.error(f"{flag}: cannot write {path!r}: {problem}")
+    if args.plot is not None:
+        try:
+            require_matplotlib()
+        except ImportError as err:
+            parser.error(str(err))
+    if args.trace is not None:
+        if os.path.exists(args.trace) and not os.path.isdir(args.trace):
+            parser.error(f"--trace: {args.trace!r} exists and is not a directory")
+        try:
+            os.makedirs(args.trace, exist_ok=True)
+        except OSError as err:
+            parser.error(f"--trace: cannot create directory {args.trace!r}: {err.strerror}")
+        if not os.access(args.trace, os.W_OK):
+            parser.error(f"--trace: directory {args.trace!r} is not writable")
+    return Settings(
+        device=device,
+        dtype=DTYPES[args.dtype or DEFAULT_DTYPE[device]],
+        shape=SHAPES[shape_name].sized(args.quick, r=args.r, n_train=args.n),
+        cases=tuple(cases),
+        rounds=args.rounds or default_rounds(device, args.quick),
+        quick=args.quick,
+    )
 
 
-def format_table(results: list[Result]) -> str:
-    lines = [f"{'case':<18} {'shape':<28} {'impl':<9} {'median ms':>10} {'IQR':>8} {'/base':>7} {'/peft':>7} "
-             f"{'saved MiB':>10}"]
-    for r in results:
-        shape = ",".join(f"{k}={v}" for k, v in r.shape.items())
-        fmt = lambda v: f"{v:7.3f}" if v is not None else f"{'':>7}"  # noqa: E731
-        mib = f"{r.saved_bytes / 2**20:10.2f}" if r.saved_bytes is not None else f"{'':>10}"
-        ms = f"{r.median_ms:10.3f} {r.spread_ms:8.3f}" if r.saved_bytes is None else f"{'':>10} {'':>8}"
-        lines.append(f"{r.case:<18} {shape:<28} {r.implementation:<9} {ms} {fmt(r.ratio_to_base)} "
-                     f"{fmt(r.ratio_to_peft)} {mib}")
-    return "\n".join(lines)
-
-
-def run_default_suite(device: str, quick: bool) -> list[Result]:
-    """The foundation's targets: training at N=2048, 1024x1024, r=256, fp32; decode at N=1; merge."""
-    rounds = 5 if quick else 15
-    n_train = 256 if quick else 2048
-    results = bench_training(n_train, 1024, 1024, 256, torch.float32, device, rounds)
-    results += bench_decode(1, 1024, 1024, 256, torch.float32, device, rounds)
-    results += bench_merge(1024, 1024, 256, torch.float32, device, max(3, rounds // 3))
-    return results
+def _progress_bar(total: int, disabled: bool):
+    if disabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="vera_ext bench", file=sys.stderr, leave=False, unit="step")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vera_ext bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="small N and few rounds: a seconds-long run")
-    parser.add_argument("--json", metavar="PATH", help="write the result records as a JSON list")
+    parser = make_parser()
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
-    results = run_default_suite(args.device, args.quick)
-    print(format_table(results))
+    if args.list:
+        print(parser.epilog)
+        return 0
+    s = parse_settings(parser, args)
+    timed_cases = sum(1 for c in s.cases if c != "saved_activations")
+    bar = _progress_bar(1 + len(s.cases) + (timed_cases if args.trace else 0), args.no_progress)
+    try:
+        results, ceilings, traces = run_suite(s, bar, args.trace)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(format_table(results, describe(s, ceilings)))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
+        write_json(results, args.json)
+        print(f"\nwrote {args.json} ({len(results)} records)")
+    if args.plot:
+        try:
+            write_plot(results, args.plot, plot_title(s))
+        except ValueError as err:
+            print(f"--plot: {err}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.plot}")
+    for path in traces:
+        print(f"trace: {path}")
     return 0
