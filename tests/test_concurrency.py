@@ -150,9 +150,6 @@ def test_threads_fill_the_projection_cache_consistently():
             assert torch.equal(threaded[t][c], sequential[t][c]), f"thread {t} call {c}"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: VeraModel.forward(adapter_names=...) hands the names to the layers "
-                                       "through forward pre-hooks registered on the shared layers, so a concurrent "
-                                       "call from another thread runs with the other call's names")
 def test_concurrent_mixed_batches_keep_their_own_adapter_names():
     """Deterministic interleaving: thread A is inside its forward (its names handed out) when thread B enters
     its own; A then finishes while B waits. A must still compute with A's names."""

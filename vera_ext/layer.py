@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextvars import ContextVar
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -18,6 +19,20 @@ __all__ = ["VeraLinear", "BASE_ADAPTER"]
 
 #: Name that selects "no adapter" for a row of a mixed batch (PEFT's convention).
 BASE_ADAPTER = "__base__"
+
+# The per-sample adapter names of a model-level mixed batch in progress (vera_ext.mixed_batch), as
+# {id(receiving module): names}. A context variable, so concurrent calls from several threads each see their own.
+# Under torch.compile the names travel as the module attribute ``_batch_adapter_names`` instead (dynamo traces
+# attribute reads, not context variables).
+_BATCH_ADAPTER_NAMES: ContextVar[Optional[dict]] = ContextVar("vera_ext_batch_adapter_names", default=None)
+
+
+def batch_adapter_names(module: nn.Module) -> Optional[list[str]]:
+    """The names a model-level mixed batch handed to ``module`` for the current call, or None."""
+    if torch.compiler.is_compiling():
+        return module._batch_adapter_names
+    current = _BATCH_ADAPTER_NAMES.get()
+    return None if current is None else current.get(id(module))
 
 
 def _in_out_features(base: nn.Module) -> tuple[int, int]:
@@ -53,8 +68,8 @@ class VeraLinear(nn.Module):
     """
 
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
-    #: Per-sample adapter names set by VeraModel for one mixed-batch call (vera_ext.mixed_batch), None otherwise.
-    #: Adapters this layer lacks run on the base layer alone.
+    #: Per-sample adapter names set by VeraModel for one compiled mixed-batch call (see batch_adapter_names),
+    #: None otherwise. Adapters this layer lacks run on the base layer alone.
     _batch_adapter_names: Optional[list[str]] = None
 
     def __init__(
@@ -132,7 +147,10 @@ class VeraLinear(nn.Module):
         self._lambda_init[adapter_name] = {"d_initial": d_initial, "init_weights": init_weights, "round_to": None}
         self.vera_lambda_b[adapter_name] = lambda_b
         self.vera_lambda_d[adapter_name] = lambda_d
-        self.vera_dropout[adapter_name] = nn.Dropout(p=vera_dropout) if vera_dropout > 0.0 else nn.Identity()
+        # (a new module is in training mode: it must follow the layer's mode, or an eval model would drop out)
+        self.vera_dropout[adapter_name] = (nn.Dropout(p=vera_dropout) if vera_dropout > 0.0 else nn.Identity()).train(
+            self.training
+        )
 
     add_adapter = update_layer
 
@@ -270,15 +288,24 @@ class VeraLinear(nn.Module):
         if not names:
             return
         weight = self._base_weight()
+        # A safe merge of several adapters runs on a copy that is committed once all of them merged, so a broken
+        # adapter after a good one leaves the weight and merged_adapters as they were (one adapter: the op itself
+        # leaves the weight untouched when it refuses).
+        scratch = bool(safe_merge) and len(names) > 1
+        target = weight.data.clone() if scratch else weight.data
         for name in names:
             A, B, ld, lb = self._adapter_operands(name, self.vera_projection.vera_A.dtype, weight.device)
             try:
-                ops.vera_merge_(weight.data, A, B, ld, lb, 1.0, self.fan_in_fan_out, bool(safe_merge))
+                ops.vera_merge_(target, A, B, ld, lb, 1.0, self.fan_in_fan_out, bool(safe_merge))
             except ValueError as err:
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {name} seems to be broken ({err})"
                 ) from None
-            self.merged_adapters.append(name)
+            if not scratch:
+                self.merged_adapters.append(name)
+        if scratch:
+            weight.data.copy_(target)
+            self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's delta weight, most recent first."""
@@ -318,8 +345,10 @@ class VeraLinear(nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if adapter_names is None and self._batch_adapter_names is not None:
-            adapter_names = [n if n in self.vera_lambda_d else BASE_ADAPTER for n in self._batch_adapter_names]
+        if adapter_names is None:
+            batch_names = batch_adapter_names(self)
+            if batch_names is not None:
+                adapter_names = [n if n in self.vera_lambda_d else BASE_ADAPTER for n in batch_names]
         if adapter_names is not None:
             return self._forward_mixed(x, list(adapter_names), args, kwargs)
         if self.merged:
@@ -348,6 +377,8 @@ class VeraLinear(nn.Module):
             raise ValueError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge()` first."
             )
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"adapter_names must be a list of str (one per sample), got {names!r}")
         samples = 1 if x.dim() == 1 else x.shape[0]
         if len(names) != samples:
             raise ValueError(

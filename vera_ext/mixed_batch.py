@@ -1,10 +1,10 @@
 """Mixed-adapter batches at model level: one adapter name per sample, handed to every VeRA layer for one call.
 
-The names travel as an attribute (``_batch_adapter_names``) that the model sets on each VeRA layer and
-modules_to_save wrapper for the duration of the call and clears afterwards. Unlike forward pre-hooks this traces
-under ``torch.compile(fullgraph=True)`` (registering a hook bumps a class-level counter, a graph break); the names
-are Python strings, so each distinct list compiles its own graph. Like PEFT's hooks, it is per model, not per
-thread: concurrent mixed-batch calls on one model object need one model per thread.
+The names reach the layers and modules_to_save wrappers through a context variable (vera_ext.layer), so concurrent
+calls on one model from several threads each see their own names. Under ``torch.compile`` they travel as a module
+attribute set for the call instead, which traces with ``fullgraph=True`` (forward pre-hooks would not: registering
+one bumps a class-level counter); the names are Python strings, so each distinct list compiles its own graph, and
+one compiled mixed-batch call per model runs at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .layer import BASE_ADAPTER
+from .layer import _BATCH_ADAPTER_NAMES, BASE_ADAPTER
 from .modules_to_save import ModulesToSave
 
 __all__ = ["check_adapter_names", "run_with_adapter_names"]
@@ -55,13 +55,19 @@ def run_with_adapter_names(vera_model, names: list[str], call):
     per-sample adapters; a layer without some adapter runs those samples on the base layer alone."""
     receivers = list(vera_model.vera_layers().values())
     receivers += [m for m in vera_model.model.modules() if isinstance(m, ModulesToSave)]
-    for module in receivers:
-        module._batch_adapter_names = names
+    if torch.compiler.is_compiling():
+        for module in receivers:
+            module._batch_adapter_names = names
+        try:
+            return call()
+        finally:
+            for module in receivers:
+                module._batch_adapter_names = None
+    token = _BATCH_ADAPTER_NAMES.set({id(module): names for module in receivers})
     try:
         return call()
     finally:
-        for module in receivers:
-            module._batch_adapter_names = None
+        _BATCH_ADAPTER_NAMES.reset(token)
 
 
 def _checkpointing(model) -> bool:

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .layer import BASE_ADAPTER
+from .layer import BASE_ADAPTER, batch_adapter_names
 
 __all__ = ["ModulesToSave"]
 
@@ -19,7 +19,7 @@ class ModulesToSave(nn.Module):
     are PEFT's: ``<path>.original_module.*`` and ``<path>.modules_to_save.<adapter>.*``. Attribute reads that the
     wrapper does not answer go to the module that would run (so ``lm_head.weight`` still works)."""
 
-    #: Per-sample adapter names for one mixed-batch model call (vera_ext.mixed_batch), None otherwise.
+    #: Per-sample adapter names for one compiled mixed-batch model call (see layer.batch_adapter_names).
     _batch_adapter_names: Optional[list[str]] = None
 
     def __init__(self, module: nn.Module, adapter_name: str):
@@ -70,7 +70,7 @@ class ModulesToSave(nn.Module):
 
     def forward(self, x, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
         if adapter_names is None:
-            adapter_names = self._batch_adapter_names
+            adapter_names = batch_adapter_names(self)
         if adapter_names is None or self._disabled:
             return self.running_module()(x, *args, **kwargs)
         names = list(adapter_names)

@@ -104,18 +104,31 @@ def vera_merge_(
 # ----------------------------------------------------------------------------------------------- fake kernels
 
 
+def _check_devices(ref_name: str, ref: Tensor, **operands) -> None:
+    """The device check of the real kernels (csrc/common/checks.cpp). The fake kernels need it too: one operand on
+    the meta device next to real ones dispatches here, and would otherwise return uninitialized real tensors."""
+    for name, t in operands.items():
+        if isinstance(t, Tensor) and t.device != ref.device:
+            raise RuntimeError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+
+
 @torch.library.register_fake("vera_ext::vera_forward")
 def _(x, base_out, A, B, lambda_d, lambda_b, adapter_idx=None):
+    _check_devices("x", x, base_out=base_out, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b, adapter_idx=adapter_idx)
     return torch.empty_like(base_out, memory_format=torch.contiguous_format), x.new_empty(x.shape[0], A.shape[0])
 
 
 @torch.library.register_fake("vera_ext::vera_linear_forward")
 def _(x, weight, bias, A, B, lambda_d, lambda_b, adapter_idx=None):
+    _check_devices("x", x, weight=weight, bias=bias, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b,
+                   adapter_idx=adapter_idx)
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], A.shape[0])
 
 
 @torch.library.register_fake("vera_ext::vera_backward")
 def _(grad_out, u, A, B, lambda_d, lambda_b, adapter_idx, weight, output_mask):
+    _check_devices("grad_out", grad_out, u=u, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b, adapter_idx=adapter_idx,
+                   weight=weight)
     grad_x = grad_out.new_empty(grad_out.shape[0], A.shape[1]) if output_mask[0] else grad_out.new_empty(0)
     grad_ld = lambda_d.new_empty(lambda_d.shape) if output_mask[1] else grad_out.new_empty(0)
     grad_lb = lambda_b.new_empty(lambda_b.shape) if output_mask[2] else grad_out.new_empty(0)
@@ -124,12 +137,14 @@ def _(grad_out, u, A, B, lambda_d, lambda_b, adapter_idx, weight, output_mask):
 
 @torch.library.register_fake("vera_ext::vera_delta_weight")
 def _(A, B, lambda_d, lambda_b, fan_in_fan_out, dtype):
+    _check_devices("A", A, B=B, lambda_d=lambda_d, lambda_b=lambda_b)
     shape = (A.shape[1], B.shape[0]) if fan_in_fan_out else (B.shape[0], A.shape[1])
     return A.new_empty(shape, dtype=dtype)
 
 
 @torch.library.register_fake("vera_ext::vera_merge_")
 def _(weight, A, B, lambda_d, lambda_b, alpha, fan_in_fan_out, safe):
+    _check_devices("A", A, weight=weight, B=B, lambda_d=lambda_d, lambda_b=lambda_b)
     return None
 
 

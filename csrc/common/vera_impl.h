@@ -40,6 +40,11 @@ bool use_decode(const Tensor& x) {
   return x.size(0) > 0 && x.size(0) <= P::kDecodeMaxRows;
 }
 
+// The kernels read adapter_idx with unit stride: a strided index vector is made contiguous once, up front.
+inline OptTensor contiguous_idx(const OptTensor& idx) {
+  return idx.has_value() ? OptTensor(idx->contiguous()) : idx;
+}
+
 // lambda as (num_adapters, C): a single adapter's vector becomes one row.
 inline Tensor as_rows(const Tensor& lam) {
   return lam.dim() == 1 ? lam.unsqueeze(0) : lam;
@@ -99,7 +104,9 @@ Tensor input_grad_from_gv(const Tensor& grad_out, const Tensor& gv, const Tensor
 
 template <class P>
 std::tuple<Tensor, Tensor> vera_forward(const Tensor& x, const Tensor& base_out, const Tensor& A, const Tensor& B,
-                                        const Tensor& lambda_d, const Tensor& lambda_b, const OptTensor& adapter_idx) {
+                                        const Tensor& lambda_d, const Tensor& lambda_b,
+                                        const OptTensor& adapter_idx_arg) {
+  const OptTensor adapter_idx = contiguous_idx(adapter_idx_arg);
   const AdapterArgs a{A, B, lambda_d, lambda_b, adapter_idx};
   check_activation(x, "x");
   TORCH_CHECK(base_out.dim() == 2, "base_out must be 2-D (rows, out_features), got shape ", base_out.sizes());
@@ -117,7 +124,8 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x, const Tensor& base_out,
 template <class P>
 std::tuple<Tensor, Tensor> vera_linear_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                                const Tensor& A, const Tensor& B, const Tensor& lambda_d,
-                                               const Tensor& lambda_b, const OptTensor& adapter_idx) {
+                                               const Tensor& lambda_b, const OptTensor& adapter_idx_arg) {
+  const OptTensor adapter_idx = contiguous_idx(adapter_idx_arg);
   const AdapterArgs a{A, B, lambda_d, lambda_b, adapter_idx};
   check_activation(x, "x");
   TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (out_features, in_features), got shape ", weight.sizes());
@@ -143,8 +151,9 @@ std::tuple<Tensor, Tensor> vera_linear_forward(const Tensor& x, const Tensor& we
 template <class P>
 std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad_out, const Tensor& u, const Tensor& A,
                                                  const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
-                                                 const OptTensor& adapter_idx, const OptTensor& weight,
+                                                 const OptTensor& adapter_idx_arg, const OptTensor& weight,
                                                  std::array<bool, 3> output_mask) {
+  const OptTensor adapter_idx = contiguous_idx(adapter_idx_arg);
   const AdapterArgs a{A, B, lambda_d, lambda_b, adapter_idx};
   check_activation(grad_out, "grad_out");
   const int64_t rows = grad_out.size(0), r = lambda_d.size(-1);
