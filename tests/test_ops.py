@@ -187,6 +187,69 @@ def test_results_are_deterministic(device):
             assert torch.equal(a, b)
 
 
+def _decode_cases():
+    """Decode-sized (N <= 16) calls with enough rows that the CPU splits each pass into many chunks: fused and
+    base_out forms, a mixed batch with a row outside all adapters, fp32 and bf16."""
+    cases = []
+    for n, dtype in ((1, torch.float32), (5, torch.bfloat16), (16, torch.float32)):
+        x, base, A, B, ld, lb = make_case(n, 700, 600, 96, dtype=dtype, num_adapters=3, seed=n)
+        weight = torch.randn(600, 700).to(dtype)
+        bias = torch.randn(600).to(dtype)
+        idx = torch.arange(n) % 4 - 1  # -1 first: no adapter
+        cases.append((OPS.vera_linear_forward, (x, weight, bias, A, B, ld, lb, idx)))
+        cases.append((OPS.vera_forward, (x, base, A, B, ld, lb, idx)))
+    return cases
+
+
+def _run_cases(cases):
+    with torch.inference_mode():
+        return [op(*args) for op, args in cases]
+
+
+def test_decode_is_bitwise_independent_of_threads():
+    """The decode path splits its rows over whichever threads are free; every output is still computed by one
+    thread in one order, so results equal the single-threaded ones bit for bit, also with calls from several
+    Python threads at once (which share one helper pool)."""
+    import threading
+
+    cases = _decode_cases()
+    old_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = _run_cases(cases)
+        torch.set_num_threads(2)
+        runs = [_run_cases(cases) for _ in range(5)]
+        outs, errors = [], []
+
+        def worker():
+            try:
+                for _ in range(5):
+                    outs.append(_run_cases(cases))
+            except BaseException as err:  # reported below instead of lost in the thread
+                errors.append(err)
+
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "deadlock"
+        assert not errors, errors
+    finally:
+        torch.set_num_threads(old_threads)
+
+    assert len(outs) == 20
+    for run in runs + outs:
+        for (y, u), (y1, u1) in zip(run, serial):
+            assert torch.equal(y, y1) and torch.equal(u, u1)
+    # ... and the single-threaded result is the VeRA forward (float64 reference; per-row lambdas, 0 for idx -1).
+    (y, _), (_, (x, weight, bias, A, B, ld, lb, idx)) = serial[4], cases[4]
+    keep = (idx >= 0)[:, None]
+    base = x.double() @ weight.double().T + bias.double()
+    ref = vera_reference(x, base, A, B, ld[idx.clamp(min=0)] * keep, lb[idx.clamp(min=0)] * keep)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device):
     x, base, A, B, ld, lb = make_case(0, 8, 6, 4, device)

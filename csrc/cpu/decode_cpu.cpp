@@ -1,16 +1,18 @@
 // The fused small-N forward on the CPU (decode, serving). At N <= 16 the layer is bandwidth-bound on W, A and B,
 // and one library GEMV call per product (single-threaded in MKL at these sizes) plus the element-wise passes cost
-// more than the data. Here every row of A, W and B is read once, for all rows of x, by both cores:
+// more than the data. Here every row of A, W and B is read once, for all rows of x, split by rows over the calling
+// thread and whichever helper threads are free (run_claimed: unlike a parallel_for, it never waits for a descheduled
+// worker, which on a busy machine cost milliseconds per call):
 //   pass 1 (over r):  u[n, k] = A_k . x_n,   h[n, k] = u[n, k] * lambda_d[a(n), k]   (h kept in fp32)
 //   pass 2 (over O):  y[n, o] = (W_o . x_n + bias_o  or  base[n, o]) + lambda_b[a(n), o] * (B_o . h_n)
 // Each output is rounded once. The dot products are compiled for AVX-512, AVX2/FMA and the baseline; the loader
 // picks the best one the CPU has.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 
-#include <vector>
+#include <algorithm>
 
+#include "cpu/claim_pool.h"
 #include "cpu/prims_cpu.h"
 
 namespace vera::cpu {
@@ -71,8 +73,20 @@ Tensor rows_contiguous(const Tensor& t) {
   return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
 }
 
-int64_t grain_rows(int64_t work_per_row) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row));
+constexpr int64_t kMaxChunkRows = 64;
+
+// Rows per chunk of a pass over rows `len` long, for n vectors: about 32K multiply-adds (a few microseconds, so the
+// claims cost little and the two threads finish close together), a multiple of 4 (the row groups of dots).
+int64_t chunk_rows(int64_t len, int64_t n) {
+  const int64_t rows = 32768 / std::max<int64_t>(1, len * n);
+  return std::clamp<int64_t>((rows + 3) / 4 * 4, 8, kMaxChunkRows);
+}
+
+// f(row0, row1) over [0, rows) in chunks of `chunk` rows. Every row is in exactly one chunk, so each output is
+// computed by one thread in the serial order: the result does not depend on the thread count.
+template <typename F>
+void for_row_chunks(int64_t rows, int64_t chunk, const F& f) {
+  run_claimed((rows + chunk - 1) / chunk, [&](int64_t c) { f(c * chunk, std::min(rows, (c + 1) * chunk)); });
 }
 
 }  // namespace
@@ -81,6 +95,7 @@ std::tuple<Tensor, Tensor> Prims::decode_forward(const Tensor& x, const c10::opt
                                                  const c10::optional<Tensor>& bias_,
                                                  const c10::optional<Tensor>& base_, const AdapterArgs& a) {
   const int64_t n = x.size(0), in_f = x.size(1), r = a.lambda_d.size(-1);
+  TORCH_INTERNAL_ASSERT(n <= kDecodeMaxRows, "decode_forward: ", n, " rows, the chunk buffers hold ", kDecodeMaxRows);
   const int64_t out_f = a.B.size(0);
   const at::ScalarType acc_type = opmath_dtype(x.scalar_type());
   const Tensor xf = x.to(acc_type).contiguous();
@@ -103,9 +118,9 @@ std::tuple<Tensor, Tensor> Prims::decode_forward(const Tensor& x, const c10::opt
     scalar_t* up = u.data_ptr<scalar_t>();
     acc_t* hp = hf.data_ptr<acc_t>();
 
-    at::parallel_for(0, r, grain_rows(in_f * n), [&](int64_t k0, int64_t k1) {
-      std::vector<acc_t> dot((k1 - k0) * n);
-      dots(A.const_data_ptr<scalar_t>() + k0 * A.stride(0), A.stride(0), k1 - k0, xp, in_f, n, in_f, dot.data());
+    for_row_chunks(r, chunk_rows(in_f, n), [&](int64_t k0, int64_t k1) {
+      acc_t dot[kMaxChunkRows * Prims::kDecodeMaxRows];
+      dots(A.const_data_ptr<scalar_t>() + k0 * A.stride(0), A.stride(0), k1 - k0, xp, in_f, n, in_f, dot);
       for (int64_t k = k0; k < k1; ++k) {
         for (int64_t row = 0; row < n; ++row) {
           const scalar_t uk = static_cast<scalar_t>(dot[(k - k0) * n + row]);
@@ -120,10 +135,10 @@ std::tuple<Tensor, Tensor> Prims::decode_forward(const Tensor& x, const c10::opt
     const scalar_t* wp = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* basep = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, out_f, grain_rows((in_f + r) * n), [&](int64_t o0, int64_t o1) {
-      std::vector<acc_t> plain((o1 - o0) * n), adapter((o1 - o0) * n);
-      if (wp) dots(wp + o0 * weight.stride(0), weight.stride(0), o1 - o0, xp, in_f, n, in_f, plain.data());
-      dots(B.const_data_ptr<scalar_t>() + o0 * B.stride(0), B.stride(0), o1 - o0, hp, r, n, r, adapter.data());
+    for_row_chunks(out_f, chunk_rows((wp ? in_f : 0) + r, n), [&](int64_t o0, int64_t o1) {
+      acc_t plain[kMaxChunkRows * Prims::kDecodeMaxRows], adapter[kMaxChunkRows * Prims::kDecodeMaxRows];
+      if (wp) dots(wp + o0 * weight.stride(0), weight.stride(0), o1 - o0, xp, in_f, n, in_f, plain);
+      dots(B.const_data_ptr<scalar_t>() + o0 * B.stride(0), B.stride(0), o1 - o0, hp, r, n, r, adapter);
       for (int64_t o = o0; o < o1; ++o) {
         for (int64_t row = 0; row < n; ++row) {
           const int64_t i = (o - o0) * n + row;
