@@ -182,7 +182,7 @@ def _train(vera: VeraModel, train: Split, tokenizer, args, device, summary: dict
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1))))
     shuffle = torch.Generator().manual_seed(args.seed)
-    say(f"\ntraining {steps} steps (batch {args.batch_size}, {steps / steps_per_epoch:.2g} passes over the data), "
+    say(f"\ntraining {steps} steps (batch {args.batch_size}, {steps / steps_per_epoch:.2g} pass(es) over the data), "
         f"AdamW lr {args.lr:g} (lambdas) / {args.head_lr:g} (head), linear warmup and decay")
     losses: list[float] = []
     vera.train()
