@@ -35,6 +35,7 @@ def _build_and_load(verbose=False):
         os.path.join(HERE, "ext", "emu_ops.cpp"),
         os.path.join(REPO, "csrc", "cpu", "prims_cpu.cpp"),
         os.path.join(REPO, "csrc", "cpu", "decode_cpu.cpp"),
+        os.path.join(REPO, "csrc", "cpu", "claim_pool.cpp"),
         os.path.join(REPO, "csrc", "emu", "emu_runtime.cpp"),
         os.path.join(REPO, "csrc", "testing", "emu_selftest.cpp"),
     ] + emu_sources.generate(os.path.join(root, "gen"))
