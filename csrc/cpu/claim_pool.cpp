@@ -11,7 +11,6 @@
 // has returned. A helper that wakes late just counts itself briefly and goes back to waiting.
 #include "cpu/claim_pool.h"
 
-#include <ATen/Parallel.h>
 #include <pthread.h>
 #include <sched.h>
 
@@ -28,7 +27,12 @@
 namespace vera::cpu {
 namespace {
 
-using Body = c10::function_ref<void(int64_t)>;
+// The job's function and its context (a type-erased callable: no allocation, no torch).
+struct Body {
+  void (*fn)(void*, int64_t);
+  void* ctx;
+  void operator()(int64_t c) const { fn(ctx, c); }
+};
 
 // How long an idle helper spins before it blocks: long enough that a model's next layer call (after Python overhead
 // and a small op in between) finds it awake, since waking a blocked thread took ~50 us here (measured: 50 us of
@@ -137,9 +141,10 @@ Pool& pool() {
 
 }  // namespace
 
-void run_claimed(int64_t num_chunks, c10::function_ref<void(int64_t)> body) {
-  const int helpers = static_cast<int>(std::min<int64_t>(at::get_num_threads() - 1, num_chunks - 1));
-  if (helpers > 0 && !at::in_parallel_region()) {
+void run_claimed_fn(int64_t num_chunks, int max_helpers, void (*fn)(void*, int64_t), void* ctx) {
+  const Body body{fn, ctx};
+  const int helpers = static_cast<int>(std::min<int64_t>(max_helpers, num_chunks - 1));
+  if (helpers > 0) {
     Pool& p = pool();
     if (p.try_lock()) {
       p.run(num_chunks, body, helpers);

@@ -9,6 +9,7 @@
 // picks the best one the CPU has.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 
@@ -86,7 +87,9 @@ int64_t chunk_rows(int64_t len, int64_t n) {
 // computed by one thread in the serial order: the result does not depend on the thread count.
 template <typename F>
 void for_row_chunks(int64_t rows, int64_t chunk, const F& f) {
-  run_claimed((rows + chunk - 1) / chunk, [&](int64_t c) { f(c * chunk, std::min(rows, (c + 1) * chunk)); });
+  // Helpers: the intra-op thread count beyond this thread; none inside a parallel region (no nested teams).
+  const int helpers = at::in_parallel_region() ? 0 : at::get_num_threads() - 1;
+  run_claimed((rows + chunk - 1) / chunk, helpers, [&](int64_t c) { f(c * chunk, std::min(rows, (c + 1) * chunk)); });
 }
 
 }  // namespace

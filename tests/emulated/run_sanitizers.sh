@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the emulated CUDA kernels as a standalone program (no torch, no python at run time) twice, with
+# Builds the emulated CUDA kernels (and the CPU decode path's work claiming, csrc/cpu/claim_pool.cpp) as a
+# standalone program (no torch, no python at run time) twice, with
 # AddressSanitizer + UndefinedBehaviorSanitizer and with ThreadSanitizer, then
 #   1. runs every kernel check and emulation self-test under each: any sanitizer report or failed check fails;
 #   2. runs the planted faults of csrc/testing/planted_faults.cu: each must be reported, or the script fails.
@@ -36,11 +37,13 @@ build() {
   mkdir -p "$out/obj"
   local gen
   gen="$("$PYTHON" "$HERE/emu_sources.py" "$out/gen")"
-  local sources=($gen "$REPO/csrc/emu/emu_runtime.cpp" "$REPO/csrc/testing/emu_selftest.cpp" "$HERE"/sanitize/*.cpp)
+  local sources=($gen "$REPO/csrc/emu/emu_runtime.cpp" "$REPO/csrc/testing/emu_selftest.cpp" "$HERE"/sanitize/*.cpp
+                 "$REPO/csrc/cpu/claim_pool.cpp")
   local stamp
   stamp="$( { echo "$CXX ${COMMON_FLAGS[*]} $extra"; "$CXX" --version | head -1;
               cat "${sources[@]}" "$REPO"/csrc/emu/* "$REPO"/csrc/cuda/*.h "$REPO"/csrc/cuda/*.cuh \
-                  "$REPO"/csrc/cuda/*.cu "$REPO"/csrc/testing/* "$HERE"/sanitize/*.h; } | sha256sum | cut -d' ' -f1)"
+                  "$REPO"/csrc/cuda/*.cu "$REPO"/csrc/testing/* "$HERE"/sanitize/*.h \
+                  "$REPO"/csrc/cpu/claim_pool.h; } | sha256sum | cut -d' ' -f1)"
   if [[ -x "$out/emu_check" && "$(cat "$out/stamp" 2>/dev/null)" == "$stamp" ]]; then
     echo "$out/emu_check"
     return

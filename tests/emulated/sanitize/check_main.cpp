@@ -1,7 +1,8 @@
-// The sanitizer check program: the emulated kernels with no torch and no python, built by run_sanitizers.sh
+// The sanitizer check program: the emulated kernels (and csrc/cpu/claim_pool.cpp) with no torch and no python, built by run_sanitizers.sh
 // once with -fsanitize=address,undefined and once with -fsanitize=thread.
 //
-//   emu_check clean        every VeRA kernel vs reference.h, every emulation self-test; exit 0 when all pass
+//   emu_check clean        every VeRA kernel vs reference.h, every emulation self-test, the CPU decode path's
+//                          work claiming from several threads; exit 0 when all pass
 //                          (a sanitizer report makes the exit status non-zero by itself)
 //   emu_check oob          the planted out-of-bounds global write   (AddressSanitizer must report it)
 //   emu_check shared-oob   the planted static __shared__ overflow    (AddressSanitizer should report it)
@@ -21,6 +22,7 @@ namespace {
 
 int clean(unsigned seed) {
   int failures = vera::check::check_kernels(seed);
+  failures += vera::check::check_claim_pool(seed);
   for (const std::string& name : vera::testing::emu_selftest_names()) {
     const std::string error = vera::testing::run_emu_selftest(name);
     std::printf("selftest %s: %s\n", name.c_str(), error.empty() ? "ok" : error.c_str());
