@@ -28,13 +28,33 @@ using at::Tensor;
 #endif
 
 // out[i * n_vec + v] = rows_i . xs_v for i < n_rows (rows row_stride apart) and v < n_vec (xs ld_x apart), in
-// acc_t. Four rows go together so each x load serves four rows, with two independent vector accumulators per row:
-// FMA latency and the per-dot overhead (zeroing, the final tree) are spread over four rows.
+// acc_t. For several vectors, four rows go together so each x load serves four rows, with two independent vector
+// accumulators per row: FMA latency and the per-dot overhead (zeroing, the final tree) are spread over four rows.
+// For one vector (N=1 decode) there is no x to share, and reading one row at a time keeps each thread on a single
+// sequential stream, which the hardware prefetcher serves best (measured: the fused N=1 op 69-71 us vs 76-91 us
+// with four interleaved row streams, I=O=1024, r=256, fp32, 2 threads).
 template <typename T, typename acc_t>
 __attribute__((always_inline)) inline void dots_impl(const T* rows, int64_t row_stride, int64_t n_rows,
                                                      const acc_t* xs, int64_t ld_x, int64_t n_vec, int64_t len,
                                                      acc_t* out) {
   constexpr int kRows = 4, kLanes = 32;
+  if (n_vec == 1) {
+    // One vector: each row is one sequential stream, 64 lanes of independent accumulators.
+    constexpr int kWide = 64;
+    for (int64_t i = 0; i < n_rows; ++i) {
+      const T* row = rows + i * row_stride;
+      acc_t part[kWide] = {};
+      int64_t j = 0;
+      for (; j + kWide <= len; j += kWide)
+        for (int l = 0; l < kWide; ++l) part[l] += static_cast<acc_t>(row[j + l]) * xs[j + l];
+      for (int width = kWide / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; ++l) part[l] += part[l + width];
+      acc_t s = part[0];
+      for (; j < len; ++j) s += static_cast<acc_t>(row[j]) * xs[j];
+      out[i] = s;
+    }
+    return;
+  }
   for (int64_t r0 = 0; r0 < n_rows; r0 += kRows) {
     const int nr = static_cast<int>(std::min<int64_t>(kRows, n_rows - r0));
     const T* row[kRows];
