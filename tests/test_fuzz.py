@@ -31,14 +31,12 @@ ERRORS = (ValueError, RuntimeError, TypeError, IndexError)
 
 def fuzz(body, strategy):
     """(fast test, slow-marked test) running ``body`` on examples of ``strategy``. The long search runs only when
-    asked for (``pytest -m slow``), as the project's other slow tests do."""
+    asked for (``pytest -m slow``: pyproject's addopts deselect slow tests otherwise)."""
     fast = FAST(given(strategy)(body))
     long_search = SLOW(given(strategy)(body))
 
     @pytest.mark.slow
-    def slow(request):
-        if "slow" not in (request.config.option.markexpr or ""):
-            pytest.skip("the long fuzz search runs with `pytest -m slow`")
+    def slow():
         long_search()
 
     slow.__doc__ = f"{body.__name__} over {SLOW.max_examples} examples."

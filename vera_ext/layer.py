@@ -321,7 +321,8 @@ class VeraLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def _fusable(self, x: Tensor, args, kwargs) -> bool:
+    def _fusable(self, x: Tensor, compute_dtype: torch.dtype, args, kwargs) -> bool:
+        """Whether the fused linear op can stand in for base_layer(x); ``compute_dtype`` is autocast_dtype(x)."""
         base = self.base_layer
         return (
             type(base) is nn.Linear
@@ -331,7 +332,7 @@ class VeraLinear(nn.Module):
             and not base._forward_hooks
             and not base._forward_pre_hooks
             # (under autocast both are cast to the autocast dtype, as nn.Linear's own GEMM does)
-            and autocast_dtype(x) == autocast_dtype(base.weight)
+            and compute_dtype == autocast_dtype(base.weight)
         )
 
     def _dropout_active(self, name: str) -> bool:
@@ -359,10 +360,11 @@ class VeraLinear(nn.Module):
 
         previous_dtype = x.dtype
         result = None
-        if self._fusable(x, args, kwargs) and not self._dropout_active(active[0]):
+        compute_dtype = autocast_dtype(x)
+        if self._fusable(x, compute_dtype, args, kwargs) and not self._dropout_active(active[0]):
             name, active = active[0], active[1:]
             # Under autocast the op casts x/weight/bias to the autocast dtype; A/B come from the cache already cast.
-            A, B, ld, lb = self._adapter_operands(name, autocast_dtype(x), x.device)
+            A, B, ld, lb = self._adapter_operands(name, compute_dtype, x.device)
             result = ops.vera_linear_forward(x, self.base_layer.weight, self.base_layer.bias, A, B, ld, lb)
         else:
             result = self.base_layer(x, *args, **kwargs)
@@ -408,8 +410,9 @@ class VeraLinear(nn.Module):
         lambda_b = torch.stack([_as(self.vera_lambda_b[n], acc) for n in used])
         x_d = self._mixed_dropout(x, names, rows_per_sample)
 
-        if self._fusable(x, args, kwargs) and x_d is x:
-            A, B = self.vera_projection.sliced(r_max, self.in_features, self.out_features, autocast_dtype(x), x.device)
+        compute_dtype = autocast_dtype(x)
+        if self._fusable(x, compute_dtype, args, kwargs) and x_d is x:
+            A, B = self.vera_projection.sliced(r_max, self.in_features, self.out_features, compute_dtype, x.device)
             w = self.base_layer
             return _restore_dtype(ops.vera_linear_forward(x, w.weight, w.bias, A, B, lambda_d, lambda_b, idx),
                                   previous_dtype)
