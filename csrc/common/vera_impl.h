@@ -184,20 +184,22 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad_out, const T
     // One adapter, dense: both lambda gradients come from the (O, r) GEMM q = grad_out^T u over the N rows,
     //   dlambda_b[o] = sum_k B[o, k] lambda_d[k] q[o, k],   dlambda_d[k] = sum_o lambda_b[o] B[o, k] q[o, k],
     // so no (N, O) or (N, r) gradient is formed for them.
+    const bool merged_grad_x =
+        output_mask[0] && weight.has_value() && use_merged_backward(rows, A.size(1), grad_out.size(1), r, a);
+    // B_hat = diag(lambda_b) B, formed once for dlambda_d and the unmerged grad_x (q has grad_out's dtype).
+    Tensor b_hat;
+    if (output_mask[1] || (output_mask[0] && !merged_grad_x)) {
+      b_hat = P::row_scale(B, lambda_b, grad_out.scalar_type());
+    }
     if (output_mask[1] || output_mask[2]) {
       Tensor q = at::mm(grad_out.t(), u);
-      if (output_mask[1]) {
-        grad_ld = P::col_dot_reduce(P::row_scale(B, lambda_b, q.scalar_type()), q, c10::nullopt, 1).view({r});
-      }
+      if (output_mask[1]) grad_ld = P::col_dot_reduce(b_hat, q, c10::nullopt, 1).view({r});
       if (output_mask[2]) grad_lb = P::row_dot(P::col_scale(q, ld, c10::nullopt), B);
     }
-    if (output_mask[0]) {
-      if (weight.has_value() && use_merged_backward(rows, A.size(1), grad_out.size(1), r, a)) {
-        grad_x = at::mm(grad_out, merged_weight<P>(a, *weight));
-      } else {
-        Tensor gv = at::mm(grad_out, P::row_scale(B, lambda_b, grad_out.scalar_type()));
-        grad_x = input_grad_from_gv<P>(grad_out, gv, ld, a, weight);
-      }
+    if (merged_grad_x) {
+      grad_x = at::mm(grad_out, merged_weight<P>(a, *weight));
+    } else if (output_mask[0]) {
+      grad_x = input_grad_from_gv<P>(grad_out, at::mm(grad_out, b_hat), ld, a, weight);
     }
   }
   auto empty = [&] { return at::empty({0}, grad_out.options()); };
