@@ -27,6 +27,20 @@ using at::Tensor;
 #define VERA_CPU_CLONES
 #endif
 
+// row . x over len entries with kWide independent accumulator lanes, summed by a pairwise tree.
+template <int kWide, typename T, typename acc_t>
+__attribute__((always_inline)) inline acc_t dot_wide(const T* row, const acc_t* x, int64_t len) {
+  acc_t part[kWide] = {};
+  int64_t j = 0;
+  for (; j + kWide <= len; j += kWide)
+    for (int l = 0; l < kWide; ++l) part[l] += static_cast<acc_t>(row[j + l]) * x[j + l];
+  for (int width = kWide / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) part[l] += part[l + width];
+  acc_t s = part[0];
+  for (; j < len; ++j) s += static_cast<acc_t>(row[j]) * x[j];
+  return s;
+}
+
 // out[i * n_vec + v] = rows_i . xs_v for i < n_rows (rows row_stride apart) and v < n_vec (xs ld_x apart), in
 // acc_t. For several vectors, four rows go together so each x load serves four rows, with two independent vector
 // accumulators per row: FMA latency and the per-dot overhead (zeroing, the final tree) are spread over four rows.
@@ -39,19 +53,11 @@ __attribute__((always_inline)) inline void dots_impl(const T* rows, int64_t row_
                                                      acc_t* out) {
   constexpr int kRows = 4, kLanes = 32;
   if (n_vec == 1) {
-    // One vector: each row is one sequential stream, 64 lanes of independent accumulators.
-    constexpr int kWide = 64;
+    // One vector: each row is one sequential stream, 64 lanes of independent accumulators; 16 for short rows,
+    // where zeroing and summing 64 lanes would cost more than the row (in_features = 16, r = 256: A is 256 rows of 16).
     for (int64_t i = 0; i < n_rows; ++i) {
       const T* row = rows + i * row_stride;
-      acc_t part[kWide] = {};
-      int64_t j = 0;
-      for (; j + kWide <= len; j += kWide)
-        for (int l = 0; l < kWide; ++l) part[l] += static_cast<acc_t>(row[j + l]) * xs[j + l];
-      for (int width = kWide / 2; width > 0; width /= 2)
-        for (int l = 0; l < width; ++l) part[l] += part[l + width];
-      acc_t s = part[0];
-      for (; j < len; ++j) s += static_cast<acc_t>(row[j]) * xs[j];
-      out[i] = s;
+      out[i] = len >= 64 ? dot_wide<64>(row, xs, len) : dot_wide<16>(row, xs, len);
     }
     return;
   }
@@ -95,20 +101,24 @@ Tensor rows_contiguous(const Tensor& t) {
 }
 
 constexpr int64_t kMaxChunkRows = 64;
+constexpr int64_t kChunkMacs = 32768;
 
-// Rows per chunk of a pass over rows `len` long, for n vectors: about 32K multiply-adds (a few microseconds, so the
-// claims cost little and the two threads finish close together), a multiple of 4 (the row groups of dots).
-int64_t chunk_rows(int64_t len, int64_t n) {
-  const int64_t rows = 32768 / std::max<int64_t>(1, len * n);
+// Rows per chunk of a pass whose rows cost macs_per_row multiply-adds each: about kChunkMacs (a few microseconds,
+// so the claims cost little and the two threads finish close together), a multiple of 4 (the row groups of dots).
+int64_t chunk_rows(int64_t macs_per_row) {
+  const int64_t rows = kChunkMacs / std::max<int64_t>(1, macs_per_row);
   return std::clamp<int64_t>((rows + 3) / 4 * 4, 8, kMaxChunkRows);
 }
 
-// f(row0, row1) over [0, rows) in chunks of `chunk` rows. Every row is in exactly one chunk, so each output is
-// computed by one thread in the serial order: the result does not depend on the thread count.
+// f(row0, row1) over [0, rows) in chunks. Every row is in exactly one chunk, so each output is computed by one
+// thread in the serial order: the result does not depend on the thread count.
 template <typename F>
-void for_row_chunks(int64_t rows, int64_t chunk, const F& f) {
-  // Helpers: the intra-op thread count beyond this thread; none inside a parallel region (no nested teams).
-  const int helpers = at::in_parallel_region() ? 0 : at::get_num_threads() - 1;
+void for_row_chunks(int64_t rows, int64_t macs_per_row, const F& f) {
+  const int64_t chunk = chunk_rows(macs_per_row);
+  // Helpers: the intra-op thread count beyond this thread; none inside a parallel region (no nested teams), and
+  // none for less than two chunks' worth of work, which takes less time than waking a helper.
+  const bool worth_helpers = rows * macs_per_row >= 2 * kChunkMacs && !at::in_parallel_region();
+  const int helpers = worth_helpers ? at::get_num_threads() - 1 : 0;
   run_claimed((rows + chunk - 1) / chunk, helpers, [&](int64_t c) { f(c * chunk, std::min(rows, (c + 1) * chunk)); });
 }
 
@@ -141,7 +151,7 @@ std::tuple<Tensor, Tensor> Prims::decode_forward(const Tensor& x, const c10::opt
     scalar_t* up = u.data_ptr<scalar_t>();
     acc_t* hp = hf.data_ptr<acc_t>();
 
-    for_row_chunks(r, chunk_rows(in_f, n), [&](int64_t k0, int64_t k1) {
+    for_row_chunks(r, in_f * n, [&](int64_t k0, int64_t k1) {
       acc_t dot[kMaxChunkRows * Prims::kDecodeMaxRows];
       dots(A.const_data_ptr<scalar_t>() + k0 * A.stride(0), A.stride(0), k1 - k0, xp, in_f, n, in_f, dot);
       for (int64_t k = k0; k < k1; ++k) {
@@ -158,7 +168,7 @@ std::tuple<Tensor, Tensor> Prims::decode_forward(const Tensor& x, const c10::opt
     const scalar_t* wp = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* basep = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
-    for_row_chunks(out_f, chunk_rows((wp ? in_f : 0) + r, n), [&](int64_t o0, int64_t o1) {
+    for_row_chunks(out_f, ((wp ? in_f : 0) + r) * n, [&](int64_t o0, int64_t o1) {
       acc_t plain[kMaxChunkRows * Prims::kDecodeMaxRows], adapter[kMaxChunkRows * Prims::kDecodeMaxRows];
       if (wp) dots(wp + o0 * weight.stride(0), weight.stride(0), o1 - o0, xp, in_f, n, in_f, plain);
       dots(B.const_data_ptr<scalar_t>() + o0 * B.stride(0), B.stride(0), o1 - o0, hp, r, n, r, adapter);
