@@ -174,6 +174,30 @@ def test_low_precision_within_twice_pytorch_error(device, dtype, n):
         assert_low_precision_close(a, b, c, what=f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [*LOW_PRECISION, torch.float64])
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_decode_odd_dims_every_dtype(dtype, n):
+    """The CPU decode path (N <= 16) reads rows in vectors of 8 (fp64: 4) and four rows at a time: odd feature counts
+    leave a tail in every row and odd output counts a tail of rows, in each dtype's loads."""
+    i, o, r = 1031, 37, 13
+    x, base, A, B, ld, lb = make_case(n, i, o, r, dtype=dtype, seed=n)
+    if dtype == torch.float64:
+        ld, lb = ld.double(), lb.double()
+    weight, bias = torch.randn(o, i).to(dtype), torch.randn(o).to(dtype)
+    linear = torch.nn.functional.linear(x, weight, bias)
+    linear64 = x.double() @ weight.double().T + bias.double()
+    for what, y, base_out, base64 in (
+        ("fused", OPS.vera_linear_forward(x, weight, bias, A, B, ld, lb)[0], linear, linear64),
+        ("base_out", OPS.vera_forward(x, base, A, B, ld, lb)[0], base, base.double()),
+    ):
+        ref = vera_reference(x, base64, A, B, ld, lb)
+        if dtype == torch.float64:
+            torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12 * ref.abs().max().item(), msg=what)
+        else:
+            same_dtype = peft_formula(x, base_out, A, B, ld, lb, dtype)
+            assert_low_precision_close(y, same_dtype, ref, what=f"{what}, {dtype}, n={n}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_results_are_deterministic(device):
     x, base, A, B, ld, lb = make_case(513, 40, 30, 16, device, num_adapters=4, seed=2)
