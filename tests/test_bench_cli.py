@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vera_ext import __main__ as cli
-from vera_ext import bench
+from vera_ext import bench, bench_cases
 from vera_ext.bench_cases import CASES, case_cost
 from vera_ext.projection import generate_projection
 
@@ -197,6 +197,36 @@ def test_cuda_quick_run_times_with_events_and_traces_kernels(capsys, tmp_path):
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     assert any(e.get("cat") == "kernel" for e in events)  # GPU activity recorded, not only CPU ops
     assert "vera_ext::vera_linear_forward" in {e.get("name") for e in events}
+
+
+def test_interleaved_samples_settle_first_and_cold_calls_follow_their_setup():
+    from vera_ext.bench_timing import time_interleaved
+
+    log = []
+    fns = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
+    time_interleaved(fns, "cpu", rounds=2, inner=8, warmup=1)
+    # warm-up: one call each; then per round and fn, 8 // 4 = 2 untimed settling calls and the 8 timed ones
+    assert log == ["a", "b"] + (["a"] * 10 + ["b"] * 10) * 2
+
+    log.clear()
+    time_interleaved(fns, "cpu", rounds=3, warmup=1, before_each=lambda: log.append("evict"))
+    assert log == ["a", "b"] + ["evict", "a", "evict", "b"] * 3  # one timed call after each eviction
+
+
+def test_only_decode_cold_is_timed_after_an_eviction(monkeypatch, capsys):
+    setups = []
+
+    def fake_timing(fns, device, rounds, inner, warmup, before_each=None):
+        setups.append(before_each)
+        return {k: (1.0, 0.0) for k in fns}
+
+    monkeypatch.setattr(bench, "time_interleaved", fake_timing)
+    monkeypatch.setitem(bench_cases.EVICT_MIB, "cpu", 1)
+    assert bench.main(TINY + ["--case", "decode,decode_cold"]) == 0
+    assert "decode_cold" in capsys.readouterr().out
+    plain, cold = setups  # CASES order
+    assert plain is None and callable(cold)
+    cold()  # fills the eviction buffer
 
 
 @pytest.mark.parametrize("case", ["train_fwd", "train_fwd_bwd", "decode", "merge"])

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from .bench_cases import (CASE_HELP, CASES, DEFAULT_SHAPE, SHAPES, Case, Layers, ShapePreset, case_cost,
-                          decode_case, decode_mixed_case, merge_case, training_cases)
+                          decode_case, decode_cold_case, decode_mixed_case, merge_case, training_cases)
 from .bench_report import (Result, check_writable_file, format_table, require_matplotlib, set_ratios, write_json,
                            write_plot)
 from .bench_timing import floor_ms, measure_ceilings, saved_activation_bytes, time_interleaved
@@ -76,12 +76,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def build_cases(s: Settings):
     """Yield the selected cases in CASES order, building layers only for what is selected."""
     selected = set(s.cases)
-    if selected & {"train_fwd", "train_fwd_bwd", "saved_activations", "decode", "merge"}:
+    if selected & {"train_fwd", "train_fwd_bwd", "saved_activations", "decode", "decode_cold", "merge"}:
         layers = Layers(s.shape, s.dtype, s.device)
         if selected & {"train_fwd", "train_fwd_bwd", "saved_activations"}:
             yield from training_cases(layers, s.shape.n_train, selected)
         if "decode" in selected:
             yield decode_case(layers, s.shape.n_decode)
+        if "decode_cold" in selected:
+            yield decode_cold_case(layers, s.shape.n_decode)
     if "decode_mixed" in selected:
         # Own layers: the PEFT loop switches adapters (and their requires_grad), which must not leak into others.
         yield decode_mixed_case(Layers(s.shape, s.dtype, s.device, adapters=s.shape.adapters), s.shape.n_mixed)
@@ -98,7 +100,7 @@ def measure_case(case: Case, s: Settings, ceilings: dict) -> list[Result]:
                        extra=case.extra.get(k, {})) for k, v in case.saved_bytes.items()]
     else:
         with case.mode(), nvtx_range(f"bench/{case.name}", s.device):
-            timings = time_interleaved(case.fns, s.device, s.rounds, None, s.warmup)
+            timings = time_interleaved(case.fns, s.device, s.rounds, None, s.warmup, case.before_each)
         rows = []
         for k, (median, iqr) in timings.items():
             flops, moved = case_cost(case.name, case.shape, k != "base", s.dtype.itemsize)

@@ -11,6 +11,8 @@ Cases (N rows = tokens; I, O, r from the preset):
   is frozen; forward+backward is ``autograd.grad(layer(x), [x, lambda_d, lambda_b], g)``.
 - ``saved_activations``: bytes autograd keeps for backward after one training forward (memory, not time).
 - ``decode``: inference forward of one row (N=1) with one adapter.
+- ``decode_cold``: ``decode`` with the caches evicted before every call, as in a model whose weights do not fit
+  in them (each layer's weights then come from memory on every token).
 - ``decode_mixed``: inference forward of N rows, row i using adapter i mod M of M adapters. vera_ext runs it in one
   call (``VeraLinear(x, adapter_names=...)``). PEFT's VeRA has no mixed batches (its model drops
   ``adapter_names``), so its row is what a PEFT user must do instead: for each adapter, ``set_adapter`` then the
@@ -73,12 +75,13 @@ SHAPES = {
 }
 DEFAULT_SHAPE = {"cpu": "cpu-1024", "cuda": "llama2-7b-qv"}
 
-CASES = ("train_fwd", "train_fwd_bwd", "saved_activations", "decode", "decode_mixed", "merge")
+CASES = ("train_fwd", "train_fwd_bwd", "saved_activations", "decode", "decode_cold", "decode_mixed", "merge")
 CASE_HELP = {
     "train_fwd": "training forward (x and lambdas require grad)",
     "train_fwd_bwd": "training forward + backward",
     "saved_activations": "activation bytes saved for backward (memory)",
     "decode": "inference forward, N=1, one adapter",
+    "decode_cold": "decode with the caches evicted before every call (weights from memory)",
     "decode_mixed": "inference forward, N rows over M adapters in one batch",
     "merge": "merge() then unmerge() of one adapter",
 }
@@ -94,6 +97,7 @@ class Case:
     grad: bool = True  # False: timed under torch.inference_mode
     saved_bytes: dict[str, int] = field(default_factory=dict)
     extra: dict[str, dict] = field(default_factory=dict)  # per implementation
+    before_each: Optional[Callable[[], object]] = None  # untimed, before every timed call (see time_interleaved)
 
     @property
     def metric(self) -> str:
@@ -211,6 +215,20 @@ def decode_case(layers: Layers, n: int) -> Case:
     x = torch.randn(n, layers.in_f, device=layers.device, dtype=layers.dtype)
     fns = {k: (lambda m=m: m(x)) for k, m in layers.impls().items()}
     return Case("decode", _dims(layers, n), fns, grad=False)
+
+
+#: Bytes written to evict the caches before each decode_cold call: several times the last-level cache (32 MiB on
+#: the CPU dev machine; the H200's L2 is 60 MiB).
+EVICT_MIB = {"cpu": 128, "cuda": 512}
+
+
+def decode_cold_case(layers: Layers, n: int) -> Case:
+    """``decode_case`` with the caches evicted before every timed call: the time of a layer whose weights come
+    from memory, as in the decode of a model much larger than the caches."""
+    case = decode_case(layers, n)
+    evict = torch.empty(EVICT_MIB[torch.device(layers.device).type] * 2**20, dtype=torch.uint8,
+                        device=layers.device)
+    return replace(case, name="decode_cold", before_each=lambda: evict.fill_(1))
 
 
 def decode_mixed_case(layers: Layers, n: int) -> Case:

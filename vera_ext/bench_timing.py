@@ -17,11 +17,8 @@ from torch import nn
 
 from .projection import VeraProjection
 
-#: A sample should last at least this long (seconds) so that timer resolution and per-sample overhead vanish. On
-#: the CPU also the refill of the caches after the previous implementation's sample (each holds its own weights):
-#: the first N=1 call of a sample took 200-400 us against ~65 us for the next ones (I=O=1024, r=256, 2 threads),
-#: which at 2 ms samples added ~20 us to every decode call, and measured the interleaving more than the layer.
-MIN_SAMPLE_S = {"cpu": 1e-2, "cuda": 5e-4}
+#: A sample should last at least this long (seconds) so that timer resolution and per-sample overhead vanish.
+MIN_SAMPLE_S = {"cpu": 2e-3, "cuda": 5e-4}
 MAX_INNER = 200
 
 
@@ -58,12 +55,21 @@ def time_interleaved(
     rounds: int,
     inner: Optional[int] = None,
     warmup: int = 3,
+    before_each: Optional[Callable[[], object]] = None,
 ) -> dict[str, tuple[float, float]]:
     """``{name: (median ms, IQR ms)}`` per call for each fn, all run in the same rounds.
 
     ``inner`` calls make one sample (None: enough that the fastest fn's sample lasts a few ms on the CPU, 0.5 ms
     on CUDA, judged from its last warm-up call). Every fn is warmed up ``max(1, warmup)`` times first (allocator,
     caches, cuBLAS heuristics, clocks).
+
+    Each sample is preceded by ``inner // 4`` untimed calls of the same fn: every implementation holds its own
+    weights, and the previous implementation's sample evicts them from the caches. Without these calls a sample
+    of short calls measures mostly that refill (measured here, N=1 decode at I=O=1024, r=256: the first calls after
+    a switch took 400-800 us against 66-160 us for the following ones, for every implementation).
+
+    ``before_each``: called untimed (and synchronized) before every single timed call, which makes ``inner`` 1 and
+    skips the settling calls: for a case that must start from a given state, e.g. caches evicted.
     """
     last_ms = {}
     for name, fn in fns.items():
@@ -71,11 +77,19 @@ def time_interleaved(
             fn()
         sync(device)
         last_ms[name] = _one_sample(fn, device, 1)
-    if inner is None:
+    if before_each is not None:
+        inner = 1
+    elif inner is None:
         inner = inner_for(min(last_ms.values()), device)
+    settle = 0 if before_each is not None else inner // 4
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            for _ in range(settle):
+                fn()
+            if before_each is not None:
+                before_each()
+            sync(device)
             samples[name].append(_one_sample(fn, device, inner))
     out = {}
     for name, s in samples.items():
