@@ -129,3 +129,24 @@ def test_base_key_maps_injected_paths_back():
     assert base_key("head.original_module.weight") == "head.weight"
     assert base_key("lin0.vera_lambda_b.default") is None
     assert base_key("lin0.vera_projection.vera_A") is None
+
+
+def test_forward_on_meta_gives_shapes():
+    """A model still on the meta device runs its forward for shapes (as nn.Linear does), in every forward path:
+    one adapter, two summed adapters, a mixed batch, and a Conv1D base."""
+    with torch.device("meta"):
+        layer = vera_ext.VeraLinear(nn.Linear(10, 6), 4)
+        layer.update_layer("b", 4)
+    x = torch.empty(2, 3, 10, device="meta")
+    assert layer(x).shape == (2, 3, 6) and layer(x).is_meta
+    layer.set_adapter(["default", "b"])
+    assert layer(x).shape == (2, 3, 6)
+    assert layer(x, adapter_names=["b", "__base__"]).shape == (2, 3, 6)
+
+    with torch.device("meta"):
+        model = ours(mlp(), **MLP_TARGETS)
+    assert model(torch.empty(5, 10, device="meta")).shape == (5, 3)
+    with torch.device("meta"):
+        gpt2 = ours(tiny_gpt2(), r=4, target_modules=["c_attn"])
+    ids = token_ids(2, 7).to("meta")
+    assert gpt2(ids).logits.shape[:2] == (2, 7)

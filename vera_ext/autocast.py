@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (the ops must exist before kernels are added to them)
 
-__all__ = ["AUTOCAST_DEVICE_TYPES", "CAST_ARGUMENTS", "autocast_dtype"]
+__all__ = ["AUTOCAST_DEVICE_TYPES", "CAST_ARGUMENTS", "autocast_dtype", "autocast_enabled"]
 
 #: Device types that get an autocast rule.
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
@@ -37,11 +37,20 @@ def _eligible(t, device_type: str) -> bool:
     return isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device_type
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, and False for a device type autocast does not know (``meta``,
+    where torch raises): a model on the meta device runs its forward for shapes, as ``nn.Linear`` does."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def autocast_dtype(t: Tensor) -> torch.dtype:
     """The dtype a GEMM on ``t`` computes in right now: the autocast dtype when autocast is on for ``t``'s device
     and ``t`` is eligible, else ``t.dtype``."""
     device_type = t.device.type
-    if torch.is_autocast_enabled(device_type) and _eligible(t, device_type):
+    if autocast_enabled(device_type) and _eligible(t, device_type):
         return torch.get_autocast_dtype(device_type)
     return t.dtype
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .autocast import autocast_dtype
+from .autocast import autocast_dtype, autocast_enabled
 from .projection import VeraProjection
 from .targets import is_conv1d
 
@@ -384,7 +384,7 @@ class VeraLinear(nn.Module):
         call is eager, one adapter is active and unmerged, no mixed batch is in progress, the base is a plain
         ``nn.Linear`` without hooks, the adapter's dropout is inactive, autocast is off and x has the weight's dtype;
         returns None otherwise, and the general path decides. For every input it takes, the general path would
-        run the same op on the same operands (tests/test_layer.py checks both paths agree)."""
+        run the same op on the same operands (tests/test_layer_fast_path.py checks that both agree)."""
         if (
             self._disable_adapters
             or self.merged_adapters
@@ -406,7 +406,7 @@ class VeraLinear(nn.Module):
         if drop.training and isinstance(drop, nn.Dropout) and drop.p > 0:
             return None
         weight = base._parameters["weight"]
-        if x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weight.dtype or autocast_enabled(x.device.type):
             return None
         A, B = modules["vera_projection"].sliced(self.r[name], self.in_features, self.out_features, x.dtype, x.device)
         acc = _opmath(x.dtype)
@@ -488,7 +488,7 @@ def _check_rank(r) -> None:
 def _restore_dtype(result: Tensor, x_dtype: torch.dtype) -> Tensor:
     """The layer returns x's dtype (as PEFT's VeRA does), except under autocast, where it returns the dtype the
     GEMMs computed in, as nn.Linear does (PEFT's LoRA does too; PEFT's VeRA would upcast to x's dtype)."""
-    if result.dtype == x_dtype or torch.is_autocast_enabled(result.device.type):
+    if result.dtype == x_dtype or autocast_enabled(result.device.type):
         return result
     return result.to(x_dtype)
 
