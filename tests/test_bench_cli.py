@@ -279,3 +279,34 @@ def test_python_dash_m_runs_as_a_program(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert {r["implementation"] for r in json.loads(out.read_text())} == {"base", "peft", "vera_ext"}
+
+
+def _load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_decode_script_runs_and_agrees_with_peft(capsys):
+    script = _load_script("bench_model_decode")
+    assert script.main(["--blocks", "2", "--hidden", "32", "--ffn", "48", "--r", "8", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    rel = float(out.split("rel. diff vs PEFT ")[1].split()[0])
+    assert rel < 1e-5  # the same model, lambdas and projection: the comparison is like for like
+    for impl in ("base", "peft", "vera_ext"):
+        assert f"  {impl}" in out
+
+
+def test_cpu_targets_script_prints_the_three_targets(capsys, monkeypatch):
+    script = _load_script("bench_cpu")
+    monkeypatch.setitem(bench_cases.SHAPES, "cpu-1024", bench_cases.SHAPES["tiny"])
+    monkeypatch.setitem(bench_cases.EVICT_MIB, "cpu", 1)
+    assert script.main(["--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    for what in ("train fwd+bwd time", "saved activations", "decode N=1 forward", "caches evicted"):
+        assert what in out, what
