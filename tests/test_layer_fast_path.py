@@ -15,8 +15,6 @@ from vera_ext.config import VeraConfig
 from vera_models import mlp, ours
 from vera_testing import DEVICES, vera_reference
 
-torch.manual_seed(0)
-
 I, O, R = 24, 20, 8
 
 
