@@ -4,21 +4,20 @@
 
 Each block runs q, k, v, o (hidden x hidden) and up/down (hidden <-> ffn) projections; VeRA adapts q and v, as in
 the VeRA paper. The base model alone, PEFT 0.21.2's VeRA and vera_ext run side by side in one process, interleaved,
-on identical weights and lambdas. At the default size the weights (192 MiB) far exceed the caches, so each layer's
+on identical weights and lambdas (vera_ext.bench_timing.time_interleaved). At the default size the weights (192 MiB) far exceed the caches, so each layer's
 weights come from memory on every token, as in real decode; the one projection shared by every adapted layer
 (2 MiB) stays in cache. Prints medians per token and the ratios.
 """
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 import warnings
 
 import torch
 from torch import nn
 
+from vera_ext.bench_timing import time_interleaved
 from vera_ext.config import VeraConfig
 from vera_ext.model import get_vera_model
 
@@ -33,13 +32,6 @@ class Block(nn.Module):
         # (an attention-free stand-in: every projection runs once per token, as in decode)
         x = x + self.o(torch.tanh(self.q(x) + self.k(x) + self.v(x)))
         return x + self.down(torch.relu(self.up(x)))
-
-
-def sample_us(fn, inner: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) / inner * 1e6
 
 
 def main(argv=None) -> int:
@@ -70,21 +62,14 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         outputs = {k: f() for k, f in fns.items()}
         rel = ((outputs["vera_ext"] - outputs["peft"]).norm() / outputs["peft"].norm()).item()
-        for f in fns.values():
-            for _ in range(5):
-                f()
-        samples = {k: [] for k in fns}
-        for _ in range(args.rounds):
-            for k, f in fns.items():
-                f()  # settle (see vera_ext.bench_timing)
-                samples[k].append(sample_us(f, 10))
-    med = {k: statistics.median(v) for k, v in samples.items()}
+        timings = time_interleaved(fns, "cpu", args.rounds, inner=10)
+    med = {k: median_ms for k, (median_ms, _) in timings.items()}
     weights_mib = sum(t.numel() * t.element_size() for t in base.parameters()) / 2**20
     print(f"model decode, N=1: {args.blocks} blocks, hidden {args.hidden}, ffn {args.ffn}, VeRA r={args.r} on q and "
           f"v; base weights {weights_mib:.0f} MiB; {torch.get_num_threads()} threads; output rel. diff vs PEFT "
           f"{rel:.1e}")
     for k, v in med.items():
-        print(f"  {k:9s} {v / 1e3:8.3f} ms per token   x base {v / med['base']:.3f}   x peft {v / med['peft']:.3f}")
+        print(f"  {k:9s} {v:8.3f} ms per token   x base {v / med['base']:.3f}   x peft {v / med['peft']:.3f}")
     return 0
 
 

@@ -6,7 +6,8 @@
     python -m vera_ext bench --list                        # the cases and shape presets
 
 Implementations run interleaved, one timed sample of each per round, so machine noise hits all alike (CUDA: events
-after warm-up; CPU: perf_counter). Each case reports medians, interquartile ranges, the ratios to the base layer and
+after warm-up; CPU: perf_counter); a sample of short calls starts with untimed ones, which refill the caches the
+previous implementation's sample took (see bench_timing.time_interleaved). Each case reports medians, interquartile ranges, the ratios to the base layer and
 to PEFT in the same rounds, and the case's floor: max(FLOPs / GEMM rate, bytes / bandwidth), both rates measured
 at the start of the run (the best of a few samples of a large mm and a large copy). The bandwidth is memory's,
 not cache's: a layer whose weights stay in cache between calls (on the CPU, a 1024x1024 fp32 weight is 4 MiB) can

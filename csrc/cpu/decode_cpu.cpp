@@ -15,6 +15,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/layout.h"
 #include "cpu/claim_pool.h"
 #include "cpu/prims_cpu.h"
 
@@ -121,10 +122,6 @@ VERA_CPU_CLONES VERA_DOTS(c10::BFloat16, float)
 VERA_CPU_CLONES VERA_DOTS(c10::Half, float)
 VERA_DOTS(double, double)
 #undef VERA_DOTS
-
-Tensor rows_contiguous(const Tensor& t) {
-  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
-}
 
 constexpr int64_t kMaxChunkRows = 64;
 constexpr int64_t kChunkMacs = 32768;

@@ -5,6 +5,7 @@
 #include "cpu/prims_cpu.h"
 
 #include "common/checks.h"
+#include "common/layout.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,12 +24,6 @@ constexpr int64_t kMinElementsPerTask = 16384;
 
 int64_t grain_for(int64_t inner) {
   return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, inner));
-}
-
-// A 2-D tensor whose rows are contiguous (any row stride), copying only when the inner stride is not 1:
-// slices of the shared projection (A[:r, :I], B[:O, :r]) come through without a copy.
-Tensor rows_contiguous(const Tensor& t) {
-  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
 }
 
 // Adapter of row n: 0 without an index vector.

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/layout.h"
 #include "cuda/launchers.h"
 
 namespace vera::cuda {
@@ -25,11 +26,6 @@ inline DType dtype_of(at::ScalarType t) {
     case at::kBFloat16: return DType::BF16;
     default: TORCH_CHECK(false, "vera_ext CUDA kernels support float32, float16 and bfloat16, got ", t);
   }
-}
-
-// Rows contiguous, any row stride: projection slices (A[:r, :I], B[:O, :r]) are read in place.
-inline at::Tensor rows_contiguous(const at::Tensor& t) {
-  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
 }
 
 inline const int64_t* idx_ptr(const c10::optional<at::Tensor>& idx) {
@@ -48,7 +44,7 @@ struct KernelPrims {
 
   static Tensor row_scale(const Tensor& in_, const Tensor& lam_, at::ScalarType dtype) {
     const typename L::Guard guard(in_.device());
-    const Tensor in = detail::rows_contiguous(in_), lam = lam_.contiguous();
+    const Tensor in = rows_contiguous(in_), lam = lam_.contiguous();
     Tensor out = at::empty(in.sizes(), in.options().dtype(dtype));
     const RowScaleParams p{in.const_data_ptr(), in.stride(0), lam.const_data_ptr<float>(), out.data_ptr(),
                            in.size(0), in.size(1), detail::dtype_of(in.scalar_type()), detail::dtype_of(dtype)};
@@ -58,7 +54,7 @@ struct KernelPrims {
 
   static Tensor col_scale(const Tensor& in_, const Tensor& lam_, const OptTensor& idx) {
     const typename L::Guard guard(in_.device());
-    const Tensor in = detail::rows_contiguous(in_), lam = lam_.contiguous();
+    const Tensor in = rows_contiguous(in_), lam = lam_.contiguous();
     Tensor out = at::empty({in.size(0), in.size(1)}, in.options());
     const ColScaleParams p{in.const_data_ptr(), in.stride(0), lam.const_data_ptr<float>(), detail::idx_ptr(idx),
                            out.data_ptr(), in.size(0), in.size(1), detail::dtype_of(in.scalar_type())};
@@ -69,7 +65,7 @@ struct KernelPrims {
   static void scale_add(Tensor& out, const Tensor& base_, const Tensor& z_, const Tensor& lam_, const OptTensor& idx) {
     const typename L::Guard guard(out.device());
     TORCH_CHECK(out.stride(1) == 1 || out.size(1) <= 1, "scale_add: out must have contiguous rows");
-    const Tensor base = detail::rows_contiguous(base_), z = detail::rows_contiguous(z_), lam = lam_.contiguous();
+    const Tensor base = rows_contiguous(base_), z = rows_contiguous(z_), lam = lam_.contiguous();
     const ScaleAddParams p{base.const_data_ptr(), base.stride(0), z.const_data_ptr(), z.stride(0),
                            lam.const_data_ptr<float>(), detail::idx_ptr(idx), out.data_ptr(), out.stride(0),
                            out.size(0), out.size(1), detail::dtype_of(out.scalar_type())};
@@ -80,7 +76,7 @@ struct KernelPrims {
   static Tensor col_dot_reduce(const Tensor& p_, const Tensor& q_, const OptTensor& idx, int64_t num_adapters,
                                int64_t splits = 0) {
     const typename L::Guard guard(p_.device());
-    const Tensor p = detail::rows_contiguous(p_), q = detail::rows_contiguous(q_);
+    const Tensor p = rows_contiguous(p_), q = rows_contiguous(q_);
     const int64_t rows = p.size(0), cols = p.size(1);
     TORCH_CHECK(num_adapters <= 65535, "vera_ext CUDA: at most 65535 adapters in one mixed batch, got ",
                 num_adapters);
@@ -96,7 +92,7 @@ struct KernelPrims {
 
   static Tensor row_dot(const Tensor& p_, const Tensor& q_) {
     const typename L::Guard guard(p_.device());
-    const Tensor p = detail::rows_contiguous(p_), q = detail::rows_contiguous(q_);
+    const Tensor p = rows_contiguous(p_), q = rows_contiguous(q_);
     TORCH_INTERNAL_ASSERT(p.scalar_type() == q.scalar_type() && p.sizes() == q.sizes());
     Tensor out = at::empty({p.size(0)}, p.options().dtype(at::kFloat));
     const RowDotParams params{p.const_data_ptr(), p.stride(0), q.const_data_ptr(), q.stride(0),
@@ -130,11 +126,11 @@ struct KernelPrims {
   static std::tuple<Tensor, Tensor> decode_forward(const Tensor& x_, const OptTensor& weight_, const OptTensor& bias_,
                                                    const OptTensor& base_, const AdapterArgs& a) {
     const typename L::Guard guard(x_.device());
-    const Tensor x = x_.contiguous(), A = detail::rows_contiguous(a.A), B = detail::rows_contiguous(a.B);
+    const Tensor x = x_.contiguous(), A = rows_contiguous(a.A), B = rows_contiguous(a.B);
     const Tensor ld = a.lambda_d.contiguous(), lb = a.lambda_b.contiguous();
-    const Tensor weight = weight_.has_value() ? detail::rows_contiguous(*weight_) : Tensor();
+    const Tensor weight = weight_.has_value() ? rows_contiguous(*weight_) : Tensor();
     const Tensor bias = bias_.has_value() ? bias_->contiguous() : Tensor();
-    const Tensor base = base_.has_value() ? detail::rows_contiguous(*base_) : Tensor();
+    const Tensor base = base_.has_value() ? rows_contiguous(*base_) : Tensor();
     const int64_t n = x.size(0), in_f = x.size(1), r = ld.size(-1), out_f = B.size(0);
     Tensor u = at::empty({n, r}, x.options());
     Tensor h = at::empty({n, r}, x.options().dtype(at::kFloat));
