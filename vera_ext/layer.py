@@ -137,14 +137,12 @@ class VeraLinear(nn.Module):
         self.vera_projection.check_fits(r, self.in_features, self.out_features)
 
         device = _base_device(self.base_layer)
-        lambda_b = nn.Parameter(torch.ones(self.out_features, device=device))
-        lambda_d = nn.Parameter(torch.randn(r).to(device))
-        if init_weights:
-            with torch.no_grad():
-                lambda_d.fill_(d_initial)
-                lambda_b.zero_()
+        lambda_b = nn.Parameter(torch.empty(self.out_features, device=device))
+        lambda_d = nn.Parameter(torch.empty(r, device=device))
+        init = {"d_initial": d_initial, "init_weights": init_weights, "round_to": None}
+        _initialize_lambdas(lambda_b, lambda_d, init)
         self.r[adapter_name] = int(r)
-        self._lambda_init[adapter_name] = {"d_initial": d_initial, "init_weights": init_weights, "round_to": None}
+        self._lambda_init[adapter_name] = init
         self.vera_lambda_b[adapter_name] = lambda_b
         self.vera_lambda_d[adapter_name] = lambda_d
         # (a new module is in training mode: it must follow the layer's mode, or an eval model would drop out)
@@ -175,14 +173,7 @@ class VeraLinear(nn.Module):
         lambda_b = 1 and lambda_d ~ randn from the global RNG (identical only from the same RNG state)."""
         self._require_known([adapter_name])
         init = self._lambda_init[adapter_name]
-        lambda_b, lambda_d = self.vera_lambda_b[adapter_name], self.vera_lambda_d[adapter_name]
-        with torch.no_grad():
-            if init["init_weights"]:
-                lambda_d.fill_(init["d_initial"])
-                lambda_b.zero_()
-            else:
-                lambda_d.copy_(torch.randn(lambda_d.shape))
-                lambda_b.fill_(1.0)
+        _initialize_lambdas(self.vera_lambda_b[adapter_name], self.vera_lambda_d[adapter_name], init)
         if init["round_to"] is not None:
             self.round_lambdas_(adapter_name, init["round_to"])
 
@@ -483,6 +474,18 @@ class VeraLinear(nn.Module):
 def _check_rank(r) -> None:
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+
+
+def _initialize_lambdas(lambda_b: Tensor, lambda_d: Tensor, init: dict) -> None:
+    """PEFT's VeRA initialization, in place: lambda_b = 1 and lambda_d ~ randn (global CPU RNG, drawn even when
+    overwritten next, so the RNG advances as PEFT's does); with ``init["init_weights"]`` then lambda_b = 0 and
+    lambda_d = ``init["d_initial"]``."""
+    with torch.no_grad():
+        lambda_b.fill_(1.0)
+        lambda_d.copy_(torch.randn(lambda_d.shape))
+        if init["init_weights"]:
+            lambda_d.fill_(init["d_initial"])
+            lambda_b.zero_()
 
 
 def _restore_dtype(result: Tensor, x_dtype: torch.dtype) -> Tensor:
