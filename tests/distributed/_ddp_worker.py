@@ -80,6 +80,9 @@ def main(rank: int, out_dir: str) -> None:
     result["default_broadcasts"] = list(default_broadcasts)
 
     torch.save(result, f"{out_dir}/rank{rank}.pt")
+    # Both ranks done with every collective before either tears gloo down: a rank destroying its process group while
+    # the other still communicates aborted once in CI ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

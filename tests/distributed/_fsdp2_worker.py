@@ -91,6 +91,9 @@ def main(rank: int, out_dir: str) -> None:
     result["bf16_storage"] = run_training(model, torch.bfloat16)
 
     torch.save(result, f"{out_dir}/rank{rank}.pt")
+    # Both ranks done with every collective before either tears gloo down: a rank destroying its process group while
+    # the other still communicates aborted once in CI ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
