@@ -27,7 +27,7 @@ __device__ __forceinline__ void load_floats(const T* p, float (&out)[kVec]) {
   T vals[kVec];
 VERA_UNROLL
   for (int c = 0; c < int(kVec * sizeof(T) / 16); ++c) {
-    const uint4 raw = reinterpret_cast<const uint4*>(p)[c];
+    const uint4 raw = load(reinterpret_cast<const uint4*>(p) + c);
     memcpy(reinterpret_cast<char*>(vals) + 16 * c, &raw, 16);
   }
 VERA_UNROLL
@@ -59,11 +59,11 @@ VERA_UNROLL
     scalar_from = chunks * kVec;
   }
   for (int64_t j = scalar_from + t; j < len; j += threads) {
-    const float w = to_float(row[j]);
+    const float w = to_float(load(row + j));
 VERA_UNROLL
     for (int m = 0; m < kDecodeMaxRows; ++m) {
       if (m >= n) break;
-      acc[m] += w * to_float(xs[m * x_stride + j]);
+      acc[m] += w * to_float(load(xs + m * x_stride + j));
     }
   }
 }
@@ -93,9 +93,9 @@ VERA_UNROLL
       float s = 0.f;
       for (int w = 0; w < kPass1Threads / 32; ++w) s += partial[w][m];
       const T uk = from_float<T>(s);
-      const int64_t a = p.idx ? p.idx[m] : 0;
-      u[m * p.r + k] = uk;
-      p.h[m * p.r + k] = a < 0 ? 0.f : to_float(uk) * p.lambda_d[a * p.r + k];
+      const int64_t a = p.idx ? load(p.idx + m) : 0;
+      store(u + m * p.r + k, uk);
+      store(p.h + m * p.r + k, a < 0 ? 0.f : to_float(uk) * load(p.lambda_d + a * p.r + k));
     }
     __syncthreads();  // partial is reused by the next row
   }
@@ -122,9 +122,10 @@ VERA_UNROLL
       if (m >= p.n) break;
       const float pw = warp_sum(plain[m]), ad = warp_sum(adapter[m]);
       if (lane == m) {
-        const float before = W ? pw + (bias ? to_float(bias[o]) : 0.f) : to_float(base[m * p.base_row_stride + o]);
-        const int64_t a = p.idx ? p.idx[m] : 0;
-        y[m * p.out_f + o] = from_float<T>(a < 0 ? before : before + p.lambda_b[a * p.out_f + o] * ad);
+        const float before =
+            W ? pw + (bias ? to_float(load(bias + o)) : 0.f) : to_float(load(base + m * p.base_row_stride + o));
+        const int64_t a = p.idx ? load(p.idx + m) : 0;
+        store(y + m * p.out_f + o, from_float<T>(a < 0 ? before : before + load(p.lambda_b + a * p.out_f + o) * ad));
       }
     }
   }
@@ -145,11 +146,11 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
         p.weight && aligned16(p.weight, p.w_row_stride, sizeof(T)) && aligned16(p.x, p.x_row_stride, sizeof(T));
     const bool aligned_b = aligned16(p.B, p.b_row_stride, sizeof(T)) && aligned16(p.h, p.r, sizeof(float));
     const int64_t pass1_blocks = p.r < 65535 ? p.r : 65535;
-    cudaError_t err = launch_kernel(decode_u_kernel<T>, dim3(static_cast<unsigned int>(pass1_blocks)),
+    cudaError_t err = launch_kernel<decode_u_kernel<T>>(dim3(static_cast<unsigned int>(pass1_blocks)),
                                     dim3(kPass1Threads), 0, stream, p, aligned_a);
     if (err != cudaSuccess) return err;
     const int64_t want = (p.out_f + kPass2WarpsPerBlock - 1) / kPass2WarpsPerBlock;
-    return launch_kernel(decode_y_kernel<T>, dim3(static_cast<unsigned int>(want < 65535 ? want : 65535)),
+    return launch_kernel<decode_y_kernel<T>>(dim3(static_cast<unsigned int>(want < 65535 ? want : 65535)),
                          dim3(32 * kPass2WarpsPerBlock), 0, stream, p, aligned_w, aligned_b);
   });
 }

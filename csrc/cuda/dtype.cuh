@@ -2,6 +2,7 @@
 // switch the launchers use instead of hand-written dtype ladders.
 #pragma once
 
+#include "cuda/global_access.cuh"
 #include "cuda/kernel_prelude.h"
 #include "cuda/params.h"
 

@@ -21,7 +21,7 @@ __global__ void merge_kernel(const MergeParams p) {
 
   for (int r = threadIdx.y; r < kTile; r += kTileRows) {  // coalesced along i
     const int64_t o = o0 + r, i = i0 + threadIdx.x;
-    tile[r][threadIdx.x] = (o < p.out_f && i < p.in_f) ? p.delta[o * p.in_f + i] : 0.f;
+    tile[r][threadIdx.x] = (o < p.out_f && i < p.in_f) ? load(p.delta + o * p.in_f + i) : 0.f;
   }
   __syncthreads();
 
@@ -31,15 +31,15 @@ __global__ void merge_kernel(const MergeParams p) {
     const int oo = o_fastest ? threadIdx.x : r, ii = o_fastest ? r : threadIdx.x;
     const int64_t o = o0 + oo, i = i0 + ii;
     if (o >= p.out_f || i >= p.in_f) continue;
-    T& dst = w[o * p.w_stride_o + i * p.w_stride_i];
-    const T merged = from_float<T>(to_float(dst) + p.alpha * tile[oo][ii]);
+    T* dst = w + o * p.w_stride_o + i * p.w_stride_i;
+    const T merged = from_float<T>(to_float(load(dst)) + p.alpha * tile[oo][ii]);
     if (kCheckOnly) {
       finite &= isfinite(to_float(merged));
     } else {
-      dst = merged;
+      store(dst, merged);
     }
   }
-  if (kCheckOnly && !finite) atomicOr(p.nonfinite, 1);
+  if (kCheckOnly && !finite) atomic_or(p.nonfinite, 1);
 }
 
 }  // namespace
@@ -50,8 +50,8 @@ cudaError_t launch_merge(const MergeParams& p, bool check_only, cudaStream_t str
   const dim3 grid(static_cast<unsigned int>(tiles_i), static_cast<unsigned int>(tiles_o)), block(kTile, kTileRows);
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (check_only) return launch_kernel(merge_kernel<T, true>, grid, block, 0, stream, p);
-    return launch_kernel(merge_kernel<T, false>, grid, block, 0, stream, p);
+    if (check_only) return launch_kernel<merge_kernel<T, true>>(grid, block, 0, stream, p);
+    return launch_kernel<merge_kernel<T, false>>(grid, block, 0, stream, p);
   });
 }
 

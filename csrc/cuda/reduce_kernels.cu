@@ -25,8 +25,8 @@ __global__ void col_dot_partial_kernel(const ColDotReduceParams p) {
   float acc = 0.f;
   if (j < p.cols) {
     for (int64_t n = n_begin + threadIdx.y; n < n_end; n += kRowLanes) {
-      if ((p.idx ? p.idx[n] : 0) != k) continue;
-      acc += to_float(pp[n * p.p_row_stride + j]) * to_float(qp[n * p.q_row_stride + j]);
+      if ((p.idx ? load(p.idx + n) : 0) != k) continue;
+      acc += to_float(load(pp + n * p.p_row_stride + j)) * to_float(load(qp + n * p.q_row_stride + j));
     }
   }
   part[threadIdx.y][threadIdx.x] = acc;
@@ -37,7 +37,7 @@ __global__ void col_dot_partial_kernel(const ColDotReduceParams p) {
   }
   if (threadIdx.y == 0 && j < p.cols) {
     float* dst = p.splits == 1 ? p.out : p.workspace + int64_t(blockIdx.z) * p.num_adapters * p.cols;
-    dst[k * p.cols + j] = part[0][threadIdx.x];
+    store(dst + k * p.cols + j, part[0][threadIdx.x]);
   }
 }
 
@@ -46,8 +46,8 @@ __global__ void col_dot_finish_kernel(const ColDotReduceParams p) {
   const int64_t total = p.num_adapters * p.cols;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     float s = 0.f;
-    for (int split = 0; split < p.splits; ++split) s += p.workspace[split * total + e];
-    p.out[e] = s;
+    for (int split = 0; split < p.splits; ++split) s += load(p.workspace + split * total + e);
+    store(p.out + e, s);
   }
 }
 
@@ -60,9 +60,10 @@ __global__ void row_dot_kernel(const RowDotParams p) {
   const int64_t warps_per_grid = int64_t(gridDim.x) * (blockDim.x / 32);
   for (int64_t i = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; i < p.rows; i += warps_per_grid) {
     float acc = 0.f;
-    for (int64_t j = lane; j < p.cols; j += 32) acc += to_float(pp[i * p.p_row_stride + j]) * to_float(qp[i * p.q_row_stride + j]);
+    for (int64_t j = lane; j < p.cols; j += 32)
+      acc += to_float(load(pp + i * p.p_row_stride + j)) * to_float(load(qp + i * p.q_row_stride + j));
     for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (lane == 0) p.out[i] = acc;
+    if (lane == 0) store(p.out + i, acc);
   }
 }
 
@@ -83,10 +84,10 @@ cudaError_t launch_col_dot_reduce(const ColDotReduceParams& p, cudaStream_t stre
   const dim3 grid(static_cast<unsigned int>((p.cols + kTileCols - 1) / kTileCols),
                   static_cast<unsigned int>(p.num_adapters), static_cast<unsigned int>(p.splits));
   cudaError_t err = dispatch_dtype(p.dtype, [&](auto tag) {
-    return launch_kernel(col_dot_partial_kernel<decltype(tag)>, grid, dim3(kTileCols, kRowLanes), 0, stream, p);
+    return launch_kernel<col_dot_partial_kernel<decltype(tag)>>(grid, dim3(kTileCols, kRowLanes), 0, stream, p);
   });
   if (err != cudaSuccess || p.splits == 1) return err;
-  return launch_kernel(col_dot_finish_kernel, dim3(blocks_for(p.num_adapters * p.cols)), dim3(kThreads), 0, stream,
+  return launch_kernel<col_dot_finish_kernel>(dim3(blocks_for(p.num_adapters * p.cols)), dim3(kThreads), 0, stream,
                        p);
 }
 
@@ -95,7 +96,7 @@ cudaError_t launch_row_dot(const RowDotParams& p, cudaStream_t stream) {
   const int64_t want = (p.rows + rows_per_block - 1) / rows_per_block;
   const dim3 grid(static_cast<unsigned int>(want < 4096 ? want : 4096));
   return dispatch_dtype(p.dtype, [&](auto tag) {
-    return launch_kernel(row_dot_kernel<decltype(tag)>, grid, dim3(kThreads), 0, stream, p);
+    return launch_kernel<row_dot_kernel<decltype(tag)>>(grid, dim3(kThreads), 0, stream, p);
   });
 }
 

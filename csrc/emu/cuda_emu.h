@@ -14,6 +14,7 @@
 #endif
 
 #include <cstddef>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -21,6 +22,7 @@
 #include "emu/emu_device.h"
 #include "emu/emu_half.h"
 #include "emu/emu_runtime.h"
+#include "emu/emu_trace.h"
 #include "emu/emu_types.h"
 #include "emu/emu_warp.h"
 
@@ -65,24 +67,38 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(KernelArgs...), cudaFuncAttribut
 
 namespace vera {
 
-// Runs `kernel` over the grid on host threads and returns the launch error. An empty grid launches nothing.
+namespace emu_detail {
+
+template <typename F>
+struct KernelSignature;
+template <typename... KernelArgs>
+struct KernelSignature<void (*)(KernelArgs...)> {
+  using Tuple = std::tuple<std::decay_t<KernelArgs>...>;  // CUDA's parameter space: by-value copies
+};
+
+// The kernel's qualified name with its template arguments, from gcc's spelling of this function's signature
+// ("... [with auto Kernel = vera::cuda::{anonymous}::decode_y_kernel<float>]").
+template <auto Kernel>
+const char* kernel_name() {
+  static const std::string name = ::vera_emu::detail::template_argument_named(__PRETTY_FUNCTION__, "Kernel");
+  return name.c_str();
+}
+
+}  // namespace emu_detail
+
+// Runs `Kernel` over the grid on host threads and returns the launch error. An empty grid launches nothing.
 // The arguments are converted to the kernel's parameter types once (CUDA's parameter space); every thread gets
 // its own by-value copies.
-template <typename... KernelArgs, typename... Args>
-inline cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared_bytes,
-                                 cudaStream_t /*stream*/, Args&&... args) {
-  static_assert(sizeof...(KernelArgs) == sizeof...(Args), "launch_kernel: argument count differs from the kernel's");
+template <auto Kernel, typename... Args>
+inline cudaError_t launch_kernel(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t /*stream*/,
+                                 Args&&... args) {
+  using Call = typename emu_detail::KernelSignature<decltype(Kernel)>::Tuple;
+  static_assert(std::tuple_size_v<Call> == sizeof...(Args), "launch_kernel: argument count differs from the kernel's");
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  struct Call {
-    void (*kernel)(KernelArgs...);
-    std::tuple<std::decay_t<KernelArgs>...> args;
-  };
-  const Call call{kernel, std::tuple<std::decay_t<KernelArgs>...>(std::forward<Args>(args)...)};
-  const vera_emu::detail::Thunk thunk = [](const void* c) {
-    const Call& k = *static_cast<const Call*>(c);
-    std::apply(k.kernel, k.args);
-  };
-  return vera_emu::detail::run_grid(grid, block, shared_bytes, reinterpret_cast<const void*>(kernel), thunk, &call);
+  const Call call(std::forward<Args>(args)...);
+  const vera_emu::detail::Thunk thunk = [](const void* c) { std::apply(Kernel, *static_cast<const Call*>(c)); };
+  return vera_emu::detail::run_grid(grid, block, shared_bytes, reinterpret_cast<const void*>(Kernel),
+                                    emu_detail::kernel_name<Kernel>(), thunk, &call);
 }
 
 }  // namespace vera

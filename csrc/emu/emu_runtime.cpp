@@ -2,6 +2,8 @@
 // taken from a process-wide pool, meeting at checked barriers. No torch, no CUDA.
 #include "emu/emu_runtime.h"
 
+#include "emu/emu_trace.h"
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -109,6 +111,7 @@ struct Launch {
   dim3 grid, block;
   unsigned nthreads = 0;
   uint64_t nblocks = 0;
+  uint64_t executed = 0;  // blocks run: nblocks, or a trace's sample of them
   size_t shared_bytes = 0;
   Thunk thunk = nullptr;
   const void* call = nullptr;
@@ -218,6 +221,7 @@ ThreadCtx& ctx(const char* what) {
 }
 
 void warp_barrier(ThreadCtx& c, uint32_t kind, unsigned mask, bool wait = true) {
+  trace::hooks::on_barrier();
   c.launch->warps[c.warp].barrier.arrive(*c.launch, int(c.lane), tag_of(kind, mask), wait, [] {});
 }
 
@@ -235,7 +239,12 @@ void check_full_mask(const ThreadCtx& c, unsigned mask, const char* what) {
 void end_of_block(ThreadCtx& c) {
   Launch& l = *c.launch;
   warp_barrier(c, kEnd, l.warps[c.warp].lanes, /*wait=*/false);
-  l.block_barrier.arrive(l, int(c.tid), tag_of(kEnd, 0), /*wait=*/true, [&l] { l.fresh_dynamic_shared(); });
+  const uint3 b = blockIdx;
+  const uint64_t block = b.x + uint64_t(l.grid.x) * (b.y + uint64_t(l.grid.y) * b.z);
+  l.block_barrier.arrive(l, int(c.tid), tag_of(kEnd, 0), /*wait=*/true, [&l, block] {
+    trace::hooks::end_block(block, l.nthreads);
+    l.fresh_dynamic_shared();
+  });
 }
 
 void thread_main(Launch& l, unsigned tid) {
@@ -244,9 +253,10 @@ void thread_main(Launch& l, unsigned tid) {
   threadIdx = thread_coords(l, tid);
   blockDim = l.block;
   gridDim = l.grid;
+  trace::hooks::bind_thread(tid);
   try {
-    for (uint64_t i = 0; i < l.nblocks; ++i) {
-      blockIdx = l.block_index(i);
+    for (uint64_t j = 0; j < l.executed; ++j) {
+      blockIdx = l.block_index(sampled_block(j, l.nblocks, l.executed));
       l.thunk(l.call);
       end_of_block(c);
     }
@@ -361,7 +371,8 @@ void wait_for_threads(Launch& l) {
 
 }  // namespace
 
-cudaError_t run_grid(dim3 grid, dim3 block, size_t shared_bytes, const void* kernel, Thunk thunk, const void* call) {
+cudaError_t run_grid(dim3 grid, dim3 block, size_t shared_bytes, const void* kernel, const char* name, Thunk thunk,
+                     const void* call) {
   tls_last_error.clear();
   auto refuse = [](cudaError_t e, const std::string& why) {
     tls_last_error = why;
@@ -387,6 +398,8 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t shared_bytes, const void* ker
   l.block = block;
   l.nthreads = unsigned(nthreads);
   l.nblocks = uint64_t(grid.x) * grid.y * grid.z;
+  const uint64_t sample = trace::sample_blocks();
+  l.executed = sample > 0 && sample < l.nblocks ? sample : l.nblocks;
   l.shared_bytes = shared_bytes;
   l.thunk = thunk;
   l.call = call;
@@ -408,14 +421,40 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t shared_bytes, const void* ker
   VERA_EMU_POISON(dynamic_shared_arena + shared_bytes, kMaxDynamicShared - shared_bytes);
   l.fresh_dynamic_shared();
 
+  trace::hooks::begin_launch(name, grid.x, grid.y, grid.z, block.x, block.y, block.z, shared_bytes, l.nblocks,
+                             l.executed);
   if (Pool::get().start(l) != nthreads) {
     VERA_EMU_UNPOISON(dynamic_shared_arena, kMaxDynamicShared);
+    trace::hooks::end_launch(false);
     return refuse(cudaErrorLaunchFailure, "could not start the block's threads");
   }
   wait_for_threads(l);
   VERA_EMU_UNPOISON(dynamic_shared_arena, kMaxDynamicShared);
+  trace::hooks::end_launch(!l.aborted.load());
   if (!l.aborted.load()) return cudaSuccess;
   return refuse(cudaErrorLaunchFailure, l.error);
+}
+
+std::string template_argument_named(const char* pretty_function, const char* param) {
+  const std::string text(pretty_function), key = std::string(param) + " = ";
+  const size_t from = text.find(key);
+  if (from == std::string::npos) return text;
+  size_t end = from + key.size();
+  for (int depth = 0; end < text.size(); ++end) {  // up to the first top-level ';' or ']'
+    const char ch = text[end];
+    if (ch == '<' || ch == '(') ++depth;
+    if (ch == '>' || ch == ')') --depth;
+    if (depth == 0 && (ch == ';' || ch == ']')) break;
+  }
+  return text.substr(from + key.size(), end - from - key.size());
+}
+
+uint64_t sampled_block(uint64_t j, uint64_t nblocks, uint64_t executed) {
+  if (executed >= nblocks) return j;
+  const uint64_t runs = std::min<uint64_t>(8, executed);
+  const uint64_t run = j * runs / executed;                    // runs of nearly equal length
+  const uint64_t first_j = (run * executed + runs - 1) / runs;  // the first j of this run
+  return run * nblocks / runs + (j - first_j);
 }
 
 cudaError_t set_max_dynamic_shared(const void* kernel, int bytes) {
@@ -436,7 +475,7 @@ void fail(const std::string& what) {
 void syncthreads() {
   ThreadCtx& c = ctx("__syncthreads");
   Launch& l = *c.launch;
-  warp_barrier(c, kSyncthreads, l.warps[c.warp].lanes, /*wait=*/false);  // see end_of_block
+  warp_barrier(c, kSyncthreads, l.warps[c.warp].lanes, /*wait=*/false);  // see end_of_block (counts the epoch)
   l.block_barrier.arrive(l, int(c.tid), tag_of(kSyncthreads, 0), /*wait=*/true, [] {});
 }
 

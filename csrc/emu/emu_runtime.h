@@ -15,6 +15,8 @@
 //   block, so reads of never-written shared memory show up in results; under ASan the bytes past the launch's
 //   shared_bytes are poisoned.
 // * Atomics are relaxed (as on the GPU); a launch returns after all its threads finished (streams ignored).
+// * While a trace is recorded (emu_trace.h), every global access through cuda/global_access.cuh is recorded, and
+//   a trace may run only a sample of a large grid's blocks.
 // * A launch in which no barrier completes for VERA_EMU_WATCHDOG_S seconds (default 300) is aborted as hung;
 //   if its threads still do not finish (an endless loop), the process ends with a message.
 #pragma once
@@ -53,8 +55,15 @@ T* dynamic_shared() {
 namespace detail {
 
 using Thunk = void (*)(const void* call);
-// Runs thunk(call) once per thread of every block. `kernel` identifies the kernel for cudaFuncSetAttribute.
-cudaError_t run_grid(dim3 grid, dim3 block, size_t shared_bytes, const void* kernel, Thunk thunk, const void* call);
+// Runs thunk(call) once per thread of every block (of the sampled blocks while a trace samples, emu_trace.h).
+// `kernel` identifies the kernel for cudaFuncSetAttribute; `name` is its qualified name, for traces.
+cudaError_t run_grid(dim3 grid, dim3 block, size_t shared_bytes, const void* kernel, const char* name, Thunk thunk,
+                     const void* call);
+// The value of template argument `param` in a gcc __PRETTY_FUNCTION__ ("... [with auto Kernel = ns::k<float>; ...]").
+std::string template_argument_named(const char* pretty_function, const char* param);
+// Which block the j-th executed block is when only `executed` of `nblocks` run: up to 8 evenly spaced runs of
+// consecutive blocks (j itself when all run).
+uint64_t sampled_block(uint64_t j, uint64_t nblocks, uint64_t executed);
 cudaError_t set_max_dynamic_shared(const void* kernel, int bytes);
 
 enum class WarpOp : int { kShfl = 1, kShflUp, kShflDown, kShflXor, kVote, kSyncwarp };

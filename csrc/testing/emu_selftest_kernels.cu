@@ -105,13 +105,13 @@ __global__ void bad_block_kernel(int* out) {
 }  // namespace
 
 cudaError_t launch_warp_ops(const int* in, int* out, int width) {
-  return launch_kernel(warp_ops_kernel, dim3(1), dim3(64), 0, nullptr, in, out, width);
+  return launch_kernel<warp_ops_kernel>(dim3(1), dim3(64), 0, nullptr, in, out, width);
 }
 
 cudaError_t launch_dynamic_shared(const float* in, float* out, unsigned* fresh_mismatch, int64_t n, int threads,
                                   size_t shared_bytes) {
   const unsigned blocks = static_cast<unsigned>((n + threads - 1) / threads);
-  return launch_kernel(dynamic_shared_kernel, dim3(blocks), dim3(threads), shared_bytes, nullptr, in, out,
+  return launch_kernel<dynamic_shared_kernel>(dim3(blocks), dim3(threads), shared_bytes, nullptr, in, out,
                        fresh_mismatch, n);
 }
 
@@ -122,35 +122,35 @@ cudaError_t launch_big_dynamic_shared(float* out, bool opt_in) {
         cudaFuncSetAttribute(big_dynamic_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (err != cudaSuccess) return err;
   }
-  return launch_kernel(big_dynamic_shared_kernel, dim3(1), dim3(32), bytes, nullptr, out);
+  return launch_kernel<big_dynamic_shared_kernel>(dim3(1), dim3(32), bytes, nullptr, out);
 }
 
 cudaError_t launch_atomics(const int* in, int n, AtomicsResult* result) {
-  return launch_kernel(atomics_kernel, dim3((n + 127) / 128), dim3(128), 0, nullptr, in, n, result);
+  return launch_kernel<atomics_kernel>(dim3((n + 127) / 128), dim3(128), 0, nullptr, in, n, result);
 }
 
 cudaError_t launch_vector_loads(const float4* in4, float* out, const int4* src4, int4* copy4, int n) {
-  return launch_kernel(vector_loads_kernel, dim3((n + 63) / 64), dim3(64), 0, nullptr, in4, out, src4, copy4, n);
+  return launch_kernel<vector_loads_kernel>(dim3((n + 63) / 64), dim3(64), 0, nullptr, in4, out, src4, copy4, n);
 }
 
 cudaError_t launch_indexing_3d(unsigned* coords, unsigned* ballot) {
-  return launch_kernel(indexing_3d_kernel, dim3(3, 2, 2), dim3(4, 3, 2), 0, nullptr, coords, ballot);
+  return launch_kernel<indexing_3d_kernel>(dim3(3, 2, 2), dim3(4, 3, 2), 0, nullptr, coords, ballot);
 }
 
 cudaError_t launch_partial_mask(int* out) {
-  return launch_kernel(partial_mask_kernel, dim3(1), dim3(32), 0, nullptr, out);
+  return launch_kernel<partial_mask_kernel>(dim3(1), dim3(32), 0, nullptr, out);
 }
 
 cudaError_t launch_missing_lane(int* out) {
-  return launch_kernel(missing_lane_kernel, dim3(1), dim3(24), 0, nullptr, out);
+  return launch_kernel<missing_lane_kernel>(dim3(1), dim3(24), 0, nullptr, out);
 }
 
 cudaError_t launch_warp_divergence(int* out) {
-  return launch_kernel(warp_divergence_kernel, dim3(1), dim3(32), 0, nullptr, out);
+  return launch_kernel<warp_divergence_kernel>(dim3(1), dim3(32), 0, nullptr, out);
 }
 
 cudaError_t launch_bad_block(int* out, unsigned x, unsigned y, unsigned z) {
-  return launch_kernel(bad_block_kernel, dim3(1), dim3(x, y, z), 0, nullptr, out);
+  return launch_kernel<bad_block_kernel>(dim3(1), dim3(x, y, z), 0, nullptr, out);
 }
 
 }  // namespace vera::testing

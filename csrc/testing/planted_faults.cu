@@ -53,24 +53,24 @@ unsigned blocks(int64_t n) {
 }  // namespace
 
 cudaError_t launch_planted_oob_write(float* out, int64_t n) {
-  return launch_kernel(planted_oob_write_kernel, dim3(blocks(n + 1)), dim3(kThreads), 0, nullptr, out, n);
+  return launch_kernel<planted_oob_write_kernel>(dim3(blocks(n + 1)), dim3(kThreads), 0, nullptr, out, n);
 }
 
 cudaError_t launch_planted_shared_oob(float* out) {
   const int rows = 33;  // BUG: the tile has 32 rows
-  return launch_kernel(planted_shared_oob_kernel, dim3(1), dim3(32), 0, nullptr, out, rows);
+  return launch_kernel<planted_shared_oob_kernel>(dim3(1), dim3(32), 0, nullptr, out, rows);
 }
 
 cudaError_t launch_planted_missing_sync(const float* in, float* out, int64_t n) {
-  return launch_kernel(planted_missing_sync_kernel, dim3(blocks(n)), dim3(kThreads), 0, nullptr, in, out, n);
+  return launch_kernel<planted_missing_sync_kernel>(dim3(blocks(n)), dim3(kThreads), 0, nullptr, in, out, n);
 }
 
 cudaError_t launch_planted_divergent_barrier(float* out, int64_t n) {
-  return launch_kernel(planted_divergent_barrier_kernel, dim3(blocks(n)), dim3(kThreads), 0, nullptr, out, n);
+  return launch_kernel<planted_divergent_barrier_kernel>(dim3(blocks(n)), dim3(kThreads), 0, nullptr, out, n);
 }
 
 cudaError_t launch_planted_block_order(int* out, unsigned nblocks) {
-  return launch_kernel(planted_block_order_kernel, dim3(nblocks), dim3(32), 0, nullptr, out);
+  return launch_kernel<planted_block_order_kernel>(dim3(nblocks), dim3(32), 0, nullptr, out);
 }
 
 }  // namespace vera::testing

@@ -37,6 +37,8 @@ def _build_and_load(verbose=False):
         os.path.join(REPO, "csrc", "cpu", "decode_cpu.cpp"),
         os.path.join(REPO, "csrc", "cpu", "claim_pool.cpp"),
         os.path.join(REPO, "csrc", "emu", "emu_runtime.cpp"),
+        os.path.join(REPO, "csrc", "emu", "emu_trace.cpp"),
+        os.path.join(REPO, "csrc", "common", "checks.cpp"),
         os.path.join(REPO, "csrc", "testing", "emu_selftest.cpp"),
     ] + emu_sources.generate(os.path.join(root, "gen"))
     cpp_ext.load(

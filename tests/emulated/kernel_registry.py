@@ -77,6 +77,10 @@ KERNEL_TESTS = {
     "planted_shared_oob_kernel": ["test_emu_sanitizers.py::test_asan_catches_planted_shared_memory_overflow"],
     "planted_missing_sync_kernel": ["test_emu_sanitizers.py::test_tsan_catches_planted_missing_syncthreads"],
     "planted_divergent_barrier_kernel": [SELFTEST],  # the "misuse" self-test
+    # csrc/testing/planted_traffic.cu: deliberate memory waste the kernel cost report's trace must show
+    "planted_coalesced_copy_kernel": ["test_emu_trace.py::test_strided_reads_show_more_sectors_per_request"],
+    "planted_strided_copy_kernel": ["test_emu_trace.py::test_strided_reads_show_more_sectors_per_request"],
+    "planted_double_read_kernel": ["test_emu_trace.py::test_double_read_shows_twice_the_ideal_read_bytes"],
     "planted_block_order_kernel": [
         "test_emu_runtime.py::test_planted_inter_block_race_shows_under_another_block_order",
     ],

@@ -37,7 +37,7 @@ build() {
   mkdir -p "$out/obj"
   local gen
   gen="$("$PYTHON" "$HERE/emu_sources.py" "$out/gen")"
-  local sources=($gen "$REPO/csrc/emu/emu_runtime.cpp" "$REPO/csrc/testing/emu_selftest.cpp" "$HERE"/sanitize/*.cpp
+  local sources=($gen "$REPO/csrc/emu/emu_runtime.cpp" "$REPO/csrc/emu/emu_trace.cpp" "$REPO/csrc/testing/emu_selftest.cpp" "$HERE"/sanitize/*.cpp
                  "$REPO/csrc/cpu/claim_pool.cpp")
   local stamp
   stamp="$( { echo "$CXX ${COMMON_FLAGS[*]} $extra"; "$CXX" --version | head -1;

@@ -9,10 +9,13 @@
 #include <tuple>
 
 // After the torch headers: cuda_emu.h defines the CUDA qualifiers as macros.
+#include "common/vera_impl.h"
 #include "cpu/prims_cpu.h"
 #include "cuda/kernel_prims.h"
+#include "emu/emu_trace.h"
 #include "testing/emu_selftest.h"
 #include "testing/planted_faults.h"
+#include "testing/planted_traffic.h"
 
 namespace {
 
@@ -109,6 +112,57 @@ int64_t planted_block_order(int64_t blocks) {
   return out;
 }
 
+// The planted wasteful kernels of testing/planted_traffic.h on a (rows, cols) fp32 matrix.
+Tensor planted_traffic(const std::string& name, const Tensor& in_) {
+  const Tensor in = in_.contiguous();
+  TORCH_CHECK(in.dim() == 2 && in.scalar_type() == at::kFloat, "planted_traffic: in must be a 2-D float32 matrix");
+  const int64_t rows = in.size(0), cols = in.size(1);
+  const float* src = in.const_data_ptr<float>();
+  if (name == "double_read") {
+    Tensor out = at::empty({rows}, in.options());
+    check_launch(vera::testing::launch_planted_double_read(src, out.data_ptr<float>(), rows, cols), "double_read");
+    return out;
+  }
+  Tensor out = at::empty_like(in);
+  TORCH_CHECK(name == "coalesced_copy" || name == "strided_copy",
+              "planted_traffic: name must be coalesced_copy, strided_copy or double_read, got ", name);
+  check_launch(name == "coalesced_copy"
+                   ? vera::testing::launch_planted_coalesced_copy(src, out.data_ptr<float>(), rows, cols)
+                   : vera::testing::launch_planted_strided_copy(src, out.data_ptr<float>(), rows, cols),
+               name.c_str());
+  return out;
+}
+
+// The vera_ext operators exactly as the CUDA build runs them (common/vera_impl.h over the kernel primitives),
+// with the kernels emulated and the GEMMs on the CPU: what the kernel cost report traces.
+std::tuple<Tensor, Tensor> op_vera_forward(const Tensor& x, const Tensor& base_out, const Tensor& A, const Tensor& B,
+                                           const Tensor& lambda_d, const Tensor& lambda_b, const OptTensor& idx) {
+  return vera::vera_forward<EmuPrims>(x, base_out, A, B, lambda_d, lambda_b, idx);
+}
+
+std::tuple<Tensor, Tensor> op_vera_linear_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                                  const Tensor& A, const Tensor& B, const Tensor& lambda_d,
+                                                  const Tensor& lambda_b, const OptTensor& idx) {
+  return vera::vera_linear_forward<EmuPrims>(x, weight, bias, A, B, lambda_d, lambda_b, idx);
+}
+
+std::tuple<Tensor, Tensor, Tensor> op_vera_backward(const Tensor& grad_out, const Tensor& u, const Tensor& A,
+                                                    const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
+                                                    const OptTensor& idx, const OptTensor& weight,
+                                                    std::array<bool, 3> output_mask) {
+  return vera::vera_backward<EmuPrims>(grad_out, u, A, B, lambda_d, lambda_b, idx, weight, output_mask);
+}
+
+void op_vera_merge_(Tensor weight, const Tensor& A, const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
+                    double alpha, bool fan_in_fan_out, bool safe) {
+  vera::vera_merge_<EmuPrims>(weight, A, B, lambda_d, lambda_b, alpha, fan_in_fan_out, safe);
+}
+
+void trace_start(int64_t max_blocks) {
+  TORCH_CHECK(max_blocks >= 0, "trace_start: max_blocks must be >= 0 (0: every block), got ", max_blocks);
+  vera_emu::trace::start(static_cast<uint64_t>(max_blocks));
+}
+
 using CpuPrims = vera::cpu::Prims;
 
 void cpu_scale_add(Tensor out, const Tensor& base, const Tensor& z, const Tensor& lam, const OptTensor& idx) {
@@ -149,6 +203,21 @@ TORCH_LIBRARY(vera_emu, m) {
         "Tensor lambda_b, Tensor? idx) -> (Tensor, Tensor)", &cpu_decode);
   m.def("cpu_decode_max_rows() -> int", [] { return CpuPrims::kDecodeMaxRows; });
   m.def("decode_max_rows() -> int", [] { return int64_t(vera::cuda::kDecodeMaxRows); });
+
+  m.def("op_vera_forward(Tensor x, Tensor base_out, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, "
+        "Tensor? adapter_idx=None) -> (Tensor, Tensor)", &op_vera_forward);
+  m.def("op_vera_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor lambda_d, "
+        "Tensor lambda_b, Tensor? adapter_idx=None) -> (Tensor, Tensor)", &op_vera_linear_forward);
+  m.def("op_vera_backward(Tensor grad_out, Tensor u, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, "
+        "Tensor? adapter_idx, Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)", &op_vera_backward);
+  m.def("op_vera_merge_(Tensor(a!) weight, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, float alpha, "
+        "bool fan_in_fan_out, bool safe) -> ()", &op_vera_merge_);
+
+  // Memory-traffic traces (emu/emu_trace.h): start, the number of launches recorded so far, stop (JSON).
+  m.def("trace_start(int max_blocks=0) -> ()", &trace_start);
+  m.def("trace_launches() -> int", [] { return int64_t(vera_emu::trace::launches()); });
+  m.def("trace_stop() -> str", [] { return vera_emu::trace::stop(); });
+  m.def("planted_traffic(str name, Tensor input) -> Tensor", &planted_traffic);
 
   m.def("set_block_order(str order, int seed=0) -> ()", &set_block_order);
   m.def("float_to_bits(Tensor f, str format) -> Tensor", &float_to_bits);

@@ -1,0 +1,1 @@
+"""Building blocks of benchmarks/kernel_report.py: the GPU's figures, occupancy, resources read from the binary, traced traffic, the time model."""
