@@ -76,7 +76,8 @@ def _package_candidates() -> List[str]:
     found = []
     triton = importlib.util.find_spec("triton")
     if triton is not None and triton.submodule_search_locations:
-        found += [os.path.join(d, "backends", "nvidia", "bin", "cuobjdump") for d in triton.submodule_search_locations]
+        for base in triton.submodule_search_locations:
+            found.append(os.path.join(base, "backends", "nvidia", "bin", "cuobjdump"))
     nvidia = importlib.util.find_spec("nvidia")
     if nvidia is not None and nvidia.submodule_search_locations:
         for base in nvidia.submodule_search_locations:
@@ -106,9 +107,8 @@ def extension_binary() -> str:
     return ours[0]
 
 
-def _run_cuobjdump(flag: str, binary: Optional[str], cuobjdump: Optional[str], arch: Optional[str]) -> str:
+def _run_cuobjdump(flag: str, binary: str, cuobjdump: Optional[str], arch: Optional[str]) -> str:
     """stdout of `cuobjdump <flag> [-arch <arch>] <binary>`; ValueError when the binary holds no device code."""
-    binary = binary or extension_binary()
     cmd = [cuobjdump or find_cuobjdump(), flag] + (["-arch", arch] if arch else []) + [binary]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -122,7 +122,7 @@ def _no_cubin(binary: str, arch: Optional[str]) -> str:
     """Why a binary gave no kernels, for the ValueError."""
     which = f"no cubin for {arch}" if arch else "no cubin"
     return (f"{binary} has {which}: the extension was built without CUDA (rebuild with VERA_EXT_CUDA=1 and nvcc "
-            "available)" + (", or for other architectures (TORCH_CUDA_ARCH_LIST)" if arch else ""))
+            "available)" + (" or only for other architectures (TORCH_CUDA_ARCH_LIST)" if arch else ""))
 
 
 def _demangle(names: List[str]) -> List[str]:
@@ -212,7 +212,7 @@ def parse_resource_usage(text: str) -> List[dict]:
         stripped = line.strip()
         if pending is not None:
             fields = dict(_RESOURCE_FIELD.findall(stripped))
-            if not stripped.startswith("REG:") or "STACK" not in fields:
+            if not all(name in fields for name in ("REG", "STACK", "SHARED", "LOCAL")):
                 raise ValueError(f"expected a 'REG:.. STACK:.. SHARED:.. LOCAL:..' line after Function {pending}, "
                                  f"got {stripped!r}")
             stack, local = int(fields["STACK"]), int(fields["LOCAL"])
@@ -337,7 +337,7 @@ def _split_operands(operands: str) -> List[str]:
 
 def _span(operand: str, nbytes: int) -> Set[int]:
     """Registers a data operand `Rn` covers for an access of `nbytes` (Rn .. Rn + nbytes/4 - 1); empty for RZ."""
-    match = re.fullmatch(r"R(\d+)", operand)
+    match = re.match(r"R(\d+)\b", operand)
     if not match:
         return set()
     first = int(match.group(1))
@@ -363,25 +363,126 @@ def _is_global_load(ins: Instr) -> bool:
     return _base(ins.opcode) == "LDG"
 
 
-def _branch_target(ins: Instr) -> Optional[int]:
-    """The address a BRA jumps to (its last hex operand), None for other instructions."""
-    if _base(ins.opcode) != "BRA":
+# Control flow: BRA jumps (and falls through when guarded or given a condition operand such as BRA.DIV UR4, ...);
+# CALL enters a subroutine of the same function and comes back; an unguarded EXIT, RET or indirect jump (BRX, JMX,
+# whose targets the text does not give) ends its path.
+_ENDS_PATH = {"EXIT", "RET", "BRX", "JMX"}
+_TRANSFERS = _ENDS_PATH | {"BRA", "CALL"}
+
+
+def _target(ins: Instr) -> Optional[int]:
+    """The address a BRA or CALL goes to (its last hex operand), None for other instructions."""
+    if _base(ins.opcode) not in ("BRA", "CALL"):
         return None
     targets = re.findall(r"0x([0-9a-fA-F]+)", ins.operands)
     return int(targets[-1], 16) if targets else None
 
 
-def _loops_with_loads(instrs: List[Instr]) -> List[Tuple[int, int]]:
-    """(start, end) of the innermost loops that hold a global load: a backward BRA (target <= its own address)
-    makes the loop [target, branch]; among the loops holding an LDG, those containing no other such loop."""
-    loops = set()
-    for ins in instrs:
-        target = _branch_target(ins)
-        if target is not None and target <= ins.address:
-            loops.add((target, ins.address))
-    with_loads = [(s, e) for s, e in sorted(loops) if any(_is_global_load(i) and s <= i.address <= e for i in instrs)]
-    return [(s, e) for s, e in with_loads
-            if not any((s, e) != (s2, e2) and s <= s2 and e2 <= e for s2, e2 in with_loads)]
+def _falls_through(ins: Instr) -> bool:
+    """Whether control can go on to the next instruction after `ins`."""
+    base = _base(ins.opcode)
+    guarded = ins.predicate not in (None, "PT")
+    if base == "BRA":
+        return guarded or len(_split_operands(ins.operands)) > 1
+    return guarded or base not in _ENDS_PATH
+
+
+def _basic_blocks(instrs: List[Instr]) -> Tuple[List[List[Instr]], List[List[int]]]:
+    """The basic blocks of a function, in address order, and each block's successors (block indices)."""
+    targets = {t for t in map(_target, instrs) if t is not None}
+    blocks: List[List[Instr]] = []
+    for i, ins in enumerate(instrs):
+        if not blocks or ins.address in targets or _base(instrs[i - 1].opcode) in _TRANSFERS:
+            blocks.append([])
+        blocks[-1].append(ins)
+    first = {block[0].address: n for n, block in enumerate(blocks)}
+    successors = []
+    for n, block in enumerate(blocks):
+        last = block[-1]
+        succ = [first[_target(last)]] if _target(last) in first else []
+        if _falls_through(last) and n + 1 < len(blocks):
+            succ.append(n + 1)
+        successors.append(succ)
+    return blocks, successors
+
+
+def _immediate_dominators(successors: List[List[int]]) -> Dict[int, int]:
+    """{block: its immediate dominator} for the blocks reachable from block 0 (the entry, its own), by Cooper,
+    Harvey and Kennedy's iteration over reverse postorder."""
+    postorder, seen, stack = [], {0}, [(0, iter(successors[0]))]
+    while stack:
+        node, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            postorder.append(node)
+            stack.pop()
+        elif child not in seen:
+            seen.add(child)
+            stack.append((child, iter(successors[child])))
+    rpo = postorder[::-1]
+    rank = {b: i for i, b in enumerate(rpo)}
+    predecessors: Dict[int, List[int]] = {b: [] for b in rpo}
+    for b in rpo:
+        for s in successors[b]:
+            predecessors[s].append(b)
+    idom = {0: 0}
+
+    def common(a: int, b: int) -> int:
+        while a != b:
+            while rank[a] > rank[b]:
+                a = idom[a]
+            while rank[b] > rank[a]:
+                b = idom[b]
+        return a
+
+    changed = True
+    while changed:
+        changed = False
+        for b in rpo[1:]:
+            done = [p for p in predecessors[b] if p in idom]
+            new = done[0]
+            for p in done[1:]:
+                new = common(p, new)
+            if idom.get(b) != new:
+                idom[b], changed = new, True
+    return idom
+
+
+def _dominates(idom: Dict[int, int], a: int, b: int) -> bool:
+    """Whether every path from the entry to block b passes block a."""
+    while b != a and b != 0:
+        b = idom[b]
+    return b == a
+
+
+def _natural_loops(instrs: List[Instr]) -> List[List[Instr]]:
+    """Each loop's instructions in address order: a back edge u -> h (h dominates u) makes the loop of header h,
+    h plus every block that reaches u without passing h; back edges to one header make one loop."""
+    blocks, successors = _basic_blocks(instrs)
+    idom = _immediate_dominators(successors)
+    predecessors: Dict[int, List[int]] = {b: [] for b in idom}
+    for b in idom:
+        for s in successors[b]:
+            predecessors[s].append(b)
+    loops: Dict[int, Set[int]] = {}
+    for u in idom:
+        for h in successors[u]:
+            if _dominates(idom, h, u):
+                body = loops.setdefault(h, {h})
+                stack = [u]
+                while stack:
+                    b = stack.pop()
+                    if b not in body:
+                        body.add(b)
+                        stack.extend(predecessors[b])
+    return [[ins for b in sorted(body) for ins in blocks[b]] for _, body in sorted(loops.items())]
+
+
+def _innermost_loops_with_loads(instrs: List[Instr]) -> List[List[Instr]]:
+    """The loops that hold a global load and contain no other loop that does."""
+    with_loads = [loop for loop in _natural_loops(instrs) if any(map(_is_global_load, loop))]
+    sets = [{ins.address for ins in loop} for loop in with_loads]
+    return [loop for loop, inner in zip(with_loads, sets) if not any(other < inner for other in sets)]
 
 
 def _walk(body: List[Instr]) -> dict:
@@ -407,28 +508,31 @@ def load_batches(instrs: List[Instr]) -> dict:
     """The memory-level parallelism of a kernel's hot loops, read from its SASS: how many bytes each lane has in
     flight when it waits for global memory.
 
-    The loops: a backward BRA (target <= its address) closes the loop [target, branch]; the chosen loops are the
-    innermost ones that hold a global load (LDG*), or, when no loop holds one, the whole function. Each loop body
-    is walked once in address order as straight-line code: an LDG of w bytes into Rn makes Rn .. Rn+w/4-1
-    (one register for 1 and 2 bytes) in flight; the first later instruction that reads or writes one of those
-    registers waits for it, and since loads issued back to back arrive together, that wait completes every load
-    in flight; each such instruction is one wait. A loop's batches = its waits + 1 if loads are still in flight at
-    its end (at least 1 when it has loads).
+    The loops: in the function's control flow graph, a jump to a block that dominates the jump (every path from
+    the entry to it passes that block) closes a natural loop: that block and the blocks that lead back to the jump,
+    wherever the compiler placed them. In SASS such a jump is a backward BRA; the test of dominance matters because
+    not every backward BRA closes a loop: compilers place rare paths out of line (e.g. the divergent-warp fallback
+    of a shuffle, entered by BRA.DIV) and jump back from there. The chosen loops are the innermost ones that hold a
+    global load (LDG*), or, when no loop holds one, the whole function.
 
-    Returns {"loops": [{"start", "end", "loads", "bytes_per_lane", "batches"}], "bytes_per_lane", "batches"
-    (both summed over the chosen loops), "bytes_in_flight_per_warp": 32 * bytes_per_lane / batches (0.0 without
-    loads)}.
+    Each chosen loop is walked once in address order as straight-line code: an LDG of w bytes into Rn puts
+    Rn .. Rn+w/4-1 (Rn alone for 1 and 2 bytes) in flight; the first later instruction that reads or writes one of
+    them waits for it, and since loads issued back to back arrive together, that wait completes every load in
+    flight: one wait. A loop's batches = its waits + 1 if loads are still in flight at its end (at least 1 when it
+    has loads).
 
-    A heuristic: it ignores the branches inside a loop body (both sides of an if are walked as if both ran, a
-    predicated-off load counts), registers whose width the text does not show, and the hardware's own limits on
-    outstanding loads; it reads the compiler's schedule, not the time the loads take.
+    Returns {"loops": [{"start", "end" (its first and last instruction's address), "loads", "bytes_per_lane",
+    "batches"}], "bytes_per_lane", "batches" (both summed over the chosen loops), "bytes_in_flight_per_warp":
+    32 * bytes_per_lane / batches (0.0 without loads)}.
+
+    A heuristic: it ignores the branches inside a loop body (both sides of an if are walked as if both ran, each
+    once; a predicated-off load counts), registers whose width the text does not show, and the hardware's own
+    limits on outstanding loads; it reads the compiler's schedule, not the time the loads take.
     """
-    loops = _loops_with_loads(instrs)
-    if not loops and any(_is_global_load(i) for i in instrs):
-        loops = [(instrs[0].address, instrs[-1].address)]
-    rows = []
-    for start, end in loops:
-        rows.append({"start": start, "end": end, **_walk([i for i in instrs if start <= i.address <= end])})
+    loops = _innermost_loops_with_loads(instrs)
+    if not loops and any(map(_is_global_load, instrs)):
+        loops = [instrs]
+    rows = [{"start": loop[0].address, "end": loop[-1].address, **_walk(loop)} for loop in loops]
     nbytes = sum(r["bytes_per_lane"] for r in rows)
     batches = sum(r["batches"] for r in rows)
     return {

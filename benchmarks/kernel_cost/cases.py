@@ -7,7 +7,7 @@ A case runs through any namespace that has vera_ext's op names (`torch.ops.vera_
 `op_*` ops through `EmulatedOps`), so the prediction and the measurement run the very same calls.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -122,15 +122,25 @@ class Case:
 
 def _training(n, i, o, r):
     out = []
-    for step in ("forward", "backward"):
-        out.append(Case(f"train_{step[:3]}", "training", f"training {step}, one adapter", step, n, i, o, r))
-        out.append(Case(f"train_{step[:3]}_mixed16", "training", f"training {step}, 16 adapters mixed", step, n, i, o,
+    for step, short in (("forward", "fwd"), ("backward", "bwd")):
+        out.append(Case(f"train_{short}", "training", f"training {step}, one adapter", step, n, i, o, r))
+        out.append(Case(f"train_{short}_mixed16", "training", f"training {step}, 16 adapters mixed", step, n, i, o,
                         r, adapters=16, distinct=16))
     return out
 
 
-def all_cases(small=False):
-    """Every case at the target shapes, or (small) at reduced sizes with the same code paths, for tests."""
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def all_cases(small=False, dtype="bf16"):
+    """Every case at the target shapes, or (small) at reduced sizes with the same code paths, for tests. The target
+    dtype is bf16; other dtypes run the same cases (named with an @fp16 / @fp32 suffix) to cover every kernel
+    instantiation (fp32 training takes the W + delta_W path at these sizes)."""
+    return [c if dtype == "bf16" else replace(c, name=f"{c.name}@{dtype}", dtype=DTYPES[dtype])
+            for c in _bf16_cases(small)]
+
+
+def _bf16_cases(small):
     if small:
         n_train, d, d_up, r, k = 512, 512, 1376, 64, 100
     else:
@@ -146,11 +156,14 @@ def all_cases(small=False):
     return cases
 
 
-def select(shapes="all", small=False):
-    """The cases of one group (training | decode | merge) or all of them."""
+def select(shapes="all", small=False, dtypes=("bf16",)):
+    """The cases of one group (training | decode | merge) or all of them, in each of `dtypes`."""
     if shapes != "all" and shapes not in GROUPS:
         raise ValueError(f"shapes must be one of training, decode, merge, all; got {shapes!r}")
-    return [c for c in all_cases(small) if shapes in ("all", c.group)]
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        raise ValueError(f"dtypes must be among {', '.join(DTYPES)}; got {', '.join(unknown)}")
+    return [c for d in dtypes for c in all_cases(small, d) if shapes in ("all", c.group)]
 
 
 class EmulatedOps:

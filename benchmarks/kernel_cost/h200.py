@@ -27,6 +27,8 @@ SOURCES = {
     "l2_bytes_per_s": "estimate: order of magnitude of the L2 hit bandwidth across all SMs; calibrate",
     "l1_bytes_per_clk_per_sm": "datasheet: the L1/shared-memory data path returns 128 bytes per clock per SM "
     "(32 banks of 4 bytes)",
+    "l2_latency_ns": "estimate: public microbenchmarks put an L2 hit on Hopper at roughly 250-300 cycles at "
+    "boost clock (~150 ns), more for the far partition; to be calibrated by the first GPU run",
     "dram_latency_ns": "estimate: public microbenchmarks put an HBM load's latency on Hopper at roughly a "
     "thousand cycles or more; calibrate",
     "fp32_flops_per_s": "datasheet: 67 TFLOP/s FP32 on the CUDA cores",
@@ -60,37 +62,39 @@ SOURCES = {
 
 @dataclass(frozen=True)
 class Gpu:
-    """One GPU's figures for the cost model; `SOURCES` says where each comes from."""
+    """One GPU's figures for the cost model. Each comment gives the unit and the kind of figure (datasheet,
+    measured by others, estimate); `SOURCES` says where it comes from."""
 
     name: str
-    # Throughput
-    sms: int
-    clock_ghz: float
-    hbm_bytes_per_s: float  # what a streaming copy reaches: the model's DRAM rate
-    hbm_peak_bytes_per_s: float  # the datasheet peak, for the report only
-    l2_bytes: int
-    l2_bytes_per_s: float
-    l1_bytes_per_clk_per_sm: int
-    dram_latency_ns: float
-    fp32_flops_per_s: float
-    bf16_tensor_flops_per_s: float
-    cublas_bf16_flops_per_s: float
-    cublas_fp32_flops_per_s: float
-    # Fixed costs
-    kernel_overhead_us: float
-    host_sync_us: float
-    # Per-SM limits (occupancy)
+    # Throughput and latency
+    sms: int  # datasheet
+    clock_ghz: float  # datasheet, maximum boost
+    hbm_bytes_per_s: float  # measured by others: bytes read + written per second by a copy; the model's DRAM rate
+    hbm_peak_bytes_per_s: float  # datasheet peak, for the report only
+    l2_bytes: int  # as PyTorch reports it
+    l2_bytes_per_s: float  # estimate
+    l1_bytes_per_clk_per_sm: int  # datasheet
+    dram_latency_ns: float  # estimate
+    l2_latency_ns: float  # estimate
+    fp32_flops_per_s: float  # datasheet peak, CUDA cores
+    bf16_tensor_flops_per_s: float  # datasheet peak, dense
+    cublas_bf16_flops_per_s: float  # estimate, near what others measured
+    cublas_fp32_flops_per_s: float  # estimate
+    # Fixed costs, microseconds
+    kernel_overhead_us: float  # estimate
+    host_sync_us: float  # estimate
+    # Per-SM limits of compute capability 9.0 (occupancy): documented limits and the occupancy calculator's units
     regs_per_sm: int
     max_regs_per_thread: int
-    reg_alloc_unit: int
-    reg_sub_partitions: int
+    reg_alloc_unit: int  # registers per warp are allocated in multiples of this
+    reg_sub_partitions: int  # a warp's registers come from one of these equal parts of regs_per_sm
     max_threads_per_sm: int
     max_warps_per_sm: int
     max_blocks_per_sm: int
-    smem_per_sm: int
-    smem_per_block_max: int
-    smem_reserved_per_block: int
-    smem_alloc_unit: int
+    smem_per_sm: int  # bytes, at the largest carveout
+    smem_per_block_max: int  # bytes, static + dynamic, with opt-in
+    smem_reserved_per_block: int  # bytes the system takes from each block's share
+    smem_alloc_unit: int  # bytes; a block's shared memory is allocated in multiples of this
 
     @property
     def l1_bytes_per_s(self) -> float:
@@ -108,6 +112,7 @@ H200 = Gpu(
     l2_bytes_per_s=10e12,
     l1_bytes_per_clk_per_sm=128,
     dram_latency_ns=600.0,
+    l2_latency_ns=200.0,
     fp32_flops_per_s=67e12,
     bf16_tensor_flops_per_s=989e12,
     cublas_bf16_flops_per_s=750e12,
@@ -150,13 +155,14 @@ def with_overrides(gpu: Gpu, overrides: dict) -> Gpu:
 
 def _checked(key: str, kind: type, value):
     """`value` as the type `kind` of field `key`; ValueError when it cannot stand for one."""
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is str and isinstance(value, str):
         return value
+    if isinstance(value, bool):  # an int to Python, never a figure
+        raise ValueError(f"GPU field {key!r} expects a {kind.__name__}, got {value!r}")
     # A count or a limit must be a whole int: 132.0 would leak floats into the occupancy arithmetic.
-    if kind is int and is_number and isinstance(value, int):
+    if kind is int and isinstance(value, int):
         return value
     # JSON may spell a whole rate without a decimal point.
-    if kind is float and is_number:
+    if kind is float and isinstance(value, (int, float)):
         return float(value)
     raise ValueError(f"GPU field {key!r} expects a {kind.__name__}, got {value!r}")

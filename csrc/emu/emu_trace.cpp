@@ -49,6 +49,7 @@ struct Sector {
 
 struct LaunchTrace {
   std::string kernel;
+  std::array<uint64_t, 2> block_sectors{};  // loads, stores + atomics: distinct sectors per block, summed
   std::array<unsigned, 3> grid{}, block{};
   uint64_t shared_bytes = 0, nblocks = 0, executed = 0;
   std::array<KindCounts, 3> kinds;
@@ -92,10 +93,13 @@ void add_footprint(LaunchTrace& t, const Record& r, uint64_t block) {
   }
 }
 
-// Groups one warp's records into requests and adds them to the launch.
-void add_warp(LaunchTrace& t, uint64_t block, unsigned first_tid, unsigned lanes) {
+// Groups one warp's records into requests and adds them to the launch; collects the sectors it touched (loads,
+// stores) into block_sectors.
+void add_warp(LaunchTrace& t, uint64_t block, unsigned first_tid, unsigned lanes,
+              std::array<std::vector<uint64_t>, 2>& block_sectors) {
   std::vector<std::pair<RequestKey, const Record*>> entries;
   for (unsigned lane = 0; lane < lanes; ++lane) {
+    if (!g_buffers[first_tid + lane]) continue;
     const ThreadBuffer& buf = *g_buffers[first_tid + lane];
     std::map<std::tuple<uint8_t, const char*, uint32_t, uint32_t, uint32_t>, uint32_t> seen;
     for (const Record& r : buf.records) {
@@ -112,7 +116,10 @@ void add_warp(LaunchTrace& t, uint64_t block, unsigned first_tid, unsigned lanes
     uint64_t bytes = 0;
     for (; j < entries.size() && entries[j].first == entries[i].first; ++j) {
       const Record& r = *entries[j].second;
-      for (uint64_t s = r.addr / kSector; s <= (r.addr + r.bytes - 1) / kSector; ++s) sectors.push_back(s);
+      for (uint64_t s = r.addr / kSector; s <= (r.addr + r.bytes - 1) / kSector; ++s) {
+        sectors.push_back(s);
+        block_sectors[r.kind == Kind::kLoad ? 0 : 1].push_back(s);
+      }
       widest = std::max<unsigned>(widest, r.bytes);
       bytes += r.bytes;
       add_footprint(t, r, block);
@@ -163,7 +170,9 @@ std::string to_json(const LaunchTrace& t) {
          ", \"unique_read_bytes_private\": " + std::to_string(read_private) +
          ", \"unique_read_bytes_shared\": " + std::to_string(read_shared) +
          ", \"unique_write_bytes_private\": " + std::to_string(write_private) +
-         ", \"unique_write_bytes_shared\": " + std::to_string(write_shared) + "}";
+         ", \"unique_write_bytes_shared\": " + std::to_string(write_shared) +
+         ", \"block_unique_sectors\": {\"load\": " + std::to_string(t.block_sectors[0]) +
+         ", \"store\": " + std::to_string(t.block_sectors[1]) + "}}";
 }
 
 }  // namespace
@@ -236,8 +245,15 @@ void on_barrier() {
 void end_block(uint64_t block, unsigned nthreads) {
   LaunchTrace* t = g_current.get();
   if (t == nullptr) return;
-  for (unsigned w = 0; w * 32 < nthreads; ++w) add_warp(*t, block, w * 32, std::min(32u, nthreads - w * 32));
-  for (unsigned tid = 0; tid < nthreads; ++tid) g_buffers[tid]->records.clear();
+  std::array<std::vector<uint64_t>, 2> sectors;
+  for (unsigned w = 0; w * 32 < nthreads; ++w)
+    add_warp(*t, block, w * 32, std::min(32u, nthreads - w * 32), sectors);
+  for (int k = 0; k < 2; ++k) {
+    std::sort(sectors[k].begin(), sectors[k].end());
+    t->block_sectors[k] += uint64_t(std::unique(sectors[k].begin(), sectors[k].end()) - sectors[k].begin());
+  }
+  for (unsigned tid = 0; tid < nthreads; ++tid)
+    if (g_buffers[tid]) g_buffers[tid]->records.clear();
 }
 
 void end_launch(bool ok) {

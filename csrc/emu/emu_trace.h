@@ -3,7 +3,8 @@
 // the end of each block, grouped into warp instructions: the lanes of a warp that executed the same site for the
 // same time since the same warp- or block-wide barrier form one request, as on the GPU. Per launch the trace
 // keeps requests, 32-byte sectors and lane bytes per access kind and width, and the footprint: the distinct bytes
-// read and written, split into sectors that one sampled block touched (private) and those several touched (shared).
+// read and written, split into sectors that one sampled block touched (private) and those several touched (shared),
+// and the distinct sectors of each block, summed over the blocks (what reaches L2 when a block's re-reads hit L1).
 //
 // Large grids can be sampled: with max_blocks > 0 a launch of more blocks runs only max_blocks of them, in up to
 // 8 evenly spaced runs of consecutive blocks (results of that launch are then incomplete: tracing only). Counts

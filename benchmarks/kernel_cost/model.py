@@ -1,0 +1,120 @@
+"""The time model: a predicted H200 time for every event of an op case (our kernels from their traced traffic and
+the resources in the binary; cuBLAS GEMMs, ATen kernels and host syncs from their sizes) and for the op.
+
+Our kernel's time is the largest of five terms, plus the fixed cost of a dependent launch (kernel_overhead_us):
+  dram     distinct bytes read and written (the traced footprint) at the HBM rate: every byte moves once between
+           HBM and L2 (re-reads are assumed to hit in L2: no L2 capacity misses are modelled)
+  l2       the distinct sectors of each block, summed over blocks, at the L2 rate: a block's re-reads are assumed
+           to hit in its SM's L1, other blocks' reads of the same data are L2 traffic
+  l1       every sector requested (sectors per request included: uncoalesced access costs here) at the L1 rate
+  flops    CUDA-core FLOPs at the FP32 peak (the case's count for the fused decode kernels, else two per element
+           loaded)
+  latency  Little's law: the L2-level load bytes need (DRAM bytes x DRAM latency + the rest x L2 latency) byte-seconds
+           of loads in flight, and SMs in use x resident warps per SM (occupancy, capped by the grid) x bytes in
+           flight per warp (the SASS walk of binary.load_batches, which reads a loop as straight-line code: the
+           path with the most work, e.g. the decode kernels' 32-row path) are in flight at a time
+A GEMM is max(FLOPs / cuBLAS rate, operand bytes / HBM rate) + launch; an ATen element-wise or copy kernel is its
+bytes / HBM rate + launch; a device-to-host read is host_sync_us. Not modelled: cache hit rates other than stated,
+clocks below boost, power limits, overlap between kernels, tails of partial waves.
+"""
+
+import math
+
+from . import traffic
+from .binary import kernel_key
+from .occupancy import occupancy
+
+SECTOR = 32
+
+
+def kernel_base(key):
+    return key.split("<", 1)[0]
+
+
+def predict_kernel(ev, case, facts, gpu):
+    """The prediction record of one traced launch of our kernels (ev from traffic.trace_case)."""
+    s = traffic.scaled(ev)
+    key = kernel_key(ev["kernel"])
+    fact = facts.get(key)
+    load, store, atomic = s["load"], s["store"], s["atomic"]
+    sector_read = load["sectors"] * SECTOR
+    sector_write = (store["sectors"] + atomic["sectors"]) * SECTOR
+    l2_bytes = s["block_sector_bytes"]["load"] + s["block_sector_bytes"]["store"]
+    dram_bytes = s["unique_read_bytes"] + s["unique_write_bytes"]
+    flops = case.kernel_flops(kernel_base(key))
+    if flops is None:
+        flops = 2 * load["lane_bytes"] / case.elem
+    threads = ev["block"][0] * ev["block"][1] * ev["block"][2]
+    blocks = ev["blocks"]
+    terms = {
+        "dram": dram_bytes / gpu.hbm_bytes_per_s,
+        "l2": l2_bytes / gpu.l2_bytes_per_s,
+        "l1": (sector_read + sector_write) / gpu.l1_bytes_per_s,
+        "flops": flops / gpu.fp32_flops_per_s,
+    }
+    rec = {"kind": "kernel", "key": key, "grid": ev["grid"], "block": ev["block"], "blocks": blocks,
+           "executed_blocks": ev["executed_blocks"], "scale": s["factor"],
+           "requests": {"load": load["requests"], "store": store["requests"] + atomic["requests"]},
+           "sectors_per_request": {"load": traffic.sectors_per_request(load),
+                                   "store": traffic.sectors_per_request(store)},
+           "requests_by_width": {"load": ev["load"]["requests_by_width"], "store": ev["store"]["requests_by_width"]},
+           "sector_bytes": {"read": sector_read, "write": sector_write},
+           "unique_bytes": {"read": s["unique_read_bytes"], "write": s["unique_write_bytes"]},
+           "l2_bytes": l2_bytes, "dram_bytes": dram_bytes, "flops": flops}
+    if fact is not None:
+        occ = occupancy(fact["registers"], threads, fact["static_shared_bytes"], ev["dynamic_shared_bytes"], gpu)
+        warps_per_block = -(-threads // 32)
+        resident_blocks = min(occ["blocks_per_sm"], math.ceil(blocks / gpu.sms))
+        in_flight = fact["load_batches"]["bytes_in_flight_per_warp"]
+        concurrent = min(gpu.sms, blocks) * resident_blocks * warps_per_block * in_flight  # bytes in flight
+        from_dram = min(s["unique_read_bytes"], s["block_sector_bytes"]["load"])
+        from_l2 = s["block_sector_bytes"]["load"] - from_dram
+        byte_seconds = (from_dram * gpu.dram_latency_ns + from_l2 * gpu.l2_latency_ns) * 1e-9
+        terms["latency"] = byte_seconds / concurrent if concurrent > 0 else (math.inf if byte_seconds else 0.0)
+        rec.update(registers=fact["registers"], occupancy=occ["occupancy"], resident_warps_per_sm=resident_blocks *
+                   warps_per_block, bytes_in_flight_per_warp=in_flight)
+    rec["terms_us"] = {k: v * 1e6 for k, v in terms.items()}
+    rec["bound"] = max(terms, key=terms.get)
+    rec["predicted_us"] = max(terms.values()) * 1e6 + gpu.kernel_overhead_us
+    return rec
+
+
+def predict_other(ev, gpu):
+    """The prediction record of a GEMM, an ATen kernel or a host sync."""
+    rec = {k: v for k, v in ev.items() if k != "kind"}
+    rec["kind"] = ev["kind"]
+    if ev["kind"] == "sync":
+        rec["predicted_us"] = gpu.host_sync_us
+        rec["bound"] = "sync"
+        return rec
+    nbytes = ev["read_bytes"] + ev["write_bytes"]
+    rec["dram_bytes"] = nbytes
+    terms = {"dram": nbytes / gpu.hbm_bytes_per_s}
+    if ev["kind"] == "gemm":
+        rate = gpu.cublas_fp32_flops_per_s if ev["dtype"] in ("float32", "float64") else gpu.cublas_bf16_flops_per_s
+        terms["flops"] = ev["flops"] / rate
+    rec["terms_us"] = {k: v * 1e6 for k, v in terms.items()}
+    rec["bound"] = max(terms, key=terms.get)
+    rec["predicted_us"] = max(terms.values()) * 1e6 + gpu.kernel_overhead_us
+    return rec
+
+
+def predict_case(case, events, facts, gpu):
+    """The op record: its events' predictions, their sum, the floor and the bytes against the ideal."""
+    records = [predict_kernel(ev, case, facts, gpu) if ev["kind"] == "kernel" else predict_other(ev, gpu)
+               for ev in events]
+    floor_us, floor_what = case.floor_us(gpu)
+    predicted = sum(r["predicted_us"] for r in records)
+    ideal = case.ideal_bytes()
+    ours = [r for r in records if r["kind"] == "kernel"]
+    return {
+        "case": case.name, "group": case.group, "what": case.what, "dims": case.dims(),
+        "predicted_us": predicted, "floor_us": floor_us, "floor_what": floor_what,
+        "ratio_to_floor": predicted / floor_us,
+        "ideal_read_bytes": ideal["read"], "ideal_write_bytes": ideal["write"],
+        "dram_bytes": sum(r.get("dram_bytes", 0) for r in records),
+        "our_kernels": {"launches": len(ours), "predicted_us": sum(r["predicted_us"] for r in ours),
+                        "sector_bytes": sum(r["sector_bytes"]["read"] + r["sector_bytes"]["write"] for r in ours),
+                        "dram_bytes": sum(r["dram_bytes"] for r in ours)},
+        "events": records,
+    }
