@@ -6,9 +6,11 @@ Our kernel's time is the largest of five terms, plus the fixed cost of a depende
            HBM and L2 (re-reads are assumed to hit in L2: no L2 capacity misses are modelled)
   l2       the distinct sectors of each block, summed over blocks, at the L2 rate: a block's re-reads are assumed
            to hit in its SM's L1, other blocks' reads of the same data are L2 traffic
-  l1       every sector requested (sectors per request included: uncoalesced access costs here) at the L1 rate
-  flops    CUDA-core FLOPs at the FP32 peak (the case's count for the fused decode kernels, else two per element
-           loaded)
+  l1       the L1 pipe: each warp request takes at least one cycle of an SM's L1 and a cycle returns at most
+           l1_bytes_per_clk_per_sm, so max(requests, sector bytes / that) cycles, spread over the SMs in use
+           (uncoalesced access costs here: more sectors per request)
+  flops    CUDA-core FLOPs at the FP32 peak, for the kernels whose arithmetic is a real cost (the dot products of
+           the fused decode kernels, counted by the case); 0 for the element-wise and reduction kernels
   latency  Little's law: the L2-level load bytes need (DRAM bytes x DRAM latency + the rest x L2 latency) byte-seconds
            of loads in flight, and SMs in use x resident warps per SM (occupancy, capped by the grid) x bytes in
            flight per warp (the SASS walk of binary.load_batches, which reads a loop as straight-line code: the
@@ -41,15 +43,15 @@ def predict_kernel(ev, case, facts, gpu):
     sector_write = (store["sectors"] + atomic["sectors"]) * SECTOR
     l2_bytes = s["block_sector_bytes"]["load"] + s["block_sector_bytes"]["store"]
     dram_bytes = s["unique_read_bytes"] + s["unique_write_bytes"]
-    flops = case.kernel_flops(kernel_base(key))
-    if flops is None:
-        flops = 2 * load["lane_bytes"] / case.elem
+    flops = case.kernel_flops(kernel_base(key)) or 0
     threads = ev["block"][0] * ev["block"][1] * ev["block"][2]
     blocks = ev["blocks"]
+    requests = load["requests"] + store["requests"] + atomic["requests"]
+    l1_cycles = max(requests, (sector_read + sector_write) / gpu.l1_bytes_per_clk_per_sm)
     terms = {
         "dram": dram_bytes / gpu.hbm_bytes_per_s,
         "l2": l2_bytes / gpu.l2_bytes_per_s,
-        "l1": (sector_read + sector_write) / gpu.l1_bytes_per_s,
+        "l1": l1_cycles / (min(gpu.sms, blocks) * gpu.clock_ghz * 1e9),
         "flops": flops / gpu.fp32_flops_per_s,
     }
     rec = {"kind": "kernel", "key": key, "grid": ev["grid"], "block": ev["block"], "blocks": blocks,

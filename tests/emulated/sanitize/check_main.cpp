@@ -1,7 +1,7 @@
 // The sanitizer check program: the emulated kernels (and csrc/cpu/claim_pool.cpp) with no torch and no python, built by run_sanitizers.sh
 // once with -fsanitize=address,undefined and once with -fsanitize=thread.
 //
-//   emu_check clean        every VeRA kernel vs reference.h, every emulation self-test, the CPU decode path's
+//   emu_check clean        every VeRA kernel vs reference.h (traced), every emulation self-test, the CPU decode path's
 //                          work claiming from several threads; exit 0 when all pass
 //                          (a sanitizer report makes the exit status non-zero by itself)
 //   emu_check oob          the planted out-of-bounds global write   (AddressSanitizer must report it)
@@ -15,13 +15,20 @@
 #include <vector>
 
 #include "checks.h"
+#include "emu/emu_trace.h"
 #include "testing/emu_selftest.h"
 #include "testing/planted_faults.h"
 
 namespace {
 
 int clean(unsigned seed) {
+  // Traced (every block runs, so results are complete): the trace's bookkeeping runs under the sanitizers too.
+  vera_emu::trace::start(0);
   int failures = vera::check::check_kernels(seed);
+  const std::string trace = vera_emu::trace::stop();
+  const bool traced = trace.find("\"kernel\": \"vera::cuda::") != std::string::npos;
+  std::printf("trace of the kernel checks: %zu bytes of JSON%s\n", trace.size(), traced ? "" : " (EMPTY: FAIL)");
+  failures += traced ? 0 : 1;
   failures += vera::check::check_claim_pool(seed);
   for (const std::string& name : vera::testing::emu_selftest_names()) {
     const std::string error = vera::testing::run_emu_selftest(name);
