@@ -5,19 +5,29 @@
 #
 # Steps, in this order (the benchmark numbers before the slow sanitizer runs), each under `timeout` and inside an
 # overall budget, so one hang cannot eat the lease; a failed step is recorded and the next one runs:
-#   env        nvidia-smi, torch, nvcc, compute-sanitizer, peft versions
-#   build      pip install -e . for sm_90 against the image's torch (MAX_JOBS=16), then build_info()['with_cuda']
-#   cuda_tests pytest -m cuda tests (junit in $OUT/junit.xml)
-#   bench      benchmarks/gpu_bench.py ($OUT/gpu_bench.json and .log)
+#   env        nvidia-smi, torch, nvcc, ncu, compute-sanitizer, peft versions
+#   build      pip install -e . for sm_90 against the image's torch (MAX_JOBS=16), then build_info()['with_cuda'];
+#              then the g++ emulated build the report needs starts in the background (CPU only; waited for before
+#              bench, so it never competes with the benchmark)
+#   cuda_tests pytest -m cuda tests (the junit XML is appended to tests.log)
+#   bench      benchmarks/gpu_bench.py (gpu_bench.log; its JSON goes into results.json)
+#   report     benchmarks/kernel_report.py: the kernel cost model's predictions (optional; into results.json)
+#   ncu        benchmarks/gpu_kernel_check.py: those predictions vs ncu's counters or CUDA events (optional;
+#              kernel_check.log, JSON into results.json)
 #   memcheck   compute-sanitizer memcheck on benchmarks/sanitize_kernels.py (every op, small shapes)
 #   racecheck  compute-sanitizer racecheck on our kernels only, sanitize_kernels.py --quick
 #   synccheck  compute-sanitizer synccheck, likewise (optional)
 #   full_tests the rest of the test suite with the time left (optional)
-# Files under $OUT (8 at most come back): summary.txt check.log build.log tests.log junit.xml sanitizer.log
-# gpu_bench.json gpu_bench.log. Exit status: 0 when every required step passed, 1 otherwise.
+# The optional report and ncu steps get only the time that leaves memcheck and racecheck RESERVE_S (150 s), so
+# they cannot push a required step out of the budget.
+# Files under $OUT (the device tool brings back 8 at most; exactly these 8): summary.txt check.log build.log
+# tests.log sanitizer.log gpu_bench.log kernel_check.log (the report's output, then the predicted-vs-measured
+# tables) results.json ({"gpu_bench", "kernel_report", "kernel_check"}: the three scripts' JSON files, merged at
+# the end). Exit status: 0 when every required step passed, 1 otherwise.
 #
 # Knobs: CHECK_BUDGET_S (default 540: whole script), CHECK_STEPS (default all; e.g. "build bench" for a rerun on a
-# warm machine, whose build is then incremental), PYTHON (default python3).
+# warm machine, whose build is then incremental), PYTHON (default python3), NCU (default: ncu on PATH, else
+# /usr/local/cuda/bin/ncu).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -25,7 +35,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 BUDGET=${CHECK_BUDGET_S:-540}
-STEPS=${CHECK_STEPS:-"env build cuda_tests bench memcheck racecheck synccheck full_tests"}
+STEPS=${CHECK_STEPS:-"env build cuda_tests bench report ncu memcheck racecheck synccheck full_tests"}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
@@ -35,6 +45,9 @@ TEE_PID=$!
 SUMMARY=()
 FAILED=0
 BUILD_OK=1
+RESERVE=0  # seconds a step must leave for the required steps after it
+RESERVE_S=150  # memcheck + racecheck, expected
+SCRATCH=$(mktemp -d)  # what must not land in $OUT (8 files come back)
 
 elapsed() { echo $(( $(date +%s) - START )); }
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -53,7 +66,7 @@ step() {
     (( required )) && FAILED=$((FAILED + 1))
     return 0
   fi
-  local left=$(( BUDGET - $(elapsed) - 15 ))  # 15 s kept for the summary
+  local left=$(( BUDGET - $(elapsed) - 15 - RESERVE ))  # 15 s kept for the summary
   if (( left < 30 )); then
     record "$name" "SKIPPED (out of time)" 0 -
     (( required )) && FAILED=$((FAILED + 1))
@@ -97,6 +110,7 @@ versions() {
 torch.version.cuda, "| gpu", torch.cuda.is_available() and torch.cuda.get_device_name())'
   "$PY" -c 'import peft, transformers; print("peft", peft.__version__, "| transformers", transformers.__version__)'
   command -v nvcc >/dev/null && nvcc --version | tail -n 2 || ls /usr/local/cuda/bin/nvcc
+  if [[ -x $NCU ]]; then "$NCU" --version | tail -n 1; else echo "ncu not found at $NCU"; fi
   if [[ -x $CS ]]; then "$CS" --version | head -n 3; else echo "compute-sanitizer not found at $CS"; fi
   nproc
 }
@@ -120,9 +134,12 @@ build() {
 }
 
 cuda_tests() {  # pytest -m cuda; fails too when every CUDA test was skipped (a GPU the tests cannot see)
-  "$PY" -m pytest $PYTEST_OPTS -m cuda --junitxml="$OUT/junit.xml" tests
+  "$PY" -m pytest $PYTEST_OPTS -m cuda --junitxml="$SCRATCH/junit.xml" tests
   local rc=$?
-  "$PY" - "$OUT/junit.xml" <<'PY' || rc=1
+  echo "==== junit XML"
+  cat "$SCRATCH/junit.xml"
+  echo
+  "$PY" - "$SCRATCH/junit.xml" <<'PY' || rc=1
 import sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 suite = root if root.tag == "testsuite" else root.find("testsuite")
@@ -133,10 +150,44 @@ PY
   return $rc
 }
 
+# The report's emulated build (g++, csrc/cuda with -DVERA_EMULATE_CUDA), niced, in the background during cuda_tests;
+# kernel_report.py then finds it built. Its output is dropped: the report step runs the (then incremental) build
+# again, and a failure shows there, in kernel_check.log.
+prebuild_emu() {
+  MAX_JOBS=16 nice -n 10 timeout -k 10 240 "$PY" tests/emulated/emu_build.py >"$SCRATCH/emu_build.log" 2>&1
+}
+wait_emu() {  # before a step that needs the CPU to itself (bench) or the emulated build (report)
+  [[ -n ${EMU_PID:-} ]] && wait "$EMU_PID"
+  EMU_PID=
+}
+
+# gpu_bench.json, kernel_report.json, kernel_check.json -> results.json, so that 8 files are left in $OUT
+collect_results() {
+  "$PY" - "$OUT" <<'PY'
+import json, os, sys
+out, doc = sys.argv[1], {}
+for name in ("gpu_bench", "kernel_report", "kernel_check"):
+    path = os.path.join(out, name + ".json")
+    if not os.path.exists(path):
+        continue
+    with open(path, errors="replace") as fh:
+        text = fh.read()
+    try:
+        doc[name] = json.loads(text)
+    except ValueError as err:  # e.g. a script killed while writing: keep what it wrote
+        doc[name] = {"unreadable": f"{name}.json: {err}", "text": text}
+    os.remove(path)
+with open(os.path.join(out, "results.json"), "w") as fh:
+    json.dump(doc, fh, indent=1)
+print("results.json:", ", ".join(doc) or "nothing to collect")
+PY
+}
+
 CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+NCU=${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}
 PYTEST_OPTS="-q -p no:cacheprovider -rfE"
 "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST_OPTS+=" --timeout=300"
-export PY CS OUT PYTEST_OPTS
+export PY CS NCU OUT PYTEST_OPTS SCRATCH
 export -f versions check_build build cuda_tests
 
 echo "gpu_check: $(date -u +%FT%TZ), budget ${BUDGET}s, steps: $STEPS, OUT=$OUT"
@@ -144,8 +195,19 @@ command -v nvidia-smi >/dev/null ||
   echo "gpu_check: WARNING: no nvidia-smi on this machine; this script is for the GPU machine (device tool)"
 step env 60 - 1 versions
 step build 420 build.log 1 build || BUILD_OK=0
+if [[ $BUILD_OK == 1 ]] && wanted report; then
+  prebuild_emu &
+  EMU_PID=$!
+fi
 step cuda_tests 240 tests.log 1 cuda_tests
+wait_emu
 step bench 300 - 1 "$PY" benchmarks/gpu_bench.py --out "$OUT"
+{ wanted memcheck || wanted racecheck; } && RESERVE=$RESERVE_S
+# bf16 only: the cases gpu_kernel_check measures (all three dtypes take about three times as long)
+step report 150 kernel_check.log 0 env MAX_JOBS=16 "$PY" benchmarks/kernel_report.py --dtypes bf16 \
+  --json "$OUT/kernel_report.json"
+step ncu 180 - 0 "$PY" benchmarks/gpu_kernel_check.py --report "$OUT/kernel_report.json" --out "$OUT"
+RESERVE=0
 step memcheck 240 sanitizer.log 1 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   "$CS" --tool memcheck --error-exitcode 1 --print-limit 50 "$PY" benchmarks/sanitize_kernels.py
 step racecheck 180 sanitizer.log 1 \
@@ -156,6 +218,8 @@ step synccheck 90 sanitizer.log 0 \
   "$PY" benchmarks/sanitize_kernels.py --quick
 step full_tests 600 tests.log 0 "$PY" -m pytest $PYTEST_OPTS -m "not cuda" tests
 
+collect_results
+rm -rf "$SCRATCH"
 {
   echo "gpu_check summary ($(date -u +%FT%TZ), $(elapsed)s of ${BUDGET}s budget)"
   printf '%s\n' "${SUMMARY[@]}"
@@ -165,6 +229,7 @@ step full_tests 600 tests.log 0 "$PY" -m pytest $PYTEST_OPTS -m "not cuda" tests
     "$OUT/tests.log" 2>/dev/null | tail -n 30
   grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|^sanitize_kernels:|^FAIL " "$OUT/sanitizer.log" 2>/dev/null
   grep -hE "^(TARGET|SECTION FAILED|VeraLinear\(x)" "$OUT/gpu_bench.log" 2>/dev/null
+  grep -hE "^(TARGET|KERNEL_CHECK)" "$OUT/kernel_check.log" 2>/dev/null
   echo
   if (( FAILED )); then echo "OVERALL: FAILED ($FAILED required step(s) did not pass)"; else echo "OVERALL: PASSED"; fi
 } >"$OUT/summary.txt"

@@ -44,7 +44,7 @@ def _build_and_load(verbose=False):
     cpp_ext.load(
         name=NAME,
         sources=sources,
-        extra_cflags=["-O2", "-DVERA_EMULATE_CUDA"],  # torch adds -std=c++20
+        extra_cflags=["-O2", "-std=c++20", "-DVERA_EMULATE_CUDA"],  # C++20 whatever standard torch adds
         extra_include_paths=[os.path.join(REPO, "csrc")],
         build_directory=out,
         is_python_module=False,
