@@ -77,21 +77,24 @@ def kernel_rows(facts, ops_records, gpu):
             occ = occupancy(f["registers"], threads, f["static_shared_bytes"], 0, gpu)
             row.update(threads_per_block=threads, occupancy=occ["occupancy"], blocks_per_sm=occ["blocks_per_sm"],
                        limited_by=occ["limited_by"])
-        evs = launches.get(key, [])
+        evs = [ev for _, ev in launches.get(key, [])]
         if evs:
-            total = lambda f_: sum(f_(ev) for _, ev in evs)  # noqa: E731
-            req_ld, req_st = total(lambda e: e["requests"]["load"]), total(lambda e: e["requests"]["store"])
-            sec = total(lambda e: e["sector_bytes"]["read"] + e["sector_bytes"]["write"])
-            uniq = total(lambda e: e["unique_bytes"]["read"] + e["unique_bytes"]["write"])
+            req_ld, req_st = _total(evs, "requests", "load"), _total(evs, "requests", "store")
+            read, write = _total(evs, "sector_bytes", "read"), _total(evs, "sector_bytes", "write")
+            unique = _total(evs, "unique_bytes", "read") + _total(evs, "unique_bytes", "write")
             row["traced"] = {
-                "cases": sorted({c for c, _ in evs}), "launches": len(evs),
-                "sectors_per_request_load": total(lambda e: e["sector_bytes"]["read"]) / 32 / req_ld if req_ld else None,
-                "sectors_per_request_store": total(lambda e: e["sector_bytes"]["write"]) / 32 / req_st if req_st else None,
-                "requested_over_unique": sec / uniq if uniq else None,
-                "predicted_us": total(lambda e: e["predicted_us"]),
+                "cases": sorted({case for case, _ in launches[key]}), "launches": len(evs),
+                "sectors_per_request_load": read / 32 / req_ld if req_ld else None,
+                "sectors_per_request_store": write / 32 / req_st if req_st else None,
+                "requested_over_unique": (read + write) / unique if unique else None,
+                "predicted_us": sum(ev["predicted_us"] for ev in evs),
             }
         rows.append(row)
     return rows
+
+
+def _total(events, field, part):
+    return sum(ev[field][part] for ev in events)
 
 
 def fmt(v, spec=".1f", none="-"):

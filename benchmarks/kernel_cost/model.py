@@ -73,8 +73,8 @@ def predict_kernel(ev, case, facts, gpu):
         from_l2 = s["block_sector_bytes"]["load"] - from_dram
         byte_seconds = (from_dram * gpu.dram_latency_ns + from_l2 * gpu.l2_latency_ns) * 1e-9
         terms["latency"] = byte_seconds / concurrent if concurrent > 0 else (math.inf if byte_seconds else 0.0)
-        rec.update(registers=fact["registers"], occupancy=occ["occupancy"], resident_warps_per_sm=resident_blocks *
-                   warps_per_block, bytes_in_flight_per_warp=in_flight)
+        rec.update(registers=fact["registers"], occupancy=occ["occupancy"], bytes_in_flight_per_warp=in_flight,
+                   resident_warps_per_sm=resident_blocks * warps_per_block)
     rec["terms_us"] = {k: v * 1e6 for k, v in terms.items()}
     rec["bound"] = max(terms, key=terms.get)
     rec["predicted_us"] = max(terms.values()) * 1e6 + gpu.kernel_overhead_us

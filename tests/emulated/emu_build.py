@@ -57,7 +57,8 @@ def load():
     import torch
 
     if not hasattr(torch.ops.vera_emu, "row_scale"):
-        subprocess.run(["nice", "-n", "10", sys.executable, os.path.abspath(__file__)], check=True)
+        # the build log goes to stderr: callers (e.g. benchmarks/kernel_report.py) keep stdout for their results
+        subprocess.run(["nice", "-n", "10", sys.executable, os.path.abspath(__file__)], check=True, stdout=sys.stderr)
         _build_and_load()  # up to date now: ninja only checks, then the library is loaded here
     return torch.ops.vera_emu
 
