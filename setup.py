@@ -11,6 +11,7 @@ Knobs (environment variables):
 import glob
 import importlib.util
 import os
+import runpy
 import sys
 
 from packaging.version import Version
@@ -21,6 +22,8 @@ import torch.utils.cpp_extension as cpp_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MIN_TORCH = Version("2.4")
+# What is compiled: the one list of sources (also read by the emulated test builds).
+SOURCES = runpy.run_path(os.path.join(ROOT, "csrc", "sources.py"))
 DEFAULT_ARCHS = "8.0;9.0"
 
 
@@ -95,10 +98,6 @@ def arch_list():
     return DEFAULT_ARCHS, "default"
 
 
-def sources(pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
-
-
 def make_extension():
     if torch_version() < MIN_TORCH:
         raise SystemExit(f"vera_ext build: torch >= {MIN_TORCH} is required, found {torch.__version__}")
@@ -109,8 +108,8 @@ def make_extension():
     # runs in parallel when the caller is compiled with OpenMP (the runtime is torch's own libgomp).
     cxx_flags = ["-fvisibility=hidden", "-fopenmp"]
     cxx_flags += ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
-    include_dirs = [os.path.join(ROOT, "csrc")]
-    srcs = sources("csrc/*.cpp") + sources("csrc/common/*.cpp") + sources("csrc/cpu/*.cpp")
+    include_dirs = [os.path.join(ROOT, d) for d in SOURCES["INCLUDE_DIRS"]]
+    srcs = list(SOURCES["EXTENSION"])
     kwargs = {}
 
     if build_cuda:
@@ -120,7 +119,7 @@ def make_extension():
         archs, arch_source = arch_list()
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         include_dirs += nvidia_wheel_include_dirs()
-        srcs += sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu")
+        srcs += SOURCES["EXTENSION_CUDA"]
         cxx_flags.append("-DVERA_EXT_WITH_CUDA")
         nvcc_flags = ["-DVERA_EXT_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
         nvcc_flags += ["-O0", "-G"] if debug else ["-O3", "-DNDEBUG"]

@@ -118,14 +118,15 @@ def print_kernels(rows):
 
 
 def print_ops(ops_records):
-    print("Ops (predicted H200 time against the floor; events: our kernels K, GEMMs G, other ATen A, host syncs S)")
-    print(f"{'case':22} {'predicted us':>12} {'floor us':>9} {'x floor':>7} {'DRAM MB':>8} {'ideal MB':>8}  "
+    print("Ops (predicted H200 time against the floor; DRAM bytes against the ideal: each operand read once, each "
+          "output written once; events: our kernels K, GEMMs G, other ATen A, host syncs S)")
+    print(f"{'case':22} {'predicted us':>12} {'floor us':>9} {'x floor':>7} {'DRAM MB':>8} {'x ideal':>7}  "
           f"events (us, bound)")
     for op in ops_records:
         evs = ", ".join(f"{ev['kind'][0].upper()}:{_event_name(ev)} {ev['predicted_us']:.1f} {ev['bound']}"
                         for ev in op["events"])
         print(f"{op['case']:22} {op['predicted_us']:>12.1f} {op['floor_us']:>9.1f} {op['ratio_to_floor']:>7.2f} "
-              f"{op['dram_bytes'] / 1e6:>8.1f} {(op['ideal_read_bytes'] + op['ideal_write_bytes']) / 1e6:>8.1f}  {evs}")
+              f"{op['dram_bytes'] / 1e6:>8.1f} {op['dram_over_ideal']:>7.2f}  {evs}")
     print("floors: " + "; ".join(sorted({f"{op['group']}: {op['floor_what'].split(' at ')[-1]}" for op in ops_records})))
 
 

@@ -83,7 +83,7 @@ def test_merged_weights_match_a_float64_delta(smoke):
     from safetensors.torch import load_file
 
     from vera_ext import VeraModel
-    from vera_ext.demo_model import SentenceClassifier, load_encoder
+    from vera_ext.demo.model import SentenceClassifier, load_encoder
 
     _, out = smoke
     tensors = load_file(out / "adapter_model.safetensors")

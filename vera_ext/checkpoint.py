@@ -136,17 +136,17 @@ def read_adapter_dir(model_id: PathLike) -> tuple[VeraConfig, dict[str, Tensor]]
     return config, tensors
 
 
-def from_pretrained(model: nn.Module, model_id: PathLike, adapter_name: str = "default", is_trainable: bool = False):
-    """A VeraModel around ``model`` with the adapter stored in ``model_id``; ``model`` is untouched on error."""
-    from .model import VeraModel
-
+def from_pretrained(model_class, model: nn.Module, model_id: PathLike, adapter_name: str = "default",
+                    is_trainable: bool = False):
+    """A ``model_class`` (VeraModel) around ``model`` with the adapter stored in ``model_id``; ``model`` is untouched
+    on error. The class is passed in so that reading checkpoints does not depend on the model module."""
     config, tensors = read_adapter_dir(model_id)
     config.inference_mode = not is_trainable
     if adapter_internals(model):
         raise ValueError("model already holds VeRA layers; use VeraModel.load_adapter to add another adapter")
     plan = plan_adapter(model, config, adapter_name)
     _check_checkpoint(tensors, _expected_shapes(model, plan), plan, None, model_id)
-    vera_model = VeraModel(model, config, adapter_name)
+    vera_model = model_class(model, config, adapter_name)
     _fill(vera_model, adapter_name, tensors, load_projection=True)
     if not is_trainable:
         vera_model.eval()

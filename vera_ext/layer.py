@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from contextvars import ContextVar
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -12,39 +11,24 @@ from torch import Tensor, nn
 
 from . import ops
 from .autocast import autocast_dtype, autocast_enabled
+from .batch_context import BATCH_ADAPTER_NAMES, batch_adapter_names
+from .precision import opmath_dtype
 from .projection import VeraProjection
-from .targets import is_conv1d
+from .targets import in_out_features, is_conv1d
 
 __all__ = ["VeraLinear", "BASE_ADAPTER"]
 
 #: Name that selects "no adapter" for a row of a mixed batch (PEFT's convention).
 BASE_ADAPTER = "__base__"
 
-# The per-sample adapter names of a model-level mixed batch in progress (vera_ext.mixed_batch), as
-# {id(receiving module): names}. A context variable, so concurrent calls from several threads each see their own.
-# Under torch.compile the names travel as the module attribute ``_batch_adapter_names`` instead (dynamo traces
-# attribute reads, not context variables).
-_BATCH_ADAPTER_NAMES: ContextVar[Optional[dict]] = ContextVar("vera_ext_batch_adapter_names", default=None)
-
-
-def batch_adapter_names(module: nn.Module) -> Optional[list[str]]:
-    """The names a model-level mixed batch handed to ``module`` for the current call, or None."""
-    if torch.compiler.is_compiling():
-        return module._batch_adapter_names
-    current = _BATCH_ADAPTER_NAMES.get()
-    return None if current is None else current.get(id(module))
-
-
 def _in_out_features(base: nn.Module) -> tuple[int, int]:
-    if hasattr(base, "in_features") and hasattr(base, "out_features"):
-        return int(base.in_features), int(base.out_features)
-    weight = getattr(base, "weight", None)
-    if hasattr(base, "nf") and isinstance(weight, Tensor) and weight.dim() == 2:  # transformers' Conv1D: (in, out)
-        return int(weight.shape[0]), int(weight.shape[1])
-    raise TypeError(
-        f"base_layer of type {type(base).__name__} is not supported: it needs in_features/out_features "
-        "attributes (like nn.Linear) or to be a transformers Conv1D"
-    )
+    dims = in_out_features(base)
+    if dims is None:
+        raise TypeError(
+            f"base_layer of type {type(base).__name__} is not supported: it needs in_features/out_features "
+            "attributes (like nn.Linear) or to be a transformers Conv1D"
+        )
+    return dims
 
 
 def _base_device(base: nn.Module) -> torch.device:
@@ -245,7 +229,7 @@ class VeraLinear(nn.Module):
 
     def _adapter_operands(self, name: str, dtype: torch.dtype, device: torch.device):
         A, B = self.vera_projection.sliced(self.r[name], self.in_features, self.out_features, dtype, device)
-        acc = _opmath(dtype)
+        acc = opmath_dtype(dtype)
         # ParameterDict stores each entry under its key; reading _parameters directly skips ~2 us of lookup per
         # lambda on the decode path.
         ld, lb = self.vera_lambda_d._parameters[name], self.vera_lambda_b._parameters[name]
@@ -382,7 +366,7 @@ class VeraLinear(nn.Module):
             or len(self._active_adapter) != 1
             or self.fan_in_fan_out
             or torch.compiler.is_compiling()
-            or _BATCH_ADAPTER_NAMES.get() is not None
+            or BATCH_ADAPTER_NAMES.get() is not None
         ):
             return None
         modules = self._modules  # (direct reads: nn.Module.__getattr__ costs ~0.5 us per submodule)
@@ -400,7 +384,7 @@ class VeraLinear(nn.Module):
         if x.dtype != weight.dtype or autocast_enabled(x.device.type):
             return None
         A, B = modules["vera_projection"].sliced(self.r[name], self.in_features, self.out_features, x.dtype, x.device)
-        acc = _opmath(x.dtype)
+        acc = opmath_dtype(x.dtype)
         lambda_b = _as(modules["vera_lambda_b"]._parameters[name], acc)
         return ops.vera_linear_forward(x, weight, base._parameters["bias"], A, B, _as(lambda_d, acc), lambda_b)
 
@@ -435,7 +419,7 @@ class VeraLinear(nn.Module):
 
         # Adapters of different rank share one u = x A[:r_max]^T; zero-padded lambda_d masks the extra columns.
         r_max = max(self.r[n] for n in used)
-        acc = _opmath(x.dtype)
+        acc = opmath_dtype(x.dtype)
         lambda_d = torch.stack([F.pad(_as(self.vera_lambda_d[n], acc), (0, r_max - self.r[n])) for n in used])
         lambda_b = torch.stack([_as(self.vera_lambda_b[n], acc) for n in used])
         x_d = self._mixed_dropout(x, names, rows_per_sample)
@@ -500,6 +484,3 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)  # (a no-op .to() still costs a dispatch on the decode path)
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the ops keep lambdas in: fp32, or fp64 for fp64 data."""
-    return torch.float64 if dtype == torch.float64 else torch.float32

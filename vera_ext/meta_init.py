@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .layer import VeraLinear
+from .model import VeraModel
 from .projection import VeraProjection
 
 __all__ = ["materialize", "base_key"]
@@ -82,8 +83,6 @@ def materialize(
 
 
 def _load_base(model: nn.Module, base_state_dict: Mapping[str, Tensor], strict: bool) -> None:
-    from .model import VeraModel
-
     inner, prefix = (model.model, "model.") if isinstance(model, VeraModel) else (model, "")
     targets = {}
     for key, tensor in inner.state_dict(keep_vars=True).items():

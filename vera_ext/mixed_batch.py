@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch
 
-from .layer import _BATCH_ADAPTER_NAMES, BASE_ADAPTER
+from .batch_context import BATCH_ADAPTER_NAMES
+from .layer import BASE_ADAPTER
 from .modules_to_save import ModulesToSave
 
 __all__ = ["check_adapter_names", "run_with_adapter_names"]
@@ -63,11 +64,11 @@ def run_with_adapter_names(vera_model, names: list[str], call):
         finally:
             for module in receivers:
                 module._batch_adapter_names = None
-    token = _BATCH_ADAPTER_NAMES.set({id(module): names for module in receivers})
+    token = BATCH_ADAPTER_NAMES.set({id(module): names for module in receivers})
     try:
         return call()
     finally:
-        _BATCH_ADAPTER_NAMES.reset(token)
+        BATCH_ADAPTER_NAMES.reset(token)
 
 
 def _checkpointing(model) -> bool:

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import checkpoint
 from .config import VeraConfig
 from .layer import BASE_ADAPTER, VeraLinear
 from .mixed_batch import check_adapter_names, run_with_adapter_names
@@ -390,25 +391,20 @@ class VeraModel(nn.Module):
     def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters=None, **kwargs) -> None:
         """Write PEFT's adapter directory: ``adapter_config.json`` + ``adapter_model.safetensors`` per adapter
         (``"default"`` at the top, others in a sub-folder of their name)."""
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, save_directory, selected_adapters=selected_adapters, **kwargs)
+        checkpoint.save_pretrained(self, save_directory, selected_adapters=selected_adapters, **kwargs)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
                         is_trainable: bool = False, **kwargs) -> "VeraModel":
         """Load an adapter directory written by PEFT or vera_ext onto ``model``. On any mismatch (architecture,
         keys, shapes, projection) it raises and ``model`` is left as it was."""
-        from .checkpoint import from_pretrained
-
-        return from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+        return checkpoint.from_pretrained(cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable,
+                                          **kwargs)
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
                      **kwargs):
         """Load an adapter directory as ``adapter_name`` (not made active). A refused load changes nothing."""
-        from .checkpoint import load_adapter
-
-        return load_adapter(self, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+        return checkpoint.load_adapter(self, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------- helpers

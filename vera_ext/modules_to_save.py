@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .layer import BASE_ADAPTER, batch_adapter_names
+from .batch_context import batch_adapter_names
+from .layer import BASE_ADAPTER
 
 __all__ = ["ModulesToSave"]
 
@@ -19,7 +20,7 @@ class ModulesToSave(nn.Module):
     are PEFT's: ``<path>.original_module.*`` and ``<path>.modules_to_save.<adapter>.*``. Attribute reads that the
     wrapper does not answer go to the module that would run (so ``lm_head.weight`` still works)."""
 
-    #: Per-sample adapter names for one compiled mixed-batch model call (see layer.batch_adapter_names).
+    #: Per-sample adapter names for one compiled mixed-batch model call (see batch_context.batch_adapter_names).
     _batch_adapter_names: Optional[list[str]] = None
 
     def __init__(self, module: nn.Module, adapter_name: str):

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import ops
+from .precision import opmath_dtype
 
 __all__ = ["patch_peft", "unpatch_peft", "is_peft_patched"]
 
@@ -54,15 +55,11 @@ def is_peft_patched() -> bool:
     return bool(_originals)
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _operands(layer, adapter: str, dtype: torch.dtype, device: torch.device):
     """PEFT's slices ``vera_A[:, :in]`` and ``vera_B[:out, :]`` in ``dtype`` on ``device``, lambdas in op-math."""
     A = layer.vera_A[adapter][:, : layer.in_features].to(device, dtype)
     B = layer.vera_B[adapter][: layer.out_features, :].to(device, dtype)
-    lam = _opmath(dtype)
+    lam = opmath_dtype(dtype)
     return A, B, layer.vera_lambda_d[adapter].to(device, lam), layer.vera_lambda_b[adapter].to(device, lam)
 
 

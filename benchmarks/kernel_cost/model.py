@@ -115,6 +115,7 @@ def predict_case(case, events, facts, gpu):
         "ratio_to_floor": predicted / floor_us,
         "ideal_read_bytes": ideal["read"], "ideal_write_bytes": ideal["write"],
         "dram_bytes": sum(r.get("dram_bytes", 0) for r in records),
+        "dram_over_ideal": sum(r.get("dram_bytes", 0) for r in records) / (ideal["read"] + ideal["write"]),
         "our_kernels": {"launches": len(ours), "predicted_us": sum(r["predicted_us"] for r in ours),
                         "sector_bytes": sum(r["sector_bytes"]["read"] + r["sector_bytes"]["write"] for r in ours),
                         "dram_bytes": sum(r["dram_bytes"] for r in ours)},

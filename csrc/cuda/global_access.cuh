@@ -1,7 +1,8 @@
 // The access helpers: every global-memory load and store of the kernels goes through these, so that the emulated
-// build can trace them (emu/emu_trace.h: requests, sectors, bytes, footprint; benchmarks/kernel_report.py turns
-// that into the kernel cost report). Under nvcc they are the plain accesses they wrap: `load(p)` is `*p` (an
-// LDG of sizeof(T) bytes: 16 for uint4), `store(p, v)` is `*p = v`. Shared memory is accessed directly.
+// build can trace them (tests/emulated/emu/emu_trace.h: requests, sectors, bytes, footprint), which
+// benchmarks/kernel_report.py turns into the kernel cost report. Under nvcc they are the plain accesses they wrap:
+// `load(p)` is `*p` (an LDG of sizeof(T) bytes: 16 for uint4), `store(p, v)` is `*p = v`. Shared memory is
+// accessed directly.
 #pragma once
 
 #include "cuda/kernel_prelude.h"

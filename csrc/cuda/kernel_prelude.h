@@ -12,7 +12,8 @@
 
 namespace vera {
 // Launches `Kernel` on `stream` and returns the launch error. An empty grid launches nothing (CUDA rejects it).
-// The kernel is a template argument so that the emulated build (emu/cuda_emu.h) knows its name for the traces.
+// The kernel is a template argument so that the emulated build (tests/emulated/emu/cuda_emu.h) knows its name for
+// the traces.
 template <auto Kernel, typename... Args>
 inline cudaError_t launch_kernel(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream, Args&&... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;

@@ -1,5 +1,5 @@
 """Fixtures of the emulated-kernel tests (`pytest -m emulated`): the CUDA kernels of csrc/cuda, compiled for the
-CPU by g++ through csrc/emu, run on CPU tensors and are compared with the CPU primitives of csrc/cpu."""
+CPU by g++ through tests/emulated/emu, run on CPU tensors and are compared with the CPU primitives of csrc/cpu."""
 
 import pytest
 

@@ -1,5 +1,6 @@
 """Builds and loads the emulated-kernel test library (torch.ops.vera_emu): the csrc/cuda kernels compiled by g++
-with -DVERA_EMULATE_CUDA (csrc/emu), the CPU reference primitives, and tests/emulated/ext/emu_ops.cpp.
+with -DVERA_EMULATE_CUDA (tests/emulated/emu), the CPU reference primitives, and tests/emulated/ext/emu_ops.cpp
+(the file list is csrc/sources.py's EMULATED_LIBRARY).
 
 JIT-built with torch.utils.cpp_extension into build/emulated/torch_ext (VERA_EMU_BUILD_DIR overrides
 build/emulated); ninja rebuilds only what changed. The first build takes about a minute on 2 cores (the
@@ -31,21 +32,13 @@ def _build_and_load(verbose=False):
     out = os.path.join(root, "torch_ext")
     os.makedirs(out, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", "2")
-    sources = [
-        os.path.join(HERE, "ext", "emu_ops.cpp"),
-        os.path.join(REPO, "csrc", "cpu", "prims_cpu.cpp"),
-        os.path.join(REPO, "csrc", "cpu", "decode_cpu.cpp"),
-        os.path.join(REPO, "csrc", "cpu", "claim_pool.cpp"),
-        os.path.join(REPO, "csrc", "emu", "emu_runtime.cpp"),
-        os.path.join(REPO, "csrc", "emu", "emu_trace.cpp"),
-        os.path.join(REPO, "csrc", "common", "checks.cpp"),
-        os.path.join(REPO, "csrc", "testing", "emu_selftest.cpp"),
-    ] + emu_sources.generate(os.path.join(root, "gen"))
+    sources = [os.path.join(REPO, p) for p in emu_sources.SOURCES["EMULATED_LIBRARY"]]
+    sources += emu_sources.generate(os.path.join(root, "gen"))
     cpp_ext.load(
         name=NAME,
         sources=sources,
         extra_cflags=["-O2", "-std=c++20", "-DVERA_EMULATE_CUDA"],  # C++20 whatever standard torch adds
-        extra_include_paths=[os.path.join(REPO, "csrc")],
+        extra_include_paths=[os.path.join(REPO, d) for d in emu_sources.SOURCES["EMULATED_INCLUDE_DIRS"]],
         build_directory=out,
         is_python_module=False,
         verbose=verbose,

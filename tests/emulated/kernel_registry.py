@@ -1,6 +1,7 @@
-"""Which emulated tests run each __global__ kernel in csrc/: the one place to update when a kernel is added.
+"""Which emulated tests run each __global__ kernel (of csrc/ and tests/emulated/kernels/): the one place to update
+when a kernel is added.
 
-test_emu_kernel_coverage.py fails when a kernel in csrc/ is missing here, when an entry names a kernel that no
+test_emu_kernel_coverage.py fails when a kernel is missing here, when an entry names a kernel that no
 longer exists, or when a listed test does not exist. Entries are "test file::test function" in tests/emulated.
 """
 
@@ -61,7 +62,7 @@ KERNEL_TESTS = {
         "test_emu_decode.py::test_decode_unaligned_slices",
         BLOCK_ORDER,
     ],
-    # csrc/testing/emu_selftest_kernels.cu: the emulation's own self-tests and the misuses it must refuse
+    # tests/emulated/kernels/emu_selftest_kernels.cu: the emulation's own self-tests and the misuses it must refuse
     "warp_ops_kernel": [SELFTEST],
     "dynamic_shared_kernel": [SELFTEST],
     "big_dynamic_shared_kernel": [SELFTEST],
@@ -72,12 +73,12 @@ KERNEL_TESTS = {
     "missing_lane_kernel": [SELFTEST],
     "warp_divergence_kernel": [SELFTEST],
     "bad_block_kernel": [SELFTEST],
-    # csrc/testing/planted_faults.cu: deliberate bugs the safety nets must catch
+    # tests/emulated/kernels/planted_faults.cu: deliberate bugs the safety nets must catch
     "planted_oob_write_kernel": ["test_emu_sanitizers.py::test_asan_catches_planted_out_of_bounds_write"],
     "planted_shared_oob_kernel": ["test_emu_sanitizers.py::test_asan_catches_planted_shared_memory_overflow"],
     "planted_missing_sync_kernel": ["test_emu_sanitizers.py::test_tsan_catches_planted_missing_syncthreads"],
     "planted_divergent_barrier_kernel": [SELFTEST],  # the "misuse" self-test
-    # csrc/testing/planted_traffic.cu: deliberate memory waste the kernel cost report's trace must show
+    # tests/emulated/kernels/planted_traffic.cu: deliberate memory waste the kernel cost report's trace must show
     "planted_coalesced_copy_kernel": ["test_emu_trace.py::test_strided_reads_show_more_sectors_per_request"],
     "planted_strided_copy_kernel": ["test_emu_trace.py::test_strided_reads_show_more_sectors_per_request"],
     "planted_double_read_kernel": ["test_emu_trace.py::test_double_read_shows_twice_the_ideal_read_bytes"],

@@ -3,7 +3,7 @@
 # standalone program (no torch, no python at run time) twice, with
 # AddressSanitizer + UndefinedBehaviorSanitizer and with ThreadSanitizer, then
 #   1. runs every kernel check and emulation self-test under each: any sanitizer report or failed check fails;
-#   2. runs the planted faults of csrc/testing/planted_faults.cu: each must be reported, or the script fails.
+#   2. runs the planted faults of tests/emulated/kernels/planted_faults.cu: each must be reported, or the script fails.
 #
 # Usage: tests/emulated/run_sanitizers.sh [asan|tsan|all]      (default: all; exit status 0 = everything held)
 #        tests/emulated/run_sanitizers.sh --build-only asan|tsan  (prints the program's path)
@@ -19,7 +19,7 @@ PYTHON="${PYTHON:-python3}"
 JOBS="${MAX_JOBS:-2}"
 
 COMMON_FLAGS=(-std=c++20 -O1 -g -fno-omit-frame-pointer -pthread -DVERA_EMULATE_CUDA
-              -I"$REPO/csrc" -I"$HERE/sanitize")
+              -I"$REPO/csrc" -I"$HERE" -I"$HERE/sanitize")
 flags_for() {
   case "$1" in
     # -fno-sanitize-recover: the first undefined-behaviour report ends the run with a non-zero status.
@@ -37,12 +37,13 @@ build() {
   mkdir -p "$out/obj"
   local gen
   gen="$("$PYTHON" "$HERE/emu_sources.py" "$out/gen")"
-  local sources=($gen "$REPO/csrc/emu/emu_runtime.cpp" "$REPO/csrc/emu/emu_trace.cpp" "$REPO/csrc/testing/emu_selftest.cpp" "$HERE"/sanitize/*.cpp
-                 "$REPO/csrc/cpu/claim_pool.cpp")
+  local listed sources=($gen)
+  listed="$("$PYTHON" "$REPO/csrc/sources.py" sanitizer_program)"  # the one source list
+  for f in $listed; do sources+=("$REPO/$f"); done
   local stamp
   stamp="$( { echo "$CXX ${COMMON_FLAGS[*]} $extra"; "$CXX" --version | head -1;
-              cat "${sources[@]}" "$REPO"/csrc/emu/* "$REPO"/csrc/cuda/*.h "$REPO"/csrc/cuda/*.cuh \
-                  "$REPO"/csrc/cuda/*.cu "$REPO"/csrc/testing/* "$HERE"/sanitize/*.h \
+              cat "${sources[@]}" "$HERE"/emu/* "$REPO"/csrc/cuda/*.h "$REPO"/csrc/cuda/*.cuh \
+                  "$REPO"/csrc/cuda/*.cu "$HERE"/kernels/* "$HERE"/sanitize/*.h \
                   "$REPO"/csrc/cpu/claim_pool.h; } | sha256sum | cut -d' ' -f1)"
   if [[ -x "$out/emu_check" && "$(cat "$out/stamp" 2>/dev/null)" == "$stamp" ]]; then
     echo "$out/emu_check"

@@ -1,5 +1,6 @@
-"""Guard: every __global__ kernel in csrc/ has an emulated test (kernel_registry.py), or is listed there as a
-tensor-core kernel tested on the GPU only. Needs no build."""
+"""Guard: every __global__ kernel (the extension's in csrc/, the test kernels in tests/emulated/kernels/) has an
+emulated test (kernel_registry.py), or is listed there as a tensor-core kernel tested on the GPU only. Needs no
+build."""
 
 import os
 import re
@@ -12,7 +13,8 @@ from kernel_registry import GPU_ONLY_KERNELS, KERNEL_TESTS
 pytestmark = pytest.mark.emulated
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = emu_sources.CSRC
+REPO = emu_sources.REPO
+KERNEL_ROOTS = ("csrc", os.path.join("tests", "emulated", "kernels"))
 SOURCE_EXTENSIONS = (".cu", ".cuh", ".h", ".hpp", ".cpp", ".inl")
 # `__global__ void name(`, also with a template head before it or __launch_bounds__(...) between.
 GLOBAL_KERNEL = re.compile(
@@ -22,18 +24,17 @@ TENSOR_CORE = re.compile(r"\b(?:mma|wgmma|cp\.async\.bulk|cp\.reduce\.async\.bul
 
 
 def kernels_in_csrc():
-    """{kernel name: [files defining it]} over csrc/, skipping the emulation layer itself and comments."""
+    """{kernel name: [files defining it, relative to the repository]} over the kernel roots, comments skipped."""
     found = {}
-    for root, _, files in os.walk(CSRC):
-        if os.path.relpath(root, CSRC).split(os.sep)[0] == "emu":
-            continue
-        for f in sorted(files):
-            if f.endswith(SOURCE_EXTENSIONS):
-                path = os.path.join(root, f)
-                with open(path, encoding="utf-8") as fh:
-                    text = emu_sources._blank_comments(fh.read())
-                for name in GLOBAL_KERNEL.findall(text):
-                    found.setdefault(name, []).append(os.path.relpath(path, CSRC))
+    for kernel_root in KERNEL_ROOTS:
+        for root, _, files in os.walk(os.path.join(REPO, kernel_root)):
+            for f in sorted(files):
+                if f.endswith(SOURCE_EXTENSIONS):
+                    path = os.path.join(root, f)
+                    with open(path, encoding="utf-8") as fh:
+                        text = emu_sources._blank_comments(fh.read())
+                    for name in GLOBAL_KERNEL.findall(text):
+                        found.setdefault(name, []).append(os.path.relpath(path, REPO))
     return found
 
 
@@ -56,7 +57,7 @@ def test_every_kernel_has_an_emulated_test_or_is_gpu_only():
 def test_registry_names_only_existing_kernels():
     found = kernels_in_csrc()
     stale = sorted((set(KERNEL_TESTS) | set(GPU_ONLY_KERNELS)) - set(found))
-    assert not stale, f"kernel_registry.py lists kernels that are not in csrc/ any more: {stale}"
+    assert not stale, f"kernel_registry.py lists kernels that no longer exist: {stale}"
     both = sorted(set(KERNEL_TESTS) & set(GPU_ONLY_KERNELS))
     assert not both, f"listed both as emulated and as GPU-only: {both}"
     duplicated = sorted(k for k, files in found.items() if len(files) > 1)
@@ -78,5 +79,5 @@ def test_gpu_only_kernels_are_tensor_core_kernels():
     """Only kernels the emulation cannot run may skip it: their source must use tensor-core instructions."""
     found = kernels_in_csrc()
     for kernel in GPU_ONLY_KERNELS:
-        with open(os.path.join(CSRC, found[kernel][0]), encoding="utf-8") as fh:
+        with open(os.path.join(REPO, found[kernel][0]), encoding="utf-8") as fh:
             assert TENSOR_CORE.search(fh.read()), f"{kernel} is listed as GPU-only but uses no tensor-core instruction"

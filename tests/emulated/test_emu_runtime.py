@@ -1,5 +1,5 @@
-"""The emulation layer itself (csrc/emu): its fp16/bf16 conversions against torch's (exhaustively where
-possible), and its self-tests (csrc/testing/emu_selftest.cpp): warp shuffles and votes with every width, dynamic
+"""The emulation layer itself (tests/emulated/emu): its fp16/bf16 conversions against torch's (exhaustively where
+possible), and its self-tests (tests/emulated/kernels/emu_selftest.cpp): warp shuffles and votes with every width, dynamic
 shared memory, atomics, vector loads, 3-D indexing, partial warps, and the misuses it must refuse."""
 
 import pytest

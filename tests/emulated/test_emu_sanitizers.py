@@ -1,6 +1,6 @@
 """The emulated kernels under AddressSanitizer + UndefinedBehaviorSanitizer and under ThreadSanitizer, through
 run_sanitizers.sh (a standalone program, tests/emulated/sanitize: no torch, no python). The clean run must produce
-no report; each planted fault of csrc/testing/planted_faults.cu must be reported, naming the faulty kernel.
+no report; each planted fault of tests/emulated/kernels/planted_faults.cu must be reported, naming the faulty kernel.
 About a minute the first time (two builds), some 20 s when the builds are cached."""
 
 import os

@@ -1,4 +1,4 @@
-"""The memory-traffic trace of the emulated build (csrc/emu/emu_trace.h), which the kernel cost report
+"""The memory-traffic trace of the emulated build (tests/emulated/emu/emu_trace.h), which the kernel cost report
 (benchmarks/kernel_report.py) is built on: hand-counted requests and sectors, planted waste caught, block
 sampling scaled back to the full count, warp instructions told apart by barrier epochs, and results unchanged."""
 

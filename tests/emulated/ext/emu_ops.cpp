@@ -13,9 +13,9 @@
 #include "cpu/prims_cpu.h"
 #include "cuda/kernel_prims.h"
 #include "emu/emu_trace.h"
-#include "testing/emu_selftest.h"
-#include "testing/planted_faults.h"
-#include "testing/planted_traffic.h"
+#include "kernels/emu_selftest.h"
+#include "kernels/planted_faults.h"
+#include "kernels/planted_traffic.h"
 
 namespace {
 

@@ -16,8 +16,8 @@
 
 #include "checks.h"
 #include "emu/emu_trace.h"
-#include "testing/emu_selftest.h"
-#include "testing/planted_faults.h"
+#include "kernels/emu_selftest.h"
+#include "kernels/planted_faults.h"
 
 namespace {
 

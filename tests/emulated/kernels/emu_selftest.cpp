@@ -1,14 +1,14 @@
 // The checks behind emu_selftest.h. Expected values follow the CUDA programming guide: shuffle source lanes with
 // `width` segments, votes over the warp's lanes, atomics' return-value semantics, thread/block linearization.
-#include "testing/emu_selftest.h"
+#include "kernels/emu_selftest.h"
 
 #include <climits>
 #include <functional>
 #include <map>
 #include <sstream>
 
-#include "testing/emu_selftest_kernels.h"
-#include "testing/planted_faults.h"
+#include "kernels/emu_selftest_kernels.h"
+#include "kernels/planted_faults.h"
 
 namespace vera::testing {
 namespace {

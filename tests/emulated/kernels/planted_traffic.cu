@@ -1,5 +1,5 @@
 // The deliberately wasteful kernels of planted_traffic.h. Each waste is marked WASTE.
-#include "testing/planted_traffic.h"
+#include "kernels/planted_traffic.h"
 
 #include "cuda/global_access.cuh"
 

@@ -1,4 +1,4 @@
-"""The demo's data: movie-review sentences labelled positive/negative, kept in vera_ext/demo_data/ (see its
+"""The demo's data: movie-review sentences labelled positive/negative, kept in vera_ext/demo/data/ (see its
 README.md for source, license and selection)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 
 __all__ = ["DATASET_NAME", "DATASET_LICENSE", "DATA_FILE", "LABELS", "Split", "load_split", "batches"]
 
-DATA_FILE = Path(__file__).resolve().parent / "demo_data" / "rt_sentiment.tsv"
+DATA_FILE = Path(__file__).resolve().parent / "data" / "rt_sentiment.tsv"
 DATASET_NAME = "movie-review sentence sentiment (Pang & Lee snippets rated in VADER, Hutto & Gilbert 2014)"
-DATASET_LICENSE = "MIT (vaderSentiment 3.3.2 sdist); see vera_ext/demo_data/README.md"
+DATASET_LICENSE = "MIT (vaderSentiment 3.3.2 sdist); see vera_ext/demo/data/README.md"
 LABELS = ("negative", "positive")
 
 
@@ -39,7 +39,7 @@ def load_split(split: str, path: Path = DATA_FILE) -> Split:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if not path.is_file():
-        raise FileNotFoundError(f"demo data file not found: {path} (it ships in vera_ext/demo_data/)")
+        raise FileNotFoundError(f"demo data file not found: {path} (it ships in vera_ext/demo/data/)")
     texts, labels = [], []
     with open(path, encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):

@@ -1,5 +1,5 @@
 // The deliberately broken kernels of planted_faults.h. Each bug is marked BUG.
-#include "testing/planted_faults.h"
+#include "kernels/planted_faults.h"
 
 #include "cuda/kernel_prelude.h"
 

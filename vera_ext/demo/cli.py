@@ -19,10 +19,10 @@ from typing import Any, Optional
 
 import torch
 
-from .config import VeraConfig
-from .demo_dataset import DATASET_LICENSE, DATASET_NAME, LABELS, Split, batches, load_split
-from .demo_model import MODEL_LICENSE, MODEL_NAME, SentenceClassifier, load_encoder, model_path
-from .model import VeraModel, get_vera_model
+from ..config import VeraConfig
+from ..model import VeraModel, get_vera_model
+from .dataset import DATASET_LICENSE, DATASET_NAME, LABELS, Split, batches, load_split
+from .model import MODEL_LICENSE, MODEL_NAME, SentenceClassifier, load_encoder, model_path
 
 __all__ = ["main", "run", "parse_args"]
 
@@ -299,7 +299,7 @@ def _accuracy(logits: torch.Tensor, data: Split) -> float:
 
 
 def _adapter_tensors_equal(a: VeraModel, b: VeraModel) -> bool:
-    from .checkpoint import adapter_state_dict
+    from ..checkpoint import adapter_state_dict
 
     sa, sb = adapter_state_dict(a, "default"), adapter_state_dict(b, "default")
     return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)

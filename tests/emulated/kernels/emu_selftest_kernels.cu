@@ -1,5 +1,5 @@
 // The kernels of emu_selftest_kernels.h.
-#include "testing/emu_selftest_kernels.h"
+#include "kernels/emu_selftest_kernels.h"
 
 #include "cuda/kernel_prelude.h"
 
