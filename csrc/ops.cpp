@@ -1,5 +1,5 @@
 // Every vera_ext operator schema, in one place. Semantics and shapes are documented in vera_ext/ops.py;
-// the math is DESIGN.md §2. Backends register implementations in csrc/cpu and csrc/cuda.
+// the math is docs/DESIGN.md §2. Backends register implementations in csrc/cpu and csrc/cuda.
 //
 // Shapes: x (N, I); A (r, I) and B (O, r) are slices of the shared projection taken by stride (A[:r, :I],
 // B[:O, :r]); without adapter_idx lambda_d is (r) and lambda_b is (O); with adapter_idx (N, int64, -1 = no
@@ -21,7 +21,8 @@ TORCH_LIBRARY(vera_ext, m) {
   m.def(
       "vera_backward(Tensor grad_out, Tensor u, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, "
       "Tensor? adapter_idx, Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  // delta_W = diag(lambda_b) B diag(lambda_d) A, (O, I), or (I, O) with fan_in_fan_out; fp32 math, cast once.
+  // delta_W = diag(lambda_b) B diag(lambda_d) A, (O, I), or (I, O) with fan_in_fan_out; computed in the op-math
+  // dtype (fp32, fp64 for fp64), cast once.
   m.def(
       "vera_delta_weight(Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, bool fan_in_fan_out, "
       "ScalarType dtype) -> Tensor");

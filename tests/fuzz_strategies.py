@@ -27,7 +27,7 @@ LAYOUTS = ["contiguous", "transposed", "row_padded", "every_other_row"]
 
 
 def opmath(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the ops keep lambdas in (DESIGN.md §2): fp64 for fp64 data, fp32 otherwise."""
+    """The dtype the ops keep lambdas in (docs/DESIGN.md §5): fp64 for fp64 data, fp32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -95,6 +95,13 @@ def test_device_mismatch_is_named():
         OPS.vera_forward(x, base, A, B, ld, lb.cpu(), None)
 
 
+@pytest.mark.cuda
+def test_float64_on_cuda_is_refused_up_front():
+    x, base, A, B, ld, lb = make_case(5, 8, 6, 4, dtype=torch.float64, device="cuda")
+    with pytest.raises(RuntimeError, match="x may be float64 only on the CPU"):
+        OPS.vera_forward(x, base, A, B, ld, lb, None)
+
+
 def test_projection_must_not_require_grad():
     x, base, A, B, ld, lb = make_case(5, 8, 6, 4)
     with pytest.raises(RuntimeError, match="frozen"):

@@ -1,6 +1,6 @@
 """Property-based fuzzing (hypothesis) of the raw ops and of VeraLinear.
 
-Valid inputs must equal the float64 formula (DESIGN.md §2) within what their dtype allows and hold no NaN the
+Valid inputs must equal the float64 formula (docs/DESIGN.md §2) within what their dtype allows and hold no NaN the
 inputs did not bring; invalid inputs must raise a clear error naming the argument and leave every tensor byte for
 byte as it was. Layer-level: random sequences of adapter management, merges and forwards against a float64 model
 of what the layer should hold. Runs are bounded and derandomized (FAST); ``pytest -m slow`` searches longer.
@@ -134,7 +134,7 @@ def _delta_and_merge_match_float64(args):
     mag = (lb.double().abs()[:, None] * B.double().abs()) @ (ld.double().abs()[:, None] * A.double().abs())
     if fan_in_fan_out:
         delta64, mag = delta64.T, mag.T
-    # fp32 math, one rounding to the requested dtype (DESIGN.md §2)
+    # fp32 math, one rounding to the requested dtype (docs/DESIGN.md §5)
     for dtype in (torch.float32, weight.dtype):
         delta = ops.vera_delta_weight(A, B, ld, lb, fan_in_fan_out, dtype)
         assert delta.shape == delta64.shape and delta.dtype == dtype

@@ -1,10 +1,10 @@
 """Mixed-adapter batches at model level: one adapter name per sample, handed to every VeRA layer for one call.
 
-The names reach the layers and modules_to_save wrappers through a context variable (vera_ext.layer), so concurrent
-calls on one model from several threads each see their own names. Under ``torch.compile`` they travel as a module
-attribute set for the call instead, which traces with ``fullgraph=True`` (forward pre-hooks would not: registering
-one bumps a class-level counter); the names are Python strings, so each distinct list compiles its own graph, and
-one compiled mixed-batch call per model runs at a time.
+The names reach the layers and modules_to_save wrappers through a context variable (vera_ext.batch_context), so
+concurrent calls on one model from several threads each see their own names. Under ``torch.compile`` they travel as
+a module attribute set for the call instead, which traces with ``fullgraph=True`` (forward pre-hooks would not:
+registering one bumps a class-level counter); the names are Python strings, so each distinct list compiles its own
+graph, and one compiled mixed-batch call per model runs at a time.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Functional VeRA operators: ``torch.ops.vera_ext.*`` with fake (meta) kernels and autograd.
 
-Notation (DESIGN.md §2): ``x`` is ``(N, I)``, the base output ``(N, O)``; ``A`` ``(r, I)`` and ``B`` ``(O, r)`` are
+Notation (docs/DESIGN.md §2): ``x`` is ``(N, I)``, base output ``(N, O)``; ``A`` ``(r, I)`` and ``B`` ``(O, r)`` are
 slices of the shared frozen projection, taken as views (``vera_A[:r, :I]``, ``vera_B[:O, :r]``), never copied.
-``lambda_d`` ``(r,)`` and ``lambda_b`` ``(O,)`` are float32. For a mixed batch, ``adapter_idx`` ``(N,)`` int64
-names the adapter of each row (``-1``: none) and the lambdas are stacked: ``(K, r)`` and ``(K, O)``.
+``lambda_d`` ``(r,)`` and ``lambda_b`` ``(O,)`` are float32 (float64 for float64 data). For a mixed batch,
+``adapter_idx`` ``(N,)`` int64 names the adapter of each row (``-1``: none) and the lambdas are stacked: ``(K, r)``
+and ``(K, O)``.
 
     u = x @ A.T                                   (N, r), the only activation kept for backward
     y = base + lambda_b * ((u * lambda_d) @ B.T)

@@ -41,6 +41,8 @@ void check_activation(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, name, " must be 2-D (rows, features), got ", describe(t));
   TORCH_CHECK(is_supported_float(t.scalar_type()), name, " must be float32, float16 or bfloat16 (or float64 on the "
               "CPU), got ", describe(t));
+  TORCH_CHECK(t.scalar_type() != at::kDouble || t.device().is_cpu(), name, " may be float64 only on the CPU (the "
+              "CUDA kernels are float32, float16 and bfloat16), got ", describe(t));
 }
 
 void check_like(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& ref,

@@ -1,4 +1,4 @@
-// The VeRA operators (DESIGN.md §2), written once for every backend. Dense products go through ATen GEMMs
+// The VeRA operators (docs/DESIGN.md §2), written once for every backend. Dense products go through ATen GEMMs
 // (on the tensors' device and current stream, beta=1 accumulation where it saves a pass); the scaling, gathers
 // and reductions around them are the backend's own loops or kernels, supplied as `Prims`:
 //
@@ -8,10 +8,13 @@
 //   col_dot_reduce(p, q (N, C), idx?, K)       -> (K, C) opmath, sum over rows n with a(n) = k of p * q
 //   row_dot(p, q (R, C))                       -> (R) opmath, sum over j of p[i, j] * q[i, j]
 //   merge_apply(W, delta (O, I) opmath, alpha, transposed, safe)   W (+)= alpha * delta, one rounding
-//   check_adapter_idx(idx, K)                           every entry in [-1, K)
+//   check_adapter_idx(idx, K)                           every entry in [-1, K) (the CUDA backend skips the check
+//                                                       while a CUDA graph is captured: it would synchronize)
+//   decode_forward(x, weight?, bias?, base?, adapter)   -> (y, u): the whole small-N forward in one fused pass, for
+//                                                       0 < N <= kDecodeMaxRows (the backend's own threshold)
 //
-// Lambdas and sums are in the op-math dtype (opmath_dtype: fp32, fp64 for fp64 data). Without idx every row uses
-// adapter 0 (lam viewed as (1, C)). All loops are deterministic.
+// scale_add copies base where a(n) < 0. Lambdas and sums are in the op-math dtype (opmath_dtype: fp32, fp64 for fp64
+// data). Without idx every row uses adapter 0 (lam viewed as (1, C)). All loops are deterministic.
 #pragma once
 
 #include <ATen/ATen.h>

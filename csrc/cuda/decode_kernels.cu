@@ -1,7 +1,7 @@
 // The fused small-N forward (decode, serving) in two launches, bandwidth-bound on W, A and B (contract in
 // params.h, DecodeParams). A and B are shared by every layer and adapter, so across the layers of a model they stay
-// in L2; per-row adapters only change which lambda entries are gathered, so 1000 distinct adapters in a batch read
-// what one adapter reads.
+// in L2; per-row adapters only change which lambda entries are gathered, so a batch whose rows use different adapters
+// (out of however many are registered) reads what one adapter reads.
 //   pass 1: a block per row k of A (r is small: a block, not a warp, keeps the SMs busy)
 //   pass 2: a warp per output row o of W and B
 #include <cstring>

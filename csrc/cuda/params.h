@@ -1,5 +1,6 @@
 // Plain parameter structs for the VeRA kernels: raw pointers, sizes and strides (in elements, 64-bit), no
-// torch types. The .cpp launchers fill them from tensors; the kernels receive them by value.
+// torch types. KernelPrims (kernel_prims.h) fills them from tensors; the launchers (launchers.h) and kernels
+// receive them by value.
 #pragma once
 
 #include <cstdint>
@@ -82,8 +83,8 @@ struct MergeParams {
 };
 
 // Fused small-N forward (decode, serving), n <= kDecodeMaxRows:
-//   pass 1, a warp per row k of A:      u[n, k] = A_k . x_n;  h[n, k] = u[n, k] * lambda_d[a(n), k]  (fp32)
-//   pass 2, a warp per output o:        y[n, o] = (W_o . x_n + bias[o]  or  base[n, o]) + lambda_b[a(n), o] * (B_o . h_n)
+//   pass 1, a block per row k of A: u[n, k] = A_k . x_n;  h[n, k] = u[n, k] * lambda_d[a(n), k]  (fp32)
+//   pass 2, a warp per output o:    y[n, o] = (W_o . x_n + bias[o]  or  base[n, o]) + lambda_b[a(n), o] * (B_o . h_n)
 // Every row of A, W and B is read once, for all n, with 16-byte loads where the rows are 16-byte aligned.
 constexpr int kDecodeMaxRows = 32;
 struct DecodeParams {

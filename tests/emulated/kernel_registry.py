@@ -82,6 +82,7 @@ KERNEL_TESTS = {
     "planted_coalesced_copy_kernel": ["test_emu_trace.py::test_strided_reads_show_more_sectors_per_request"],
     "planted_strided_copy_kernel": ["test_emu_trace.py::test_strided_reads_show_more_sectors_per_request"],
     "planted_double_read_kernel": ["test_emu_trace.py::test_double_read_shows_twice_the_ideal_read_bytes"],
+    # tests/emulated/kernels/planted_faults.cu, continued: the inter-block race
     "planted_block_order_kernel": [
         "test_emu_runtime.py::test_planted_inter_block_race_shows_under_another_block_order",
     ],
