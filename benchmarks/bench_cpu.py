@@ -1,4 +1,4 @@
-"""The foundation's CPU targets, measured side by side in one process (a script, not a timed test).
+"""The CPU targets of vera_ext against PEFT's VeRA, measured side by side in one process (a script, not a timed test).
 
     python benchmarks/bench_cpu.py [--rounds 15] [--json PATH] [--plot PATH]
 
@@ -14,8 +14,9 @@ import sys
 
 import torch
 
-from vera_ext import bench
-from vera_ext.bench_cases import SHAPES
+from vera_ext.bench.cases import SHAPES
+from vera_ext.bench.cli import Settings, describe, plot_title, positive_int, run_suite
+from vera_ext.bench.report import check_writable_file, format_table, write_json, write_plot
 
 TARGETS = (  # (case, what, target ratio to PEFT)
     ("train_fwd_bwd", "train fwd+bwd time  ", 1.00),
@@ -26,17 +27,17 @@ TARGETS = (  # (case, what, target ratio to PEFT)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=bench._positive_int, default=15)
+    parser.add_argument("--rounds", type=positive_int, default=15)
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--plot", metavar="PATH")
     args = parser.parse_args(argv)
     for flag, path in (("--json", args.json), ("--plot", args.plot)):  # before minutes of measuring
-        problem = path and bench.check_writable_file(path)
+        problem = path and check_writable_file(path)
         if problem:
             parser.error(f"{flag}: cannot write {path!r}: {problem}")
-    settings = bench.Settings(device="cpu", dtype=torch.float32, shape=SHAPES["cpu-1024"], rounds=args.rounds)
-    results, ceilings, _ = bench.run_suite(settings)
-    print(bench.format_table(results, bench.describe(settings, ceilings)))
+    settings = Settings(device="cpu", dtype=torch.float32, shape=SHAPES["cpu-1024"], rounds=args.rounds)
+    results, ceilings, _ = run_suite(settings)
+    print(format_table(results, describe(settings, ceilings)))
     print()
     for case, what, target in TARGETS:
         row = next((r for r in results if r.case == case and r.implementation == "vera_ext"), None)
@@ -49,9 +50,9 @@ def main(argv=None) -> int:
         print(f"decode N=1, caches evicted before each call (no target): vera_ext/peft = {cold.ratio_to_peft:.3f}, "
               f"vera_ext/base = {cold.ratio_to_base:.3f}")
     if args.json:
-        bench.write_json(results, args.json)
+        write_json(results, args.json)
     if args.plot:
-        bench.write_plot(results, args.plot, bench.plot_title(settings))
+        write_plot(results, args.plot, plot_title(settings))
     return 0
 
 

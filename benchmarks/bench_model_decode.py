@@ -4,9 +4,9 @@
 
 Each block runs q, k, v, o (hidden x hidden) and up/down (hidden <-> ffn) projections; VeRA adapts q and v, as in
 the VeRA paper. The base model alone, PEFT 0.21.2's VeRA and vera_ext run side by side in one process, interleaved,
-on identical weights and lambdas (vera_ext.bench_timing.time_interleaved). At the default size the weights (192 MiB) far exceed the caches, so each layer's
-weights come from memory on every token, as in real decode; the one projection shared by every adapted layer
-(2 MiB) stays in cache. Prints medians per token and the ratios.
+on identical weights and lambdas (vera_ext.bench.timing.time_interleaved). At the default size the weights
+(192 MiB) far exceed the caches, so each layer's weights come from memory on every token, as in real decode; the one
+projection shared by every adapted layer (2 MiB) stays in cache. Prints medians per token and the ratios.
 """
 
 import argparse
@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from vera_ext.bench_timing import time_interleaved
+from vera_ext.bench.timing import time_interleaved
 from vera_ext.config import VeraConfig
 from vera_ext.model import get_vera_model
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command a session lent an H200 runs (issue 4), from the repo root of the device machine's copy:
+# The one command a session lent an H200 runs, from the repo root of the device machine's copy:
 #
 #   device tool: run(command="bash benchmarks/gpu_check.sh", timeout_s=600)
 #
@@ -10,11 +10,11 @@
 #              then the g++ emulated build the report needs starts in the background (CPU only; waited for before
 #              bench, so it never competes with the benchmark)
 #   cuda_tests pytest -m cuda tests (the junit XML is appended to tests.log)
-#   bench      benchmarks/gpu_bench.py (gpu_bench.log; its JSON goes into results.json)
+#   bench      python -m vera_ext bench --preset h200 (gpu_bench.log; its JSON goes into results.json)
 #   report     benchmarks/kernel_report.py: the kernel cost model's predictions (optional; into results.json)
 #   ncu        benchmarks/gpu_kernel_check.py: those predictions vs ncu's counters or CUDA events (optional;
 #              kernel_check.log, JSON into results.json)
-#   memcheck   compute-sanitizer memcheck on benchmarks/sanitize_kernels.py (every op, small shapes)
+#   memcheck   compute-sanitizer memcheck on tests/gpu/sanitize_kernels.py (every op, small shapes)
 #   racecheck  compute-sanitizer racecheck on our kernels only, sanitize_kernels.py --quick
 #   synccheck  compute-sanitizer synccheck, likewise (optional)
 #   full_tests the rest of the test suite with the time left (optional)
@@ -201,7 +201,8 @@ if [[ $BUILD_OK == 1 ]] && wanted report; then
 fi
 step cuda_tests 240 tests.log 1 cuda_tests
 wait_emu
-step bench 300 - 1 "$PY" benchmarks/gpu_bench.py --out "$OUT"
+step bench 300 - 1 "$PY" -m vera_ext bench --device cuda --preset h200 --no-progress \
+  --json "$OUT/gpu_bench.json" --log "$OUT/gpu_bench.log"
 { wanted memcheck || wanted racecheck; } && RESERVE=$RESERVE_S
 # bf16 only: the cases gpu_kernel_check measures (all three dtypes take about three times as long)
 step report 150 kernel_check.log 0 env MAX_JOBS=16 "$PY" benchmarks/kernel_report.py --dtypes bf16 \
@@ -209,13 +210,13 @@ step report 150 kernel_check.log 0 env MAX_JOBS=16 "$PY" benchmarks/kernel_repor
 step ncu 180 - 0 "$PY" benchmarks/gpu_kernel_check.py --report "$OUT/kernel_report.json" --out "$OUT"
 RESERVE=0
 step memcheck 240 sanitizer.log 1 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-  "$CS" --tool memcheck --error-exitcode 1 --print-limit 50 "$PY" benchmarks/sanitize_kernels.py
+  "$CS" --tool memcheck --error-exitcode 1 --print-limit 50 "$PY" tests/gpu/sanitize_kernels.py
 step racecheck 180 sanitizer.log 1 \
   "$CS" --tool racecheck --kernel-name kns=vera --error-exitcode 1 --print-limit 50 \
-  "$PY" benchmarks/sanitize_kernels.py --quick
+  "$PY" tests/gpu/sanitize_kernels.py --quick
 step synccheck 90 sanitizer.log 0 \
   "$CS" --tool synccheck --kernel-name kns=vera --error-exitcode 1 --print-limit 50 \
-  "$PY" benchmarks/sanitize_kernels.py --quick
+  "$PY" tests/gpu/sanitize_kernels.py --quick
 step full_tests 600 tests.log 0 "$PY" -m pytest $PYTEST_OPTS -m "not cuda" tests
 
 collect_results

@@ -242,7 +242,7 @@ def test_empty_batch_through_the_layer(device):
 @pytest.mark.parametrize("fused", [True, False])
 def test_saved_activations_are_only_u(fused):
     """Backward keeps u = x A^T (N x r) and nothing else that grows with N (DESIGN §2); PEFT keeps far more."""
-    from vera_ext.bench import saved_activation_bytes
+    from vera_ext.bench.timing import saved_activation_bytes
 
     n, in_f, out_f, r = 64, 48, 40, 16
     ours, peft = pair(in_f, out_f, r)

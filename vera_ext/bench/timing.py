@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .projection import VeraProjection
+from ..projection import VeraProjection
 
 #: A sample should last at least this long (seconds) so that timer resolution and per-sample overhead vanish.
 MIN_SAMPLE_S = {"cpu": 2e-3, "cuda": 5e-4}

@@ -30,9 +30,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .layer import VeraLinear
-from .projection import VeraProjection
-from .bench_timing import saved_activation_bytes
+from ..layer import VeraLinear
+from ..projection import VeraProjection
+from .timing import saved_activation_bytes
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,9 @@ class Case:
     saved_bytes: dict[str, int] = field(default_factory=dict)
     extra: dict[str, dict] = field(default_factory=dict)  # per implementation
     before_each: Optional[Callable[[], object]] = None  # untimed, before every timed call (see time_interleaved)
+    per_call: int = 1  # units of work in one call (the layers of a stack): times are reported per unit
+    costs: dict[str, tuple[int, int]] = field(default_factory=dict)  # impl: (FLOPs, bytes) per unit; else case_cost
+    floor_impl: Optional[str] = None  # the implementation whose measured time is every row's floor
 
     @property
     def metric(self) -> str:

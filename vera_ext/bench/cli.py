@@ -4,18 +4,22 @@
     python -m vera_ext bench --device cuda --shape llama2-7b-qv --dtype bfloat16 --json out.json --plot out.png
     python -m vera_ext bench --case decode,decode_mixed --trace traces/
     python -m vera_ext bench --list                        # the cases and shape presets
+    python -m vera_ext bench --device cuda --preset h200 --json out.json --log out.log   # the GPU plan
+    python -m vera_ext bench --device cpu --preset h200    # its dry run at small sizes (seconds)
 
 Implementations run interleaved, one timed sample of each per round, so machine noise hits all alike (CUDA: events
 after warm-up; CPU: perf_counter); a sample of short calls starts with untimed ones, which refill the caches the
-previous implementation's sample took (see bench_timing.time_interleaved). Each case reports medians, interquartile ranges, the ratios to the base layer and
-to PEFT in the same rounds, and the case's floor: max(FLOPs / GEMM rate, bytes / bandwidth), both rates measured
-at the start of the run (the best of a few samples of a large mm and a large copy). The bandwidth is memory's,
-not cache's: a layer whose weights stay in cache between calls (on the CPU, a 1024x1024 fp32 weight is 4 MiB) can
-run below its floor, which then says that the case is cache-resident. The table goes to stdout, a progress bar to
-stderr (when it is a terminal).
+previous implementation's sample took (see timing.time_interleaved). Each case reports medians, interquartile
+ranges, the ratios to the base layer and to PEFT in the same rounds, and the case's floor: max(FLOPs / GEMM rate,
+bytes / bandwidth), both rates measured at the start of the run (the best of a few samples of a large mm and a
+large copy). The bandwidth is memory's, not cache's: a layer whose weights stay in cache between calls (on the
+CPU, a 1024x1024 fp32 weight is 4 MiB) can run below its floor, which then says that the case is cache-resident.
+The table goes to stdout, a progress bar to stderr (when it is a terminal); --log copies stdout into a file.
 
-Modules: cases and shapes in bench_cases, timing and ceilings in bench_timing, records/table/JSON/plot in
-bench_report, --trace in bench_trace.
+``--preset`` runs a fixed plan instead (preset.py): its own sections and sizes, a section that fails recorded while
+the others run, TARGET lines, and with --json one document (environment, settings, ceilings, records, targets,
+errors). Exit status: 0; 1 when a plan's section failed (or --plot could not draw); 2 for unusable arguments (and
+--device cuda without a GPU).
 """
 
 from __future__ import annotations
@@ -23,20 +27,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from .bench_cases import (CASE_HELP, CASES, DEFAULT_SHAPE, SHAPES, Case, Layers, ShapePreset, case_cost,
-                          decode_case, decode_cold_case, decode_mixed_case, merge_case, training_cases)
-from .bench_report import (Result, check_writable_file, format_table, require_matplotlib, set_ratios, write_json,
-                           write_plot)
-from .bench_timing import floor_ms, measure_ceilings, saved_activation_bytes, time_interleaved
-from .bench_trace import nvtx_range, trace_case
+from .cases import (CASE_HELP, CASES, DEFAULT_SHAPE, SHAPES, Case, Layers, ShapePreset, case_cost, decode_case,
+                    decode_cold_case, decode_mixed_case, merge_case, training_cases)
+from .preset import PRESET_CASES, PRESET_HELP, PRESETS, Preset, PresetRun, refused
+from .report import (Output, Result, check_writable_file, describe_ceilings, format_table, require_matplotlib,
+                     set_ratios, write_json, write_plot)
+from .stack import STACK_CASE_HELP
+from .timing import floor_ms, measure_ceilings, time_interleaved
+from .trace import nvtx_range, trace_case
 
-# Re-exported: benchmarks/gpu_bench.py and the tests use these from here.
-__all__ = ["Result", "Settings", "format_table", "main", "run_suite", "saved_activation_bytes", "time_interleaved"]
+__all__ = ["Settings", "describe", "main", "make_parser", "parse_settings", "plot_title", "run_suite"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -53,14 +59,33 @@ class Settings:
     cases: tuple[str, ...] = CASES
     rounds: int = 15
     quick: bool = False
+    preset: Optional[Preset] = None  # a plan (--preset): its sizes; ``shape`` is then its training shape
+
+    @property
+    def dry_run(self) -> bool:
+        return self.preset is not None and self.preset.dry_run
 
     @property
     def warmup(self) -> int:
-        return 1 if self.quick and self.device == "cpu" else 3  # GPU warm-up calls are cheap; first calls not
+        # GPU warm-up calls are cheap; first calls not
+        return 1 if (self.quick or self.dry_run) and self.device == "cpu" else 3
+
+    @property
+    def inner(self) -> Optional[int]:
+        """Calls per timed sample: None lets time_interleaved choose; a dry run's numbers mean nothing, so one call
+        keeps it short (on a loaded machine a sample sized from one fast call can take seconds)."""
+        return 1 if self.dry_run else None
+
+    @property
+    def ceiling_rounds(self) -> int:
+        """Samples of each ceiling; the best counts."""
+        return self.preset.ceiling_rounds if self.preset else (3 if self.quick else 5)
 
     @property
     def ceiling_sizes(self) -> tuple[int, int]:
         """(GEMM n, copy MiB): large enough to reach the machine's rates, small enough for --quick."""
+        if self.preset is not None:
+            return self.preset.gemm_n, self.preset.copy_mib
         if self.device == "cuda":
             return (4096, 256) if self.quick else (8192, 1024)
         return 1024, 64
@@ -93,7 +118,8 @@ def build_cases(s: Settings):
 
 
 def measure_case(case: Case, s: Settings, ceilings: dict) -> list[Result]:
-    """Time (or read the memory of) one case; floors from ``ceilings``."""
+    """Time (or read the memory of) one case; floors from ``ceilings`` (or the case's ``floor_impl``). Times are
+    per unit of the case's ``per_call`` (per layer of a stack)."""
     shape = {"preset": s.shape.name, **case.shape}
     dt = _dtype_name(s.dtype)
     if case.metric == "memory":
@@ -101,12 +127,14 @@ def measure_case(case: Case, s: Settings, ceilings: dict) -> list[Result]:
                        extra=case.extra.get(k, {})) for k, v in case.saved_bytes.items()]
     else:
         with case.mode(), nvtx_range(f"bench/{case.name}", s.device):
-            timings = time_interleaved(case.fns, s.device, s.rounds, None, s.warmup, case.before_each)
+            timings = time_interleaved(case.fns, s.device, s.rounds, s.inner, s.warmup, case.before_each)
+        timings = {k: (m / case.per_call, q / case.per_call) for k, (m, q) in timings.items()}
         rows = []
         for k, (median, iqr) in timings.items():
-            flops, moved = case_cost(case.name, case.shape, k != "base", s.dtype.itemsize)
+            flops, moved = case.costs.get(k) or case_cost(case.name, case.shape, k != "base", s.dtype.itemsize)
+            floor = timings[case.floor_impl][0] if case.floor_impl else floor_ms(flops, moved, ceilings)
             rows.append(Result(case.name, shape, dt, s.device, k, median, iqr, flops=flops, bytes=moved,
-                               floor_ms=floor_ms(flops, moved, ceilings),
+                               floor_ms=floor,
                                extra={**case.extra.get(k, {}), "machine": ceilings}))
     set_ratios(rows)
     return rows
@@ -122,7 +150,7 @@ def run_suite(s: Settings, progress=None, trace_dir: Optional[str] = None) -> tu
 
     step("ceilings")
     gemm_n, copy_mib = s.ceiling_sizes
-    ceilings = measure_ceilings(s.device, s.dtype, gemm_n, copy_mib, rounds=3 if s.quick else 5)
+    ceilings = measure_ceilings(s.device, s.dtype, gemm_n, copy_mib, rounds=s.ceiling_rounds)
     ceilings["dtype"] = _dtype_name(s.dtype)
     if progress is not None:
         progress.update()
@@ -154,11 +182,10 @@ def describe(s: Settings, ceilings: dict) -> str:
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if s.device == "cuda" else f"{threads} thread{'s' * (threads != 1)}"
     sh = s.shape
-    return (f"vera_ext bench: {s.device} ({where}), {_dtype_name(s.dtype)}, shape {sh.name}: I={sh.in_f} O={sh.out_f} "
-            f"r={sh.r} ({sh.source}); {s.rounds} rounds{' (quick)' if s.quick else ''}; torch {torch.__version__}, "
-            f"peft {peft_version}\n"
-            f"ceilings: GEMM {ceilings['gemm_n']}^3 {ceilings['gemm_flops_per_s'] / 1e12:.3f} TFLOP/s, copy "
-            f"{ceilings['copy_mib']} MiB {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + written)")
+    what = s.preset.summary if s.preset else f"shape {sh.name}: I={sh.in_f} O={sh.out_f} r={sh.r} ({sh.source})"
+    return (f"vera_ext bench: {s.device} ({where}), {_dtype_name(s.dtype)}, {what}; {s.rounds} rounds"
+            f"{' (quick)' if s.quick else ''}; torch {torch.__version__}, peft {peft_version}\n"
+            + describe_ceilings(ceilings))
 
 
 def plot_title(s: Settings) -> str:
@@ -170,7 +197,7 @@ def plot_title(s: Settings) -> str:
 # ------------------------------------------------------------------------------------------------------ the CLI
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -188,7 +215,12 @@ def make_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="cases:\n" + "\n".join(f"  {c:<18} {CASE_HELP[c]}" for c in CASES)
                                 + "\nshapes:\n" + "\n".join(f"  {n:<18} {SHAPES[n].in_f}x{SHAPES[n].out_f} "
-                                                            f"r={SHAPES[n].r}: {SHAPES[n].source}" for n in listed))
+                                                            f"r={SHAPES[n].r}: {SHAPES[n].source}" for n in listed)
+                                + "\npresets (--preset NAME runs a fixed plan; --case picks among its cases):\n"
+                                + "\n".join(f"  {n:<18} " + "\n                     ".join(textwrap.wrap(h, 90))
+                                            for n, h in PRESET_HELP.items())
+                                + "\npreset cases (and train_fwd, train_fwd_bwd, saved_activations):\n"
+                                + "\n".join(f"  {c:<18} {h}" for c, h in STACK_CASE_HELP.items()))
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--shape", metavar="PRESET",
                    help=f"one of {', '.join(listed)} (default: {DEFAULT_SHAPE['cpu']} on cpu, "
@@ -197,12 +229,16 @@ def make_parser() -> argparse.ArgumentParser:
                    help="cases to run, comma-separated or repeated (default: all)")
     p.add_argument("--dtype", choices=list(DTYPES), help="activations and weights (default: float32 on cpu, "
                    "bfloat16 on cuda); lambdas stay fp32")
-    p.add_argument("--rounds", type=_positive_int, help="timed samples per implementation (default: 15 on cpu, "
+    p.add_argument("--rounds", type=positive_int, help="timed samples per implementation (default: 15 on cpu, "
                    "30 on cuda, 5 with --quick)")
     p.add_argument("--quick", action="store_true", help="small N, fewer adapters and rounds: a seconds-long run")
-    p.add_argument("--r", type=_positive_int, help="override the preset's rank")
-    p.add_argument("--n", type=_positive_int, help="override the preset's training N (rows)")
+    p.add_argument("--r", type=positive_int, help="override the preset's rank")
+    p.add_argument("--n", type=positive_int, help="override the preset's training N (rows)")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="run a fixed plan instead (see the list below; --device cpu: its dry run at small sizes); "
+                        "it fixes shapes, dtype and rounds, --json writes one document")
     p.add_argument("--json", metavar="PATH", help="write the result records as a JSON list")
+    p.add_argument("--log", metavar="PATH", help="also write everything printed to stdout into PATH")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the ratios (needs matplotlib)")
     p.add_argument("--trace", metavar="DIR", help="write a torch.profiler Chrome trace per case into DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is no tty)")
@@ -215,19 +251,55 @@ def parse_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible (use --device cpu)")
+    if args.preset is not None:
+        settings = _preset_settings(parser, args, device)
+        _check_outputs(parser, args)
+        return settings
     shape_name = args.shape or DEFAULT_SHAPE[device]
     if shape_name not in SHAPES:
         listed = [n for n, s in SHAPES.items() if not s.hidden]
         parser.error(f"--shape: unknown preset {shape_name!r}; choose from {', '.join(listed)}")
-    cases = list(CASES)
-    if args.case:
-        asked = [c.strip() for entry in args.case for c in entry.split(",") if c.strip()]
-        unknown = [c for c in asked if c not in CASES]
-        if unknown or not asked:
-            parser.error(f"--case: unknown case(s) {', '.join(map(repr, unknown)) or '(none given)'}; choose from "
-                         f"{', '.join(CASES)}")
-        cases = [c for c in CASES if c in asked]
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+    cases = _selected_cases(parser, args.case, CASES)
+    _check_outputs(parser, args)
+    return Settings(
+        device=device,
+        dtype=DTYPES[args.dtype or DEFAULT_DTYPE[device]],
+        shape=SHAPES[shape_name].sized(args.quick, r=args.r, n_train=args.n),
+        cases=tuple(cases),
+        rounds=args.rounds or default_rounds(device, args.quick),
+        quick=args.quick,
+    )
+
+
+def _selected_cases(parser: argparse.ArgumentParser, entries: Optional[list[str]], valid: tuple[str, ...],
+                    context: str = "") -> tuple[str, ...]:
+    """The --case entries (comma-separated, repeatable) in ``valid``'s order; all of ``valid`` when none."""
+    if not entries:
+        return valid
+    asked = [c.strip() for entry in entries for c in entry.split(",") if c.strip()]
+    unknown = [c for c in asked if c not in valid]
+    if unknown or not asked:
+        preset_only = [c for c in unknown if c in PRESET_CASES and not context]
+        hint = f" ({', '.join(preset_only)}: cases of --preset)" if preset_only else ""
+        parser.error(f"--case: unknown case(s) {', '.join(map(repr, unknown)) or '(none given)'}{context}; choose "
+                     f"from {', '.join(valid)}{hint}")
+    return tuple(c for c in valid if c in asked)
+
+
+def _preset_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, device: str) -> Settings:
+    """--preset: the plan's sizes and dtype; --case picks among its cases, --rounds overrides its rounds."""
+    problem = refused(args, device)
+    if problem:
+        parser.error(problem)
+    preset = PRESETS[args.preset][device]
+    cases = _selected_cases(parser, args.case, PRESET_CASES, f" of --preset {args.preset}")
+    return Settings(device=device, dtype=preset.dtype, shape=preset.shape, cases=cases,
+                    rounds=args.rounds or preset.rounds, preset=preset)
+
+
+def _check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--json, --log, --plot and --trace must be writable (checked before measuring)."""
+    for flag, path in (("--json", args.json), ("--log", args.log), ("--plot", args.plot)):
         if path is not None:
             problem = check_writable_file(path)
             if problem:
@@ -246,14 +318,6 @@ def parse_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error(f"--trace: cannot create directory {args.trace!r}: {err.strerror}")
         if not os.access(args.trace, os.W_OK):
             parser.error(f"--trace: directory {args.trace!r} is not writable")
-    return Settings(
-        device=device,
-        dtype=DTYPES[args.dtype or DEFAULT_DTYPE[device]],
-        shape=SHAPES[shape_name].sized(args.quick, r=args.r, n_train=args.n),
-        cases=tuple(cases),
-        rounds=args.rounds or default_rounds(device, args.quick),
-        quick=args.quick,
-    )
 
 
 def _progress_bar(total: int, disabled: bool):
@@ -273,6 +337,12 @@ def main(argv=None) -> int:
         print(parser.epilog)
         return 0
     s = parse_settings(parser, args)
+    with Output(args.log) as say:
+        return run_preset(s, args, say) if s.preset is not None else run_cases(s, args, say)
+
+
+def run_cases(s: Settings, args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    """The standard cases: measure, print the table (through ``say``), write what was asked for; the exit status."""
     timed_cases = sum(1 for c in s.cases if c != "saved_activations")
     bar = _progress_bar(1 + len(s.cases) + (timed_cases if args.trace else 0), args.no_progress)
     try:
@@ -280,17 +350,36 @@ def main(argv=None) -> int:
     finally:
         if bar is not None:
             bar.close()
-    print(format_table(results, describe(s, ceilings)))
+    say(format_table(results, describe(s, ceilings)))
     if args.json:
         write_json(results, args.json)
-        print(f"\nwrote {args.json} ({len(results)} records)")
+        say(f"\nwrote {args.json} ({len(results)} records)")
     if args.plot:
         try:
             write_plot(results, args.plot, plot_title(s))
         except ValueError as err:
             print(f"--plot: {err}", file=sys.stderr)
             return 1
-        print(f"wrote {args.plot}")
+        say(f"wrote {args.plot}")
     for path in traces:
-        print(f"trace: {path}")
+        say(f"trace: {path}")
     return 0
+
+
+def run_preset(s: Settings, args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    """``s.preset``'s plan (PresetRun.execute), its cases measured and described as the standard ones are; the exit
+    status."""
+    run = PresetRun(s.preset, s.device, s.cases, s.rounds)
+
+    def ceilings() -> dict:
+        gemm_n, copy_mib = s.ceiling_sizes
+        measured = measure_ceilings(s.device, s.dtype, gemm_n, copy_mib, rounds=s.ceiling_rounds)
+        return {**measured, "dtype": _dtype_name(s.dtype)}
+
+    bar = _progress_bar(1 + run.case_count(), args.no_progress)
+    try:
+        return run.execute(ceilings, lambda case, c: measure_case(case, s, c), lambda c: describe(s, c), say, bar,
+                           args.json)
+    finally:
+        if bar is not None:
+            bar.close()

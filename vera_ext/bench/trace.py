@@ -13,8 +13,8 @@ import os
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .bench_cases import Case
-from .bench_timing import sync
+from .cases import Case
+from .timing import sync
 
 
 def nvtx_range(name: str, device: str):

@@ -1,4 +1,4 @@
-"""How the benchmark reports: result records, the text table, the JSON list and the PNG bar chart."""
+"""How the benchmark reports: result records, the text table, the JSON list and the PNG bar chart, the log."""
 
 from __future__ import annotations
 
@@ -58,15 +58,25 @@ def _rows_label(shape: dict) -> str:
     return f"N={shape['N']}" + (f" M={shape['M']}" if "M" in shape else "")
 
 
-def format_table(results: list[Result], header: str = "") -> str:
-    """Fixed-width table, one line per result; ``x base``/``x peft`` are ratios (time, or bytes for memory)."""
+def describe_ceilings(ceilings: dict) -> str:
+    """One line: the GEMM rate and copy bandwidth measured at the start of the run."""
+    return (f"ceilings: GEMM {ceilings['gemm_n']}^3 {ceilings['gemm_flops_per_s'] / 1e12:.3f} TFLOP/s, copy "
+            f"{ceilings['copy_mib']} MiB {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + written)")
 
-    def num(v, width, fmt):
-        return f"{v:{width}{fmt}}" if v is not None else " " * width
 
+def format_table(results: list[Result], header: str = "", unit: str = "ms") -> str:
+    """Fixed-width table, one line per result; ``x base``/``x peft`` are ratios (time, or bytes for memory).
+    ``unit``: ``"ms"`` or ``"us"`` for the times (median, IQR, floor)."""
+    scale = {"ms": 1.0, "us": 1e3}[unit]
+
+    def num(v, width, fmt, times=False):
+        return f"{v * (scale if times else 1):{width}{fmt}}" if v is not None else " " * width
+
+    tfmt = ".3f" if unit == "ms" else ".1f"
+    iw = max([9] + [len(r.implementation) + 1 for r in results])
     lines = [header] if header else []
-    lines.append(f"{'case':<18} {'rows':<11} {'impl':<9} {'median ms':>10} {'IQR':>8} {'x base':>7} {'x peft':>7} "
-                 f"{'floor ms':>9} {'x floor':>8} {'saved MiB':>10}")
+    lines.append(f"{'case':<18} {'rows':<11} {'impl':<{iw}} {'median ' + unit:>10} {'IQR':>8} {'x base':>7} "
+                 f"{'x peft':>7} {'floor ' + unit:>9} {'x floor':>8} {'saved MiB':>10}")
     previous = None
     for r in results:
         if previous is not None and r.case != previous:
@@ -74,16 +84,26 @@ def format_table(results: list[Result], header: str = "") -> str:
         previous = r.case
         mib = r.saved_bytes / 2**20 if r.saved_bytes is not None else None
         lines.append(
-            f"{r.case:<18} {_rows_label(r.shape):<11} {r.implementation:<9} {num(r.median_ms, 10, '.3f')} "
-            f"{num(r.spread_ms, 8, '.3f')} {num(r.ratio_to_base, 7, '.3f')} {num(r.ratio_to_peft, 7, '.3f')} "
-            f"{num(r.floor_ms, 9, '.3f')} {num(r.ratio_to_floor, 8, '.2f')} {num(mib, 10, '.2f')}"
+            f"{r.case:<18} {_rows_label(r.shape):<11} {r.implementation:<{iw}} {num(r.median_ms, 10, tfmt, True)} "
+            f"{num(r.spread_ms, 8, tfmt, True)} {num(r.ratio_to_base, 7, '.3f')} {num(r.ratio_to_peft, 7, '.3f')} "
+            f"{num(r.floor_ms, 9, tfmt, True)} {num(r.ratio_to_floor, 8, '.2f')} {num(mib, 10, '.2f')}"
         )
     return "\n".join(lines)
 
 
 def write_json(results: list[Result], path: str) -> None:
+    """The records as a JSON list."""
+    write_document(as_records(results), path)
+
+
+def as_records(results: list[Result]) -> list[dict]:
+    return [asdict(r) for r in results]
+
+
+def write_document(doc, path: str) -> None:
+    """Any JSON-able ``doc`` (dtypes and other objects written as their str)."""
     with open(path, "w") as f:
-        json.dump([asdict(r) for r in results], f, indent=1)
+        json.dump(doc, f, indent=1, default=str)
         f.write("\n")
 
 
@@ -158,3 +178,24 @@ def check_writable_file(path: str) -> Optional[str]:
     if not os.access(parent, os.W_OK):
         return f"directory {parent!r} is not writable"
     return None
+
+
+class Output:
+    """Prints to stdout and, with a path, writes the same lines into that file, flushed line by line: a run stopped
+    by a time limit keeps what it printed. A context manager (closes the file)."""
+
+    def __init__(self, path: Optional[str]):
+        self.file = open(path, "w") if path else None
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+        if self.file is not None:
+            self.file.write(text + "\n")
+            self.file.flush()
+
+    def __enter__(self) -> "Output":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()

@@ -1,11 +1,11 @@
 """Call every vera_ext op on the GPU at small shapes and check it against the CPU ops: the compute-sanitizer driver.
 
-    python benchmarks/sanitize_kernels.py                   # a correctness run (~seconds on a GPU)
-    python benchmarks/sanitize_kernels.py --device cpu      # dry run of this script's logic without a GPU
+    python tests/gpu/sanitize_kernels.py                   # a correctness run (~seconds on a GPU)
+    python tests/gpu/sanitize_kernels.py --device cpu      # dry run of this script's logic without a GPU
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        python benchmarks/sanitize_kernels.py
+        python tests/gpu/sanitize_kernels.py
     compute-sanitizer --tool racecheck --kernel-name kns=vera --error-exitcode 1 \
-        python benchmarks/sanitize_kernels.py --quick
+        python tests/gpu/sanitize_kernels.py --quick
 
 Covered: fp32/fp16/bf16; A and B as strided slices of larger projections (16-byte aligned rows, and odd row strides
 that force the kernels' unaligned paths); N in {0, 1, 5, 32, 33, 300} (0: empty; 1..32: the fused decode path;
