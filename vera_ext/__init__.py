@@ -8,16 +8,27 @@ VeraModel, get_vera_model), routing PEFT's own VeRA layers through our ops (patc
 (materialize), and the functional custom ops (vera_ext.ops; importing it registers their autocast rules).
 """
 
-from . import ops
-from ._C import build_info
-from .config import VeraConfig
-from .layer import BASE_ADAPTER, VeraLinear
-from .meta_init import materialize
-from .model import VeraModel, get_vera_model
-from .peft_patch import is_peft_patched, patch_peft, unpatch_peft
-from .projection import VeraProjection, generate_projection
-
+# The one place the version is written: pyproject.toml reads it from here (tool.setuptools.dynamic).
 __version__ = "0.1.0"
+
+from .build_check import check_build, started_as_info_command
+
+try:
+    # Before anything loads _C: a _C compiled against another torch fails with undefined symbols. Raises an
+    # ImportError naming both torch versions and how to rebuild.
+    check_build()
+    from . import ops
+    from ._C import build_info
+    from .config import VeraConfig
+    from .layer import BASE_ADAPTER, VeraLinear
+    from .meta_init import materialize
+    from .model import VeraModel, get_vera_model
+    from .peft_patch import is_peft_patched, patch_peft, unpatch_peft
+    from .projection import VeraProjection, generate_projection
+except ImportError as err:
+    if not started_as_info_command():
+        raise
+    load_error = err  # `python -m vera_ext info` reports it; nothing else is usable
 
 __all__ = [
     "BASE_ADAPTER",

@@ -5,6 +5,7 @@ import sys
 COMMANDS = {
     "bench": "side-by-side benchmark and profiling: base layer vs PEFT's VeRA vs vera_ext",
     "demo": "a short end-to-end demonstration of vera_ext",
+    "info": "build info, the torch it was built with and the one running, compiled archs, GPU visibility",
 }
 
 
@@ -23,7 +24,12 @@ def main(argv=None) -> int:
     if command not in COMMANDS:
         print(f"{_usage()}\n\npython -m vera_ext: unknown command {command!r}", file=sys.stderr)
         return 2
-    # Imported on demand: each command pulls in what it needs (the bench imports peft, the demo models).
+    # Imported on demand: each command pulls in what it needs (the bench imports peft, the demo models). `info`
+    # first: it is the one command that works when the extension cannot load (it reports why).
+    if command == "info":
+        from . import info
+
+        return info.main(rest)
     if command == "bench":
         from . import bench
 

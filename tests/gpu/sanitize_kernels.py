@@ -34,7 +34,7 @@ import torch
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # ||got - want|| / ||want||, for the result vs the CPU op (same dtype, another summation order) and vs float64.
 # The CPU ops' own worst errors vs float64 on these cases: fp32 4e-7, fp16 7e-4, bf16 4.5e-3; these bounds leave
-# about 7x room for the GPU's different rounding and summation order (fp32: the issue's 1e-5).
+# about 7x room for the GPU's different rounding and summation order (fp32: 1e-5 allows 25x).
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 # (name, I_max, O_max, R_max, I, O, r): A = A_full[:r, :I], B = B_full[:O, :r] read in place.
 CONFIGS = [
