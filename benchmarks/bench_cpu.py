@@ -47,8 +47,10 @@ def main(argv=None) -> int:
         print(f"{what} vera_ext/peft = {row.ratio_to_peft:.3f}   (target <= {target:.2f})")
     cold = next((r for r in results if r.case == "decode_cold" and r.implementation == "vera_ext"), None)
     if cold is not None and cold.ratio_to_peft is not None:
-        print(f"decode N=1, caches evicted before each call (no target): vera_ext/peft = {cold.ratio_to_peft:.3f}, "
-              f"vera_ext/base = {cold.ratio_to_base:.3f}")
+        print(
+            f"decode N=1, caches evicted before each call (no target): vera_ext/peft = {cold.ratio_to_peft:.3f}, "
+            f"vera_ext/base = {cold.ratio_to_base:.3f}"
+        )
     if args.json:
         write_json(results, args.json)
     if args.plot:

@@ -65,9 +65,11 @@ def main(argv=None) -> int:
         timings = time_interleaved(fns, "cpu", args.rounds, inner=10)
     med = {k: median_ms for k, (median_ms, _) in timings.items()}
     weights_mib = sum(t.numel() * t.element_size() for t in base.parameters()) / 2**20
-    print(f"model decode, N=1: {args.blocks} blocks, hidden {args.hidden}, ffn {args.ffn}, VeRA r={args.r} on q and "
-          f"v; base weights {weights_mib:.0f} MiB; {torch.get_num_threads()} threads; output rel. diff vs PEFT "
-          f"{rel:.1e}")
+    print(
+        f"model decode, N=1: {args.blocks} blocks, hidden {args.hidden}, ffn {args.ffn}, VeRA r={args.r} on q and "
+        f"v; base weights {weights_mib:.0f} MiB; {torch.get_num_threads()} threads; output rel. diff vs PEFT "
+        f"{rel:.1e}"
+    )
     for k, v in med.items():
         print(f"  {k:9s} {v:8.3f} ms per token   x base {v / med['base']:.3f}   x peft {v / med['peft']:.3f}")
     return 0

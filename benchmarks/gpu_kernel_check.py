@@ -91,8 +91,10 @@ def _unit_factor(unit: str, column: str) -> float:
     for base in _COUNTS:
         if unit.endswith(base) and unit[: -len(base)] in _PREFIX:
             return _PREFIX[unit[: -len(base)]]
-    raise ValueError(f"unknown unit {unit!r} for ncu column {column!r}; expected one of byte/Kbyte/Mbyte/Gbyte, "
-                     f"nsecond/usecond/msecond/second, sector, request, %, register/thread")
+    raise ValueError(
+        f"unknown unit {unit!r} for ncu column {column!r}; expected one of byte/Kbyte/Mbyte/Gbyte, "
+        f"nsecond/usecond/msecond/second, sector, request, %, register/thread"
+    )
 
 
 def _number(cell: str) -> Optional[float]:
@@ -177,10 +179,17 @@ def parse_ncu_csv(text: str) -> List[dict]:
             value = _number(row[i])
             metrics[header[i]] = None if value is None else value * factor
         name = row[col["Kernel Name"]]
-        launches.append({"id": int(_number(row[col["ID"]]) or 0) if "ID" in col else index, "name": name,
-                         "key": launch_key(name), "case": _case_in_nvtx(" ".join(row[i] for i in nvtx)),
-                         "grid": row[col["Grid Size"]] if "Grid Size" in col else None,
-                         "block": row[col["Block Size"]] if "Block Size" in col else None, "metrics": metrics})
+        launches.append(
+            {
+                "id": int(_number(row[col["ID"]]) or 0) if "ID" in col else index,
+                "name": name,
+                "key": launch_key(name),
+                "case": _case_in_nvtx(" ".join(row[i] for i in nvtx)),
+                "grid": row[col["Grid Size"]] if "Grid Size" in col else None,
+                "block": row[col["Block Size"]] if "Block Size" in col else None,
+                "metrics": metrics,
+            }
+        )
     return launches
 
 
@@ -198,8 +207,10 @@ def assign_cases(launches: List[dict], marked_cases: List[str]) -> List[dict]:
         return kernels
     markers = sum(launch["key"] == MARKER_KEY for launch in launches)
     if markers != len(marked_cases):
-        raise ValueError(f"ncu profiled {markers} case markers ({MARKER_KEY}) but the child marked "
-                         f"{len(marked_cases)} cases; cannot tell which launch belongs to which case")
+        raise ValueError(
+            f"ncu profiled {markers} case markers ({MARKER_KEY}) but the child marked "
+            f"{len(marked_cases)} cases; cannot tell which launch belongs to which case"
+        )
     out, index = [], -1
     for launch in launches:
         if launch["key"] == MARKER_KEY:
@@ -246,8 +257,12 @@ def ncu_problem(returncode: Optional[int], output: str, launches: List[dict]) ->
 def find_ncu() -> Optional[str]:
     """The first executable of $NCU, `ncu` on PATH, $CUDA_HOME/bin/ncu and /usr/local/cuda/bin/ncu; None when
     there is none."""
-    candidates = [os.environ.get("NCU"), shutil.which("ncu"),
-                  os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ncu"), "/usr/local/cuda/bin/ncu"]
+    candidates = [
+        os.environ.get("NCU"),
+        shutil.which("ncu"),
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ncu"),
+        "/usr/local/cuda/bin/ncu",
+    ]
     return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
@@ -267,9 +282,28 @@ def ncu_command(ncu: str, log_path: str, child_argv: List[str]) -> List[str]:
     template arguments (the default prints the bare function name). --log-file keeps the CSV apart from the
     child's output.
     """
-    return [ncu, "--metrics", ",".join(METRICS), "--csv", "--page", "raw", "--print-units", "base",
-            "--print-kernel-base", "demangled", "--profile-from-start", "off", "--nvtx", "--clock-control", "none",
-            "--cache-control", "all", "--log-file", log_path, *child_argv]
+    return [
+        ncu,
+        "--metrics",
+        ",".join(METRICS),
+        "--csv",
+        "--page",
+        "raw",
+        "--print-units",
+        "base",
+        "--print-kernel-base",
+        "demangled",
+        "--profile-from-start",
+        "off",
+        "--nvtx",
+        "--clock-control",
+        "none",
+        "--cache-control",
+        "all",
+        "--log-file",
+        log_path,
+        *child_argv,
+    ]
 
 
 def run_ncu(ncu: str, shapes: str, dtypes: str, timeout_s: float) -> dict:
@@ -280,16 +314,33 @@ def run_ncu(ncu: str, shapes: str, dtypes: str, timeout_s: float) -> dict:
     work = tempfile.mkdtemp(prefix="gpu_kernel_check_")
     try:
         log_path, manifest_path = os.path.join(work, "ncu.csv"), os.path.join(work, "manifest.json")
-        child = [sys.executable, os.path.abspath(__file__), "--child", "--shapes", shapes, "--dtypes", dtypes,
-                 "--manifest", manifest_path]
+        child = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            "--shapes",
+            shapes,
+            "--dtypes",
+            dtypes,
+            "--manifest",
+            manifest_path,
+        ]
         returncode, output = _run_group(ncu_command(ncu, log_path, child), timeout_s)
         text = open(log_path, errors="replace").read() if os.path.exists(log_path) else ""
         raw = text + ("\n" + output if output.strip() else "")
         manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {"cases": []}
-        result = {"launches": [], "raw": raw, "case_errors": {c["case"]: c["error"] for c in manifest["cases"]
-                                                               if c["error"]}}
-        note = (f"; killed after {timeout_s:.0f} s, partial" if returncode is None
-                else f"; ncu exited with status {returncode}" if returncode else "")
+        result = {
+            "launches": [],
+            "raw": raw,
+            "case_errors": {c["case"]: c["error"] for c in manifest["cases"] if c["error"]},
+        }
+        note = (
+            f"; killed after {timeout_s:.0f} s, partial"
+            if returncode is None
+            else f"; ncu exited with status {returncode}"
+            if returncode
+            else ""
+        )
         try:
             launches = parse_ncu_csv(text)
             problem = ncu_problem(returncode, raw, launches)
@@ -307,8 +358,9 @@ def run_ncu(ncu: str, shapes: str, dtypes: str, timeout_s: float) -> dict:
 def _run_group(cmd: List[str], timeout_s: float):
     """(exit status, stdout + stderr) of `cmd` run in its own process group; (None, output so far) when it ran
     past `timeout_s`, after killing that group (ncu and the child it started, nothing else)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout_s)
         return proc.returncode, out
@@ -417,13 +469,22 @@ def profiler_launches(case, ops, inputs, device: str, flush) -> List[dict]:
             torch.cuda.synchronize()
     events = prof.events()
     if device == "cuda":
-        picked = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation",
-                                                                                         False)]
+        picked = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     else:
         picked = [child for e in events if e.cpu_parent is None for child in e.cpu_children]
     picked.sort(key=lambda e: e.time_range.start)
-    return [{"id": i, "name": e.name, "key": launch_key(e.name), "case": case.name, "grid": None, "block": None,
-             "metrics": {"gpu__time_duration.sum": e.time_range.elapsed_us()}} for i, e in enumerate(picked)]
+    return [
+        {
+            "id": i,
+            "name": e.name,
+            "key": launch_key(e.name),
+            "case": case.name,
+            "grid": None,
+            "block": None,
+            "metrics": {"gpu__time_duration.sum": e.time_range.elapsed_us()},
+        }
+        for i, e in enumerate(picked)
+    ]
 
 
 def measure_cases(cases, device: str, rounds: int, log) -> dict:
@@ -461,12 +522,11 @@ def load_report(path: str) -> dict:
         report = json.load(fh)
     if not isinstance(report, dict) or report.get("schema") != 1:
         found = report.get("schema") if isinstance(report, dict) else type(report).__name__
-        raise ValueError(f"--report {path}: expected a kernel_report JSON object with \"schema\": 1, got {found!r}")
+        raise ValueError(f'--report {path}: expected a kernel_report JSON object with "schema": 1, got {found!r}')
     for field, inner in (("ops", ("case", "events")), ("kernels", ("key",))):
         items = report.get(field)
         if not isinstance(items, list) or not all(isinstance(i, dict) and all(k in i for k in inner) for i in items):
-            raise ValueError(f"--report {path}: expected \"{field}\" to be a list of objects with "
-                             f"{', '.join(inner)}")
+            raise ValueError(f'--report {path}: expected "{field}" to be a list of objects with {", ".join(inner)}')
     return report
 
 
@@ -487,15 +547,26 @@ def measured_kernel(launch: dict) -> dict:
     warps_active_pct, dram_pct_of_peak, grid, block, name."""
     m = launch["metrics"]
     read, write = m.get("dram__bytes_read.sum"), m.get("dram__bytes_write.sum")
-    return {"name": launch["name"], "grid": launch["grid"], "block": launch["block"],
-            "time_us": m.get("gpu__time_duration.sum"), "registers": m.get("launch__registers_per_thread"),
-            "dram_read_bytes": read, "dram_write_bytes": write, "dram_bytes": _sum([read, write]),
-            "ld_sectors_per_request": _ratio(m.get("l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum"),
-                                             m.get("l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum")),
-            "st_sectors_per_request": _ratio(m.get("l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum"),
-                                             m.get("l1tex__t_requests_pipe_lsu_mem_global_op_st.sum")),
-            "warps_active_pct": m.get("sm__warps_active.avg.pct_of_peak_sustained_active"),
-            "dram_pct_of_peak": m.get("dram__throughput.avg.pct_of_peak_sustained_elapsed")}
+    return {
+        "name": launch["name"],
+        "grid": launch["grid"],
+        "block": launch["block"],
+        "time_us": m.get("gpu__time_duration.sum"),
+        "registers": m.get("launch__registers_per_thread"),
+        "dram_read_bytes": read,
+        "dram_write_bytes": write,
+        "dram_bytes": _sum([read, write]),
+        "ld_sectors_per_request": _ratio(
+            m.get("l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum"),
+            m.get("l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum"),
+        ),
+        "st_sectors_per_request": _ratio(
+            m.get("l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum"),
+            m.get("l1tex__t_requests_pipe_lsu_mem_global_op_st.sum"),
+        ),
+        "warps_active_pct": m.get("sm__warps_active.avg.pct_of_peak_sustained_active"),
+        "dram_pct_of_peak": m.get("dram__throughput.avg.pct_of_peak_sustained_elapsed"),
+    }
 
 
 def predicted_kernel(event: dict, kernel: Optional[dict], max_warps: int) -> dict:
@@ -510,10 +581,16 @@ def predicted_kernel(event: dict, kernel: Optional[dict], max_warps: int) -> dic
     else:
         occupancy = event.get("occupancy", kernel.get("occupancy"))
         warps = None if occupancy is None else occupancy * 100
-    return {"time_us": event.get("predicted_us"), "registers": event.get("registers", kernel.get("registers")),
-            "dram_bytes": event.get("dram_bytes"), "ld_sectors_per_request": spr.get("load"),
-            "st_sectors_per_request": spr.get("store"), "grid": event.get("grid"), "block": event.get("block"),
-            "warps_active_pct": warps}
+    return {
+        "time_us": event.get("predicted_us"),
+        "registers": event.get("registers", kernel.get("registers")),
+        "dram_bytes": event.get("dram_bytes"),
+        "ld_sectors_per_request": spr.get("load"),
+        "st_sectors_per_request": spr.get("store"),
+        "grid": event.get("grid"),
+        "block": event.get("block"),
+        "warps_active_pct": warps,
+    }
 
 
 def match_kernels(case: str, events: List[dict], ours: List[dict], kernels: dict, max_warps: int) -> List[dict]:
@@ -531,14 +608,28 @@ def match_kernels(case: str, events: List[dict], ours: List[dict], kernels: dict
         seen[event["key"]] += 1
         launch = measured.get(slot)
         used.add(slot)
-        rows.append({"case": case, "key": slot[0], "occurrence": slot[1],
-                     "status": "matched" if launch else "not launched",
-                     "predicted": predicted_kernel(event, kernels.get(slot[0]), max_warps),
-                     "measured": measured_kernel(launch) if launch else None})
+        rows.append(
+            {
+                "case": case,
+                "key": slot[0],
+                "occurrence": slot[1],
+                "status": "matched" if launch else "not launched",
+                "predicted": predicted_kernel(event, kernels.get(slot[0]), max_warps),
+                "measured": measured_kernel(launch) if launch else None,
+            }
+        )
     for slot, launch in measured.items():
         if slot not in used:
-            rows.append({"case": case, "key": slot[0], "occurrence": slot[1], "status": "not predicted",
-                         "predicted": None, "measured": measured_kernel(launch)})
+            rows.append(
+                {
+                    "case": case,
+                    "key": slot[0],
+                    "occurrence": slot[1],
+                    "status": "not predicted",
+                    "predicted": None,
+                    "measured": measured_kernel(launch),
+                }
+            )
     return rows
 
 
@@ -557,22 +648,32 @@ def op_row(case, op: Optional[dict], timing, launches: List[dict], ours_keys: se
             entry["count"] += 1
             entry["time_us"] += launch["metrics"].get("gpu__time_duration.sum") or 0.0
     times = [launch["metrics"].get("gpu__time_duration.sum") for launch in launches]
-    dram = [_sum([launch["metrics"].get("dram__bytes_read.sum"), launch["metrics"].get("dram__bytes_write.sum")])
-            for launch in launches]
-    return {"case": case.name, "group": case.group, "what": case.what, "dims": case.dims(),
-            "predicted_us": op.get("predicted_us"), "measured_us": median, "measured_iqr_us": iqr,
-            "ratio_measured_to_predicted": _ratio(median, op.get("predicted_us")),
-            "floor_us": op.get("floor_us"), "floor_what": op.get("floor_what"),
-            "ratio_measured_to_floor": _ratio(median, op.get("floor_us")),
-            "predicted_dram_bytes": pred_dram,
-            "effective_bytes_per_s": _ratio(pred_dram, median * 1e-6 if median else None),
-            "measured_dram_bytes": _sum(dram),
-            "kernel_sum_us": _sum(times),
-            "predicted_ours_us": _sum([e.get("predicted_us") for e in events if e.get("kind") == "kernel"]),
-            "measured_ours_us": _sum([t for t, l in zip(times, launches) if l["key"] in ours_keys]),
-            "predicted_other_us": _sum([e.get("predicted_us") for e in events if e.get("kind") != "kernel"]),
-            "measured_other_us": _sum([o["time_us"] for o in others.values()]),
-            "other_kernels": list(others.values())}
+    dram = [
+        _sum([launch["metrics"].get("dram__bytes_read.sum"), launch["metrics"].get("dram__bytes_write.sum")])
+        for launch in launches
+    ]
+    return {
+        "case": case.name,
+        "group": case.group,
+        "what": case.what,
+        "dims": case.dims(),
+        "predicted_us": op.get("predicted_us"),
+        "measured_us": median,
+        "measured_iqr_us": iqr,
+        "ratio_measured_to_predicted": _ratio(median, op.get("predicted_us")),
+        "floor_us": op.get("floor_us"),
+        "floor_what": op.get("floor_what"),
+        "ratio_measured_to_floor": _ratio(median, op.get("floor_us")),
+        "predicted_dram_bytes": pred_dram,
+        "effective_bytes_per_s": _ratio(pred_dram, median * 1e-6 if median else None),
+        "measured_dram_bytes": _sum(dram),
+        "kernel_sum_us": _sum(times),
+        "predicted_ours_us": _sum([e.get("predicted_us") for e in events if e.get("kind") == "kernel"]),
+        "measured_ours_us": _sum([t for t, l in zip(times, launches) if l["key"] in ours_keys]),
+        "predicted_other_us": _sum([e.get("predicted_us") for e in events if e.get("kind") != "kernel"]),
+        "measured_other_us": _sum([o["time_us"] for o in others.values()]),
+        "other_kernels": list(others.values()),
+    }
 
 
 def compare(cases, report: Optional[dict], timings: dict, launches: List[dict]) -> dict:
@@ -587,9 +688,13 @@ def compare(cases, report: Optional[dict], timings: dict, launches: List[dict]) 
     for case in cases:
         mine = [launch for launch in launches if launch["case"] == case.name]
         result["ops"].append(op_row(case, ops.get(case.name), timings.get(case.name), mine, ours_keys))
-        result["kernels"] += match_kernels(case.name, ops.get(case.name, {}).get("events", []),
-                                           [launch for launch in mine if launch["key"] in ours_keys], kernels,
-                                           max_warps)
+        result["kernels"] += match_kernels(
+            case.name,
+            ops.get(case.name, {}).get("events", []),
+            [launch for launch in mine if launch["key"] in ours_keys],
+            kernels,
+            max_warps,
+        )
     return result
 
 
@@ -603,46 +708,54 @@ def _f(value, spec: str = ".1f", scale: float = 1.0) -> str:
 
 
 def _pair(pred, meas, spec: str = ".1f", scale: float = 1.0) -> str:
-    """"predicted/measured" in one cell."""
+    """ "predicted/measured" in one cell."""
     return f"{_f(pred, spec, scale)}/{_f(meas, spec, scale)}"
 
 
 def ops_table(rows: List[dict]) -> str:
     """One line per op case: predicted and measured us, measured/predicted, floor and measured/floor, the
     report's DRAM bytes and that over the measured time, ncu's DRAM bytes, the launches' kernel time."""
-    head = (f"{'case':<20} {'pred us':>9} {'meas us':>9} {'m/p':>6} {'floor us':>9} {'m/floor':>7} "
-            f"{'pred MB':>8} {'eff TB/s':>8} {'meas MB':>8} {'kern us':>9}")
+    head = (
+        f"{'case':<20} {'pred us':>9} {'meas us':>9} {'m/p':>6} {'floor us':>9} {'m/floor':>7} "
+        f"{'pred MB':>8} {'eff TB/s':>8} {'meas MB':>8} {'kern us':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['case']:<20} {_f(r['predicted_us']):>9} {_f(r['measured_us']):>9} "
-                     f"{_f(r['ratio_measured_to_predicted'], '.2f'):>6} {_f(r['floor_us']):>9} "
-                     f"{_f(r['ratio_measured_to_floor'], '.2f'):>7} {_f(r['predicted_dram_bytes'], '.1f', 1e6):>8} "
-                     f"{_f(r['effective_bytes_per_s'], '.2f', 1e12):>8} "
-                     f"{_f(r['measured_dram_bytes'], '.1f', 1e6):>8} {_f(r['kernel_sum_us']):>9}")
+        lines.append(
+            f"{r['case']:<20} {_f(r['predicted_us']):>9} {_f(r['measured_us']):>9} "
+            f"{_f(r['ratio_measured_to_predicted'], '.2f'):>6} {_f(r['floor_us']):>9} "
+            f"{_f(r['ratio_measured_to_floor'], '.2f'):>7} {_f(r['predicted_dram_bytes'], '.1f', 1e6):>8} "
+            f"{_f(r['effective_bytes_per_s'], '.2f', 1e12):>8} "
+            f"{_f(r['measured_dram_bytes'], '.1f', 1e6):>8} {_f(r['kernel_sum_us']):>9}"
+        )
     return "\n".join(lines)
 
 
 def kernels_table(rows: List[dict]) -> str:
     """One line per launch of our kernels, each cell "predicted/measured": registers, DRAM MB, load and store
     sectors per request, time us, warps active %; then the time ratio and the match status."""
-    head = (f"{'case':<20} {'kernel':<46} {'regs':>9} {'DRAM MB':>13} {'ld sec/req':>11} {'st sec/req':>11} "
-            f"{'us':>15} {'m/p':>6} {'warps %':>11}  status")
+    head = (
+        f"{'case':<20} {'kernel':<46} {'regs':>9} {'DRAM MB':>13} {'ld sec/req':>11} {'st sec/req':>11} "
+        f"{'us':>15} {'m/p':>6} {'warps %':>11}  status"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         p, m = r["predicted"] or {}, r["measured"] or {}
         key = r["key"] + (f" #{r['occurrence'] + 1}" if r["occurrence"] else "")
-        lines.append(f"{r['case']:<20} {key[:46]:<46} {_pair(p.get('registers'), m.get('registers'), '.0f'):>9} "
-                     f"{_pair(p.get('dram_bytes'), m.get('dram_bytes'), '.2f', 1e6):>13} "
-                     f"{_pair(p.get('ld_sectors_per_request'), m.get('ld_sectors_per_request')):>11} "
-                     f"{_pair(p.get('st_sectors_per_request'), m.get('st_sectors_per_request')):>11} "
-                     f"{_pair(p.get('time_us'), m.get('time_us')):>15} "
-                     f"{_f(_ratio(m.get('time_us'), p.get('time_us')), '.2f'):>6} "
-                     f"{_pair(p.get('warps_active_pct'), m.get('warps_active_pct'), '.0f'):>11}  {r['status']}")
+        lines.append(
+            f"{r['case']:<20} {key[:46]:<46} {_pair(p.get('registers'), m.get('registers'), '.0f'):>9} "
+            f"{_pair(p.get('dram_bytes'), m.get('dram_bytes'), '.2f', 1e6):>13} "
+            f"{_pair(p.get('ld_sectors_per_request'), m.get('ld_sectors_per_request')):>11} "
+            f"{_pair(p.get('st_sectors_per_request'), m.get('st_sectors_per_request')):>11} "
+            f"{_pair(p.get('time_us'), m.get('time_us')):>15} "
+            f"{_f(_ratio(m.get('time_us'), p.get('time_us')), '.2f'):>6} "
+            f"{_pair(p.get('warps_active_pct'), m.get('warps_active_pct'), '.0f'):>11}  {r['status']}"
+        )
     return "\n".join(lines)
 
 
 def _spread(ratios: List[Optional[float]]) -> str:
-    """"median M (min a, max b) over n" of the ratios present, or "none"."""
+    """ "median M (min a, max b) over n" of the ratios present, or "none"."""
     present = sorted(r for r in ratios if r is not None)
     if not present:
         return "none"
@@ -688,8 +801,14 @@ def environment(device: str, ncu: Optional[str]) -> dict:
     """Versions, the GPU and the ncu used, for the JSON."""
     import vera_ext
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "vera_ext_build": vera_ext.build_info(), "device": device, "time": time.strftime("%F %T %Z")}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "vera_ext_build": vera_ext.build_info(),
+        "device": device,
+        "time": time.strftime("%F %T %Z"),
+    }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, sms=props.multi_processor_count, l2_bytes=getattr(props, "L2_cache_size", None))
@@ -723,22 +842,41 @@ def _dtypes(text: str) -> List[str]:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--report", help="the kernel_report JSON to compare with (default $OUT/kernel_report.json); "
-                        "without one the measurements are still made and written")
+    parser.add_argument(
+        "--report",
+        help="the kernel_report JSON to compare with (default $OUT/kernel_report.json); "
+        "without one the measurements are still made and written",
+    )
     parser.add_argument("--out", default=os.environ.get("OUT") or "./gpu_out", help="folder for the JSON and log")
     parser.add_argument("--shapes", default="all", choices=GROUPS + ("all",), help="which cases (default all)")
-    parser.add_argument("--dtypes", default="bf16", type=_dtypes,
-                        help="comma-separated dtypes of the cases, among bf16, fp16, fp32 (default bf16: the target; "
-                        "the report names the others' cases case@fp16, case@fp32)")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                        help="cpu: dry run of the plumbing at the small case sizes with the CPU ops; no ncu, no "
-                        "CUDA events; numbers mean nothing")
-    parser.add_argument("--mode", choices=["ncu", "events", "auto"], default="auto",
-                        help="ncu: counters from Nsight Compute (exit 1 if unavailable); events: CUDA events and "
-                        "torch.profiler only; auto (default): ncu, else events")
+    parser.add_argument(
+        "--dtypes",
+        default="bf16",
+        type=_dtypes,
+        help="comma-separated dtypes of the cases, among bf16, fp16, fp32 (default bf16: the target; "
+        "the report names the others' cases case@fp16, case@fp32)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cpu: dry run of the plumbing at the small case sizes with the CPU ops; no ncu, no "
+        "CUDA events; numbers mean nothing",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["ncu", "events", "auto"],
+        default="auto",
+        help="ncu: counters from Nsight Compute (exit 1 if unavailable); events: CUDA events and "
+        "torch.profiler only; auto (default): ncu, else events",
+    )
     parser.add_argument("--rounds", type=_positive, default=20, help="timed calls per case (default 20)")
-    parser.add_argument("--ncu-timeout", type=_positive, default=120,
-                        help="seconds the ncu run may take before it is killed (default 120)")
+    parser.add_argument(
+        "--ncu-timeout",
+        type=_positive,
+        default=120,
+        help="seconds the ncu run may take before it is killed (default 120)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the process ncu profiles
     parser.add_argument("--manifest", help=argparse.SUPPRESS)  # where the child records its cases
     args = parser.parse_args(argv)
@@ -754,11 +892,19 @@ def ncu_phase(args, ncu: Optional[str], cases, log) -> dict:
     """Step 2: {"status", "launches" (None unless ncu's counters are usable), "raw", "case_errors"}; ncu is run
     only on CUDA with --mode ncu|auto and when it was found."""
     if args.device == "cpu" or args.mode == "events":
-        return {"status": f"not run (--device {args.device}, --mode {args.mode})", "launches": None, "raw": None,
-                "case_errors": {}}
+        return {
+            "status": f"not run (--device {args.device}, --mode {args.mode})",
+            "launches": None,
+            "raw": None,
+            "case_errors": {},
+        }
     if ncu is None:
-        return {"status": "unavailable: ncu not found ($NCU, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)",
-                "launches": None, "raw": None, "case_errors": {}}
+        return {
+            "status": "unavailable: ncu not found ($NCU, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)",
+            "launches": None,
+            "raw": None,
+            "case_errors": {},
+        }
     torch.cuda.empty_cache()  # the child needs the memory this process cached in step 1
     log(f"[ncu] profiling {len(cases)} cases under {ncu} (limit {args.ncu_timeout} s)")
     t0 = time.perf_counter()
@@ -771,8 +917,10 @@ def log_tables(log, doc: dict, raw: Optional[str]) -> None:
     """The two tables, the KERNEL_CHECK lines, then ncu's raw output (evidence for the numbers; to the file only,
     as it is long) when it ran."""
     log()
-    log(f"==== predicted vs measured ({doc['environment'].get('gpu', doc['environment']['device'])}, kernels from "
-        f"{doc['launch_source']}; cells: predicted/measured)")
+    log(
+        f"==== predicted vs measured ({doc['environment'].get('gpu', doc['environment']['device'])}, kernels from "
+        f"{doc['launch_source']}; cells: predicted/measured)"
+    )
     log(ops_table(doc["ops"]))
     log()
     log(kernels_table(doc["kernels"]))
@@ -788,14 +936,19 @@ def main(argv=None) -> int:
     if args.child:
         return child_main(select(args.shapes, dtypes=args.dtypes), args.manifest)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_kernel_check: no CUDA device visible (torch.cuda.is_available() is False); use --device cpu for "
-              "a dry run of the script's plumbing", file=sys.stderr)
+        print(
+            "gpu_kernel_check: no CUDA device visible (torch.cuda.is_available() is False); use --device cpu for "
+            "a dry run of the script's plumbing",
+            file=sys.stderr,
+        )
         return 2
     import vera_ext
 
     if args.device == "cuda" and not vera_ext.build_info().get("with_cuda"):
-        print(f"gpu_kernel_check: vera_ext was built without CUDA kernels ({vera_ext.build_info()}); rebuild here",
-              file=sys.stderr)
+        print(
+            f"gpu_kernel_check: vera_ext was built without CUDA kernels ({vera_ext.build_info()}); rebuild here",
+            file=sys.stderr,
+        )
         return 2
     os.makedirs(args.out, exist_ok=True)
     log = Log(os.path.join(args.out, "kernel_check.log"))
@@ -804,13 +957,23 @@ def main(argv=None) -> int:
     ncu = find_ncu() if args.device == "cuda" and args.mode != "events" else None
     log(f"==== gpu_kernel_check {time.strftime('%F %T')}: {' '.join(sys.argv[1:] if argv is None else argv)}")
     # "ncu" as the JSON written after step 1 says it (a run killed during ncu leaves that one)
-    out = {"schema": 1, "environment": environment(args.device, ncu), "shapes": args.shapes, "dtypes": args.dtypes,
-           "mode": args.mode, "rounds": args.rounds, "report": args.report, "report_error": None,
-           "ncu": "pending: ncu had not finished when this was written",
-           "conditions": {"l2": "flushed before each timed call (a 256 MiB write); ncu: --cache-control all",
-                          "launches": "the host queues each call's launches while the GPU flushes the L2, so the "
-                          "event time is the GPU's, without host launch overhead (host syncs in the op excepted)",
-                          "clocks": "as the GPU runs them (ncu: --clock-control none)"}}
+    out = {
+        "schema": 1,
+        "environment": environment(args.device, ncu),
+        "shapes": args.shapes,
+        "dtypes": args.dtypes,
+        "mode": args.mode,
+        "rounds": args.rounds,
+        "report": args.report,
+        "report_error": None,
+        "ncu": "pending: ncu had not finished when this was written",
+        "conditions": {
+            "l2": "flushed before each timed call (a 256 MiB write); ncu: --cache-control all",
+            "launches": "the host queues each call's launches while the GPU flushes the L2, so the "
+            "event time is the GPU's, without host launch overhead (host syncs in the op excepted)",
+            "clocks": "as the GPU runs them (ncu: --clock-control none)",
+        },
+    }
     try:
         report = load_report(args.report)
     except (OSError, ValueError) as err:

@@ -32,18 +32,31 @@ from kernel_cost.occupancy import occupancy  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--json", metavar="PATH", help="write the whole report as JSON")
     p.add_argument("--shapes", default="all", choices=("training", "decode", "merge", "all"))
     p.add_argument("--small", action="store_true", help="reduced shapes (same code paths): for tests")
-    p.add_argument("--dtypes", default="bf16,fp16,fp32", metavar="LIST",
-                   help="dtypes to run the cases in (default bf16,fp16,fp32: every kernel instantiation is traced; "
-                   "bf16 is the target and the only one in the printed op table)")
-    p.add_argument("--max-blocks", type=int, default=64, metavar="N",
-                   help="trace at most N blocks of a launch, scaling its counts up (0: every block; default 64)")
-    p.add_argument("--gpu-constants", metavar="PATH",
-                   help="JSON {field: value} replacing model constants of kernel_cost/h200.py (e.g. calibrated)")
+    p.add_argument(
+        "--dtypes",
+        default="bf16,fp16,fp32",
+        metavar="LIST",
+        help="dtypes to run the cases in (default bf16,fp16,fp32: every kernel instantiation is traced; "
+        "bf16 is the target and the only one in the printed op table)",
+    )
+    p.add_argument(
+        "--max-blocks",
+        type=int,
+        default=64,
+        metavar="N",
+        help="trace at most N blocks of a launch, scaling its counts up (0: every block; default 64)",
+    )
+    p.add_argument(
+        "--gpu-constants",
+        metavar="PATH",
+        help="JSON {field: value} replacing model constants of kernel_cost/h200.py (e.g. calibrated)",
+    )
     return p.parse_args(argv)
 
 
@@ -67,23 +80,35 @@ def kernel_rows(facts, ops_records, gpu):
         blocks_of.setdefault(model.kernel_base(key), evs[0][1]["block"])
     rows = []
     for key, f in sorted(facts.items(), key=lambda kv: (kv[1]["source_file"], kv[0])):
-        row = {"key": key, "source_file": f["source_file"], "registers": f["registers"],
-               "stack_bytes": f["stack_bytes"], "local_bytes": f["local_bytes"], "spills": f["spills"],
-               "static_shared_bytes": f["static_shared_bytes"], "ldg128": f["widths"]["loads"].get(16, 0),
-               "bytes_in_flight_per_warp": f["load_batches"]["bytes_in_flight_per_warp"]}
+        row = {
+            "key": key,
+            "source_file": f["source_file"],
+            "registers": f["registers"],
+            "stack_bytes": f["stack_bytes"],
+            "local_bytes": f["local_bytes"],
+            "spills": f["spills"],
+            "static_shared_bytes": f["static_shared_bytes"],
+            "ldg128": f["widths"]["loads"].get(16, 0),
+            "bytes_in_flight_per_warp": f["load_batches"]["bytes_in_flight_per_warp"],
+        }
         block = blocks_of.get(model.kernel_base(key))
         if block is not None:
             threads = block[0] * block[1] * block[2]
             occ = occupancy(f["registers"], threads, f["static_shared_bytes"], 0, gpu)
-            row.update(threads_per_block=threads, occupancy=occ["occupancy"], blocks_per_sm=occ["blocks_per_sm"],
-                       limited_by=occ["limited_by"])
+            row.update(
+                threads_per_block=threads,
+                occupancy=occ["occupancy"],
+                blocks_per_sm=occ["blocks_per_sm"],
+                limited_by=occ["limited_by"],
+            )
         evs = [ev for _, ev in launches.get(key, [])]
         if evs:
             req_ld, req_st = _total(evs, "requests", "load"), _total(evs, "requests", "store")
             read, write = _total(evs, "sector_bytes", "read"), _total(evs, "sector_bytes", "write")
             unique = _total(evs, "unique_bytes", "read") + _total(evs, "unique_bytes", "write")
             row["traced"] = {
-                "cases": sorted({case for case, _ in launches[key]}), "launches": len(evs),
+                "cases": sorted({case for case, _ in launches[key]}),
+                "launches": len(evs),
                 "sectors_per_request_load": read / 32 / req_ld if req_ld else None,
                 "sectors_per_request_store": write / 32 / req_st if req_st else None,
                 "requested_over_unique": (read + write) / unique if unique else None,
@@ -103,31 +128,44 @@ def fmt(v, spec=".1f", none="-"):
 
 def print_kernels(rows):
     print("Kernels (sm_90 binary; traffic summed over the cases that launch them)")
-    head = (f"{'kernel':47} {'regs':>4} {'spill':>5} {'smem':>5} {'thr':>4} {'occ':>5} {'limit':>10} {'LDG128':>6} "
-            f"{'B/warp':>6} {'sec/req ld':>10} {'st':>5} {'req/uniq':>8} {'us':>8}")
+    head = (
+        f"{'kernel':47} {'regs':>4} {'spill':>5} {'smem':>5} {'thr':>4} {'occ':>5} {'limit':>10} {'LDG128':>6} "
+        f"{'B/warp':>6} {'sec/req ld':>10} {'st':>5} {'req/uniq':>8} {'us':>8}"
+    )
     print(head)
     for r in rows:
         t = r.get("traced", {})
-        print(f"{r['key'][:47]:47} {r['registers']:>4} {'YES' if r['spills'] else 'no':>5} "
-              f"{r['static_shared_bytes']:>5} {r.get('threads_per_block', '-'):>4} "
-              f"{fmt(r.get('occupancy') and 100 * r['occupancy'], '.0f') + '%' if 'occupancy' in r else '-':>5} "
-              f"{','.join(r.get('limited_by', ['-']))[:10]:>10} {r['ldg128']:>6} "
-              f"{r['bytes_in_flight_per_warp']:>6.0f} {fmt(t.get('sectors_per_request_load')):>10} "
-              f"{fmt(t.get('sectors_per_request_store')):>5} {fmt(t.get('requested_over_unique'), '.2f'):>8} "
-              f"{fmt(t.get('predicted_us')):>8}")
+        print(
+            f"{r['key'][:47]:47} {r['registers']:>4} {'YES' if r['spills'] else 'no':>5} "
+            f"{r['static_shared_bytes']:>5} {r.get('threads_per_block', '-'):>4} "
+            f"{fmt(r.get('occupancy') and 100 * r['occupancy'], '.0f') + '%' if 'occupancy' in r else '-':>5} "
+            f"{','.join(r.get('limited_by', ['-']))[:10]:>10} {r['ldg128']:>6} "
+            f"{r['bytes_in_flight_per_warp']:>6.0f} {fmt(t.get('sectors_per_request_load')):>10} "
+            f"{fmt(t.get('sectors_per_request_store')):>5} {fmt(t.get('requested_over_unique'), '.2f'):>8} "
+            f"{fmt(t.get('predicted_us')):>8}"
+        )
 
 
 def print_ops(ops_records):
-    print("Ops (predicted H200 time against the floor; DRAM bytes against the ideal: each operand read once, each "
-          "output written once; events: our kernels K, GEMMs G, other ATen A, host syncs S)")
-    print(f"{'case':22} {'predicted us':>12} {'floor us':>9} {'x floor':>7} {'DRAM MB':>8} {'x ideal':>7}  "
-          f"events (us, bound)")
+    print(
+        "Ops (predicted H200 time against the floor; DRAM bytes against the ideal: each operand read once, each "
+        "output written once; events: our kernels K, GEMMs G, other ATen A, host syncs S)"
+    )
+    print(
+        f"{'case':22} {'predicted us':>12} {'floor us':>9} {'x floor':>7} {'DRAM MB':>8} {'x ideal':>7}  "
+        f"events (us, bound)"
+    )
     for op in ops_records:
-        evs = ", ".join(f"{ev['kind'][0].upper()}:{_event_name(ev)} {ev['predicted_us']:.1f} {ev['bound']}"
-                        for ev in op["events"])
-        print(f"{op['case']:22} {op['predicted_us']:>12.1f} {op['floor_us']:>9.1f} {op['ratio_to_floor']:>7.2f} "
-              f"{op['dram_bytes'] / 1e6:>8.1f} {op['dram_over_ideal']:>7.2f}  {evs}")
-    print("floors: " + "; ".join(sorted({f"{op['group']}: {op['floor_what'].split(' at ')[-1]}" for op in ops_records})))
+        evs = ", ".join(
+            f"{ev['kind'][0].upper()}:{_event_name(ev)} {ev['predicted_us']:.1f} {ev['bound']}" for ev in op["events"]
+        )
+        print(
+            f"{op['case']:22} {op['predicted_us']:>12.1f} {op['floor_us']:>9.1f} {op['ratio_to_floor']:>7.2f} "
+            f"{op['dram_bytes'] / 1e6:>8.1f} {op['dram_over_ideal']:>7.2f}  {evs}"
+        )
+    print(
+        "floors: " + "; ".join(sorted({f"{op['group']}: {op['floor_what'].split(' at ')[-1]}" for op in ops_records}))
+    )
 
 
 def _event_name(ev):
@@ -140,8 +178,9 @@ def _event_name(ev):
 
 def git_commit():
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -159,28 +198,50 @@ def main(argv=None):
         events = traffic.trace_case(emu, case, args.max_blocks)
         ops_records.append(model.predict_case(case, events, facts, gpu))
     rows = kernel_rows(facts, ops_records, gpu)
-    sampled = sorted({ev["key"] for op in ops_records for ev in op["events"]
-                      if ev["kind"] == "kernel" and ev["executed_blocks"] < ev["blocks"]})
+    sampled = sorted(
+        {
+            ev["key"]
+            for op in ops_records
+            for ev in op["events"]
+            if ev["kind"] == "kernel" and ev["executed_blocks"] < ev["blocks"]
+        }
+    )
 
     print_kernels(rows)
     print()
     print_ops([op for op in ops_records if op["dims"]["dtype"] == "bfloat16"] or ops_records)
     print()
-    print(f"Traced at the {'reduced' if args.small else 'target'} shapes; launches of more than {args.max_blocks} "
-          f"blocks ran {args.max_blocks} of them (8 evenly spaced runs) and their counts are scaled by blocks / "
-          f"traced blocks ({len(sampled)} kernels: {', '.join(sampled) or 'none'}).")
+    print(
+        f"Traced at the {'reduced' if args.small else 'target'} shapes; launches of more than {args.max_blocks} "
+        f"blocks ran {args.max_blocks} of them (8 evenly spaced runs) and their counts are scaled by blocks / "
+        f"traced blocks ({len(sampled)} kernels: {', '.join(sampled) or 'none'})."
+    )
     target = [op for op in ops_records if op["dims"]["dtype"] == "bfloat16"] or ops_records
-    for what, order in (("in microseconds", lambda op: op["floor_us"] - op["predicted_us"]),
-                        ("as a ratio", lambda op: -op["ratio_to_floor"])):
-        print(f"Biggest gaps to the floor {what}: " + "; ".join(
-            f"{op['case']} {op['predicted_us']:.0f} us vs {op['floor_us']:.1f} us ({op['ratio_to_floor']:.2f}x)"
-            for op in sorted(target, key=order)[:3]))
+    for what, order in (
+        ("in microseconds", lambda op: op["floor_us"] - op["predicted_us"]),
+        ("as a ratio", lambda op: -op["ratio_to_floor"]),
+    ):
+        print(
+            f"Biggest gaps to the floor {what}: "
+            + "; ".join(
+                f"{op['case']} {op['predicted_us']:.0f} us vs {op['floor_us']:.1f} us ({op['ratio_to_floor']:.2f}x)"
+                for op in sorted(target, key=order)[:3]
+            )
+        )
     print(f"({time.time() - t0:.0f} s)", file=sys.stderr)
 
     if args.json:
-        report = {"schema": 1, "commit": git_commit(), "shapes": args.shapes, "small": args.small,
-                  "max_blocks": args.max_blocks, "gpu": h200.to_json(gpu), "model": model.__doc__.strip(),
-                  "kernels": rows, "ops": ops_records}
+        report = {
+            "schema": 1,
+            "commit": git_commit(),
+            "shapes": args.shapes,
+            "small": args.small,
+            "max_blocks": args.max_blocks,
+            "gpu": h200.to_json(gpu),
+            "model": model.__doc__.strip(),
+            "kernels": rows,
+            "ops": ops_records,
+        }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
         print(f"wrote {args.json}", file=sys.stderr)

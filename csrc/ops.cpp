@@ -9,26 +9,21 @@
 TORCH_LIBRARY(vera_ext, m) {
   // y = base_out + lambda_b * ((u * lambda_d) @ B^T), u = x @ A^T. Returns (y, u); u is saved for backward.
   m.def(
-      "vera_forward(Tensor x, Tensor base_out, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, "
-      "Tensor? adapter_idx=None) -> (Tensor, Tensor)");
+      "vera_forward(Tensor x, Tensor base_out, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, " "Tensor? adapter_idx=None) -> (Tensor, Tensor)");
   // Same with the base layer fused in: base_out = x @ weight^T + bias.
   m.def(
-      "vera_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor lambda_d, "
-      "Tensor lambda_b, Tensor? adapter_idx=None) -> (Tensor, Tensor)");
+      "vera_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor lambda_d, " "Tensor lambda_b, Tensor? adapter_idx=None) -> (Tensor, Tensor)");
   // Gradients of the adapter term given grad_out (N, O) and the saved u (N, r): (grad_x, grad_lambda_d,
   // grad_lambda_b). With weight, grad_x also holds the plain-Linear base term grad_out @ weight. Entries whose
   // output_mask is false come back as empty tensors.
   m.def(
-      "vera_backward(Tensor grad_out, Tensor u, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, "
-      "Tensor? adapter_idx, Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "vera_backward(Tensor grad_out, Tensor u, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, " "Tensor? adapter_idx, Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // delta_W = diag(lambda_b) B diag(lambda_d) A, (O, I), or (I, O) with fan_in_fan_out; computed in the op-math
   // dtype (fp32, fp64 for fp64), cast once.
   m.def(
-      "vera_delta_weight(Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, bool fan_in_fan_out, "
-      "ScalarType dtype) -> Tensor");
+      "vera_delta_weight(Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, bool fan_in_fan_out, " "ScalarType dtype) -> Tensor");
   // weight += alpha * delta_W in place (alpha = 1 merges, -1 unmerges), accumulated in fp32, rounded once.
   // With safe, every merged value is checked for finiteness first and weight is left untouched on failure.
   m.def(
-      "vera_merge_(Tensor(a!) weight, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, float alpha, "
-      "bool fan_in_fan_out, bool safe) -> ()");
+      "vera_merge_(Tensor(a!) weight, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, float alpha, " "bool fan_in_fan_out, bool safe) -> ()");
 }

@@ -15,10 +15,20 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 # Bounded, reproducible runs for CI; the slow profile (pytest -m slow) searches longer.
-FAST = settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-SLOW = settings(max_examples=600, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FAST = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+SLOW = settings(
+    max_examples=600,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 X_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -80,10 +90,12 @@ class OpCase:
         a = dict(self.tensors(), **overrides)
         ops = torch.ops.vera_ext
         if self.fused:
-            return ops.vera_linear_forward(a["x"], a["weight"], a.get("bias"), a["A"], a["B"], a["lambda_d"],
-                                           a["lambda_b"], a.get("adapter_idx"))
-        return ops.vera_forward(a["x"], a["base_out"], a["A"], a["B"], a["lambda_d"], a["lambda_b"],
-                                a.get("adapter_idx"))
+            return ops.vera_linear_forward(
+                a["x"], a["weight"], a.get("bias"), a["A"], a["B"], a["lambda_d"], a["lambda_b"], a.get("adapter_idx")
+            )
+        return ops.vera_forward(
+            a["x"], a["base_out"], a["A"], a["B"], a["lambda_d"], a["lambda_b"], a.get("adapter_idx")
+        )
 
 
 @st.composite
@@ -169,5 +181,6 @@ def same_dtype_forward(case: OpCase):
     """(y, u) from the formula run in x's dtype with plain PyTorch: the error budget for low precision."""
     dt = case.x.dtype
     base = torch.nn.functional.linear(case.x, case.weight, case.bias) if case.fused else case.base_out
-    return vera_formula(case.x, base, case.A.to(dt), case.B.to(dt), case.lambda_d.to(dt), case.lambda_b.to(dt),
-                        case.adapter_idx)
+    return vera_formula(
+        case.x, base, case.A.to(dt), case.B.to(dt), case.lambda_d.to(dt), case.lambda_b.to(dt), case.adapter_idx
+    )

@@ -30,8 +30,23 @@ from vera_testing import make_peft_vera_linear
 pytest.importorskip("peft")
 
 TINY = ["--device", "cpu", "--shape", "tiny", "--quick", "--no-progress"]
-REQUIRED_KEYS = {"case", "shape", "dtype", "device", "implementation", "median_ms", "spread_ms", "ratio_to_base",
-                 "ratio_to_peft", "saved_bytes", "flops", "bytes", "floor_ms", "metric", "extra"}
+REQUIRED_KEYS = {
+    "case",
+    "shape",
+    "dtype",
+    "device",
+    "implementation",
+    "median_ms",
+    "spread_ms",
+    "ratio_to_base",
+    "ratio_to_peft",
+    "saved_bytes",
+    "flops",
+    "bytes",
+    "floor_ms",
+    "metric",
+    "extra",
+}
 
 
 @pytest.fixture
@@ -111,8 +126,12 @@ def test_defaults_follow_the_device():
     assert (s.shape.name, s.dtype, s.cases, s.rounds) == ("cpu-1024", torch.float32, CASES, 15)
     # the CPU targets (benchmarks/bench_cpu.py) are measured at these sizes: the CPU default must not drift
     assert (s.shape.in_f, s.shape.out_f, s.shape.r, s.shape.n_train, s.shape.n_decode) == (1024, 1024, 256, 2048, 1)
-    q = cli.parse_settings(parser, parser.parse_args(["--device", "cpu", "--quick", "--case", "merge,decode",
-                                                         "--r", "8", "--n", "12", "--dtype", "bf16"]))
+    q = cli.parse_settings(
+        parser,
+        parser.parse_args(
+            ["--device", "cpu", "--quick", "--case", "merge,decode", "--r", "8", "--n", "12", "--dtype", "bf16"]
+        ),
+    )
     assert q.cases == ("decode", "merge") and q.rounds == 5 and q.dtype == torch.bfloat16
     assert (q.shape.r, q.shape.n_train, q.shape.n_mixed) == (8, 12, cli.SHAPES["cpu-1024"].n_mixed_quick)
 
@@ -166,12 +185,15 @@ def test_quick_run_writes_consistent_json_and_a_png(capsys, tmp_path):
 
 def test_trace_names_our_ops_and_each_implementation(capsys, tmp_path):
     trace_dir = tmp_path / "traces"
-    assert cli.main(TINY + ["--case", "train_fwd_bwd,decode_mixed,merge", "--rounds", "2",
-                              "--trace", str(trace_dir)]) == 0
+    assert (
+        cli.main(TINY + ["--case", "train_fwd_bwd,decode_mixed,merge", "--rounds", "2", "--trace", str(trace_dir)]) == 0
+    )
     out = capsys.readouterr().out
-    expected_ops = {"train_fwd_bwd": {"vera_ext::vera_linear_forward", "vera_ext::vera_backward"},
-                    "decode_mixed": {"vera_ext::vera_linear_forward"},
-                    "merge": {"vera_ext::vera_merge_"}}
+    expected_ops = {
+        "train_fwd_bwd": {"vera_ext::vera_linear_forward", "vera_ext::vera_backward"},
+        "decode_mixed": {"vera_ext::vera_linear_forward"},
+        "merge": {"vera_ext::vera_merge_"},
+    }
     for case, ops in expected_ops.items():
         path = trace_dir / f"{case}.json"
         assert f"trace: {path}" in out
@@ -199,8 +221,25 @@ def test_progress_bar_goes_to_a_terminal_stderr_only(monkeypatch, capsys, flag, 
 @pytest.mark.cuda
 def test_cuda_quick_run_times_with_events_and_traces_kernels(capsys, tmp_path):
     json_path, trace_dir = tmp_path / "cuda.json", tmp_path / "traces"
-    assert cli.main(["--device", "cuda", "--shape", "tiny", "--quick", "--no-progress", "--case", "train_fwd,decode",
-                       "--json", str(json_path), "--trace", str(trace_dir)]) == 0
+    assert (
+        cli.main(
+            [
+                "--device",
+                "cuda",
+                "--shape",
+                "tiny",
+                "--quick",
+                "--no-progress",
+                "--case",
+                "train_fwd,decode",
+                "--json",
+                str(json_path),
+                "--trace",
+                str(trace_dir),
+            ]
+        )
+        == 0
+    )
     records = json.loads(json_path.read_text())
     assert {(r["device"], r["dtype"]) for r in records} == {("cuda", "bfloat16")}
     assert all(r["median_ms"] > 0 for r in records)
@@ -260,7 +299,7 @@ def test_flop_counts_match_torch_flop_counter_on_peft(case):
             layer(x)
 
     shape = {"N": n, "I": i, "O": o, "r": r}
-    for layer, adapter in ([(peft, True)] if case == "merge" else [(base, False), (peft, True)]):
+    for layer, adapter in [(peft, True)] if case == "merge" else [(base, False), (peft, True)]:
         with FlopCounterMode(display=False) as counter:
             run(layer, adapter)
         assert case_cost(case, shape, adapter, 4)[0] == counter.get_total_flops(), (case, adapter)
@@ -286,8 +325,12 @@ def test_module_entry_dispatches_commands(capsys, monkeypatch):
 def test_python_dash_m_runs_as_a_program(tmp_path):
     """The real entry point in a fresh interpreter (slow: importing torch and peft takes seconds)."""
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-m", "vera_ext", "bench"] + TINY + ["--case", "decode", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vera_ext", "bench"] + TINY + ["--case", "decode", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert {r["implementation"] for r in json.loads(out.read_text())} == {"base", "peft", "vera_ext"}
 
@@ -349,8 +392,13 @@ def test_h200_plan_dry_run_on_the_cpu(capsys, tmp_path):
     assert {"environment", "settings", "ceilings", "info", "errors", "records", "targets", "seconds"} <= doc.keys()
     assert doc["errors"] == {} and doc["settings"]["dry_run"] and doc["ceilings"]["gemm_n"] == plan.gemm_n
     records = doc["records"]
-    assert {r["case"] for r in records} == {"train_fwd", "train_fwd_bwd", "saved_activations", "decode_stack",
-                                            "merge_stack"}
+    assert {r["case"] for r in records} == {
+        "train_fwd",
+        "train_fwd_bwd",
+        "saved_activations",
+        "decode_stack",
+        "merge_stack",
+    }
     for n in plan.decode_ns:
         rows = {r["implementation"]: r for r in records if r["case"] == "decode_stack" and r["shape"]["N"] == n}
         assert rows.keys() == STACK_IMPLS
@@ -363,14 +411,17 @@ def test_h200_plan_dry_run_on_the_cpu(capsys, tmp_path):
     merge = {r["implementation"]: r for r in records if r["case"] == "merge_stack"}
     assert merge.keys() == {"fp32 mm", "vera_ext op", "vera_ext", "peft"}
     assert all(r["floor_ms"] == merge["fp32 mm"]["median_ms"] for r in merge.values())
-    assert doc["info"]["peft_dtypes"] == {"lambda": "torch.float32", "vera_A": "torch.float32",
-                                          "base_weight": "torch.bfloat16"}  # PEFT's defaults on a bf16 model
+    assert doc["info"]["peft_dtypes"] == {
+        "lambda": "torch.float32",
+        "vera_A": "torch.float32",
+        "base_weight": "torch.bfloat16",
+    }  # PEFT's defaults on a bf16 model
     assert doc["info"]["decode_stack_graph"].startswith("not run")
     assert len(doc["targets"]) == 2 + len(plan.decode_ns) + 2  # training, eager decode per N, merge (no graphs)
     assert sum(line.startswith("TARGET ") for line in out.splitlines()) == len(doc["targets"])
     for section in ("training", "decode", "merge"):
         assert f"[{section}] done in" in out
-    tail = out[out.index("\ncase "):]  # what gpu_check.sh prints of the log: from the table's header on
+    tail = out[out.index("\ncase ") :]  # what gpu_check.sh prints of the log: from the table's header on
     assert "mixed op" in tail and "TARGET" in tail and "DRY RUN" in tail
 
 
@@ -401,8 +452,9 @@ def test_a_failed_section_is_recorded_and_the_others_still_run(monkeypatch, caps
     monkeypatch.setattr(cli, "time_interleaved", _calls_once)
     monkeypatch.setattr(preset, "merge_case", broken)
     json_path, log_path = tmp_path / "plan.json", tmp_path / "plan.log"
-    assert cli.main(DRY_RUN + ["--case", "train_fwd,merge_stack", "--json", str(json_path),
-                               "--log", str(log_path)]) == 1
+    assert (
+        cli.main(DRY_RUN + ["--case", "train_fwd,merge_stack", "--json", str(json_path), "--log", str(log_path)]) == 1
+    )
     doc = json.loads(json_path.read_text())
     assert doc["errors"].keys() == {"merge"} and "RuntimeError: merge broke" in doc["errors"]["merge"]
     assert {r["case"] for r in doc["records"]} == {"train_fwd"}
@@ -414,13 +466,16 @@ def test_targets_and_launch_overheads_come_from_the_records():
     plan = PRESETS["h200"]["cuda"]
 
     def group(case, times, n=None, floor=None):
-        rows = [Result(case, {"N": n} if n else {}, "bfloat16", "cuda", impl, ms, 0.0, floor_ms=floor)
-                for impl, ms in times.items()]
+        rows = [
+            Result(case, {"N": n} if n else {}, "bfloat16", "cuda", impl, ms, 0.0, floor_ms=floor)
+            for impl, ms in times.items()
+        ]
         set_ratios(rows)
         return rows
 
-    results = group("train_fwd_bwd", {"base": 10.0, "peft": 30.0}) + group("train_fwd_bwd", {"vera_ext": 15.0},
-                                                                            floor=14.0)
+    results = group("train_fwd_bwd", {"base": 10.0, "peft": 30.0}) + group(
+        "train_fwd_bwd", {"vera_ext": 15.0}, floor=14.0
+    )
     results[-1].ratio_to_peft = 0.5
     for n in plan.decode_ns:
         results += group("decode_stack", {"base": 0.012, "mixed op": 0.015}, n)
@@ -430,13 +485,17 @@ def test_targets_and_launch_overheads_come_from_the_records():
     eager = [r for r in results if r.case == "decode_stack"]
     assert [round(r.extra["launch_overhead_ms"], 6) for r in eager[:2]] == [0.002, 0.0038]
     assert len(overhead_lines(results)) == len(plan.decode_ns)
-    want = {"train fwd+bwd: PEFT time / vera_ext time": (2.0, True), "train fwd+bwd: vera_ext / floor": (15 / 14, True),
-            "merge: vera_ext op / fp32 mm of the same shape": (1.1, True),
-            "merge: VeraLinear.merge() / fp32 mm (info)": (1.3, False)}
+    want = {
+        "train fwd+bwd: PEFT time / vera_ext time": (2.0, True),
+        "train fwd+bwd: vera_ext / floor": (15 / 14, True),
+        "merge: vera_ext op / fp32 mm of the same shape": (1.1, True),
+        "merge: VeraLinear.merge() / fp32 mm (info)": (1.3, False),
+    }
     for n in plan.decode_ns:
         want[f"decode N={n}, 1000 adapters, graph: mixed op / base alone"] = (1.12, True)
-        want[f"decode N={n}, 1000 adapters, eager: mixed op / base alone (info: the target applies to graph "
-             f"replay)"] = (1.25, False)
+        want[
+            f"decode N={n}, 1000 adapters, eager: mixed op / base alone (info: the target applies to graph replay)"
+        ] = (1.25, False)
     assert found.keys() == want.keys()
     for name, (value, met) in want.items():
         assert found[name]["value"] == pytest.approx(value) and found[name]["met"] == met, name
@@ -448,15 +507,35 @@ def test_targets_and_launch_overheads_come_from_the_records():
 @pytest.mark.cuda
 def test_h200_plan_decode_stack_and_graphs_on_the_gpu(capsys, tmp_path):
     json_path = tmp_path / "plan.json"
-    assert cli.main(["--device", "cuda", "--preset", "h200", "--no-progress", "--rounds", "3", "--json",
-                     str(json_path), "--case", "decode_stack,decode_stack_graph,merge_stack"]) == 0
+    assert (
+        cli.main(
+            [
+                "--device",
+                "cuda",
+                "--preset",
+                "h200",
+                "--no-progress",
+                "--rounds",
+                "3",
+                "--json",
+                str(json_path),
+                "--case",
+                "decode_stack,decode_stack_graph,merge_stack",
+            ]
+        )
+        == 0
+    )
     doc = json.loads(json_path.read_text())
     failed = doc["info"].get("graph_capture_failed", {})
     for n in PRESETS["h200"]["cuda"].decode_ns:
-        graphed = {r["implementation"] for r in doc["records"] if r["case"] == "decode_stack_graph"
-                   and r["shape"]["N"] == n}
+        graphed = {
+            r["implementation"] for r in doc["records"] if r["case"] == "decode_stack_graph" and r["shape"]["N"] == n
+        }
         assert graphed | set(failed.get(f"N={n}", {})) == STACK_IMPLS - {"mixed layer"}
     eager = [r for r in doc["records"] if r["case"] == "decode_stack" and r["implementation"] != "mixed layer"]
-    assert all("launch_overhead_ms" in r["extra"] for r in eager if r["implementation"] not in failed.get(
-        f"N={r['shape']['N']}", {}))
+    assert all(
+        "launch_overhead_ms" in r["extra"]
+        for r in eager
+        if r["implementation"] not in failed.get(f"N={r['shape']['N']}", {})
+    )
     assert "graph_probe_mixed_layer_call" in doc["info"]

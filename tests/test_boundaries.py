@@ -46,7 +46,7 @@ def test_no_import_cycles():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycle = stack[stack.index(nxt):] + [nxt]
+                cycle = stack[stack.index(nxt) :] + [nxt]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)
@@ -75,4 +75,4 @@ def test_init_is_one_import_block_and_one_all():
     assert len(alls) == 1 and isinstance(alls[0], ast.Assign), "vera_ext/__init__.py: one __all__ assignment"
     kinds = [type(n).__name__ for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
     first, last = kinds.index("ImportFrom"), len(kinds) - 1 - kinds[::-1].index("ImportFrom")
-    assert all(k == "ImportFrom" for k in kinds[first:last + 1]), f"imports are not one block: {kinds}"
+    assert all(k == "ImportFrom" for k in kinds[first : last + 1]), f"imports are not one block: {kinds}"

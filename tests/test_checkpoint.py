@@ -191,10 +191,14 @@ def _edit_checkpoint(src, dst, edit):
 BAD_EDITS = {
     "missing": (lambda t: t.pop("base_model.model.lin1.vera_lambda_d"), "1 missing key.*lin1.vera_lambda_d"),
     "extra": (lambda t: t.__setitem__("base_model.model.lin2.vera_lambda_b", torch.zeros(20)), "1 unexpected key"),
-    "shape": (lambda t: t.__setitem__("base_model.model.lin0.vera_lambda_b", torch.zeros(7)),
-              r"wrong shape.*lin0.vera_lambda_b: checkpoint \(7,\), model \(20,\)"),
-    "projection_shape": (lambda t: t.__setitem__("base_model.vera_A", torch.zeros(8, 30)),
-                         r"wrong shape.*base_model.vera_A: checkpoint \(8, 30\), model \(8, 20\)"),
+    "shape": (
+        lambda t: t.__setitem__("base_model.model.lin0.vera_lambda_b", torch.zeros(7)),
+        r"wrong shape.*lin0.vera_lambda_b: checkpoint \(7,\), model \(20,\)",
+    ),
+    "projection_shape": (
+        lambda t: t.__setitem__("base_model.vera_A", torch.zeros(8, 30)),
+        r"wrong shape.*base_model.vera_A: checkpoint \(8, 30\), model \(8, 20\)",
+    ),
     "no_projection": (lambda t: t.pop("base_model.vera_B"), "vera_A and vera_B .* were not present"),
     "modules_to_save": (lambda t: t.pop("base_model.model.head.bias"), "missing key.*head.bias"),
 }
@@ -227,8 +231,16 @@ def test_wrong_architecture_is_refused_and_model_unchanged(tmp_path):
     assert_unchanged(gpt2, before)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    wider = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     before = snapshot(wider)
     with pytest.raises(ValueError, match="wrong shape"):
         VeraModel.from_pretrained(wider, tmp_path)

@@ -116,8 +116,10 @@ def test_mark_dynamic_batch_and_sequence():
 @pytest.mark.parametrize("modules_to_save", [None, ["head"]])
 def test_mixed_adapter_batch_compiles_and_equals_eager(modules_to_save):
     model = vera_mlp(modules_to_save=modules_to_save)
-    model.add_adapter("b", vera_ext.VeraConfig(r=6, target_modules=["lin1", "lin2"], init_weights=False,
-                                               modules_to_save=modules_to_save))
+    model.add_adapter(
+        "b",
+        vera_ext.VeraConfig(r=6, target_modules=["lin1", "lin2"], init_weights=False, modules_to_save=modules_to_save),
+    )
     if modules_to_save:
         with torch.no_grad():  # the samples of each adapter must run through that adapter's own head copy
             model.model.head.modules_to_save["b"].bias.add_(3.0)

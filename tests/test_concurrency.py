@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 import torch
 
 from vera_ext import VeraLinear, VeraProjection
@@ -26,8 +25,9 @@ def _model(dtype=torch.float32):
     """An MLP with three adapters (of different ranks) on every Linear; widths large enough that the CPU loops
     split their work across threads (at::parallel_for) at the row counts used."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.ReLU(), torch.nn.Linear(160, 128),
-                                torch.nn.ReLU(), torch.nn.Linear(128, 24)).to(dtype)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(96, 160), torch.nn.ReLU(), torch.nn.Linear(160, 128), torch.nn.ReLU(), torch.nn.Linear(128, 24)
+    ).to(dtype)
     targets = ["0", "2", "4"]
     vm = ours(model, r=64, target_modules=targets, init_weights=False)
     vm.add_adapter("b", VeraConfig(r=64, target_modules=targets, init_weights=False))

@@ -95,7 +95,7 @@ def test_merged_weights_match_a_float64_delta(smoke):
     for name, param in plain.encoder.named_parameters():
         if not name.endswith(("query.weight", "value.weight")):
             continue
-        key = f"base_model.model.encoder.{name[:-len('.weight')]}"
+        key = f"base_model.model.encoder.{name[: -len('.weight')]}"
         lam_b, lam_d = tensors[key + ".vera_lambda_b"].double(), tensors[key + ".vera_lambda_d"].double()
         out_f, in_f = param.shape
         delta = lam_b[:, None] * (B[:out_f] @ (lam_d[:, None] * A[:, :in_f]))

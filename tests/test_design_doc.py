@@ -17,7 +17,9 @@ LAYOUT_HEADING = "### 1.1 Layout"
 
 SOURCE_EXTENSIONS = (".cu", ".cuh", ".h", ".hpp", ".cpp", ".inl")
 # `__global__ void name(`, also with a template head before it or __launch_bounds__(...) between.
-GLOBAL_KERNEL = re.compile(r"__global__\s+(?:static\s+)?void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?([A-Za-z_]\w*)\s*\(")
+GLOBAL_KERNEL = re.compile(
+    r"__global__\s+(?:static\s+)?void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?([A-Za-z_]\w*)\s*\("
+)
 OP_DEF = re.compile(r'\bm\.def\(\s*"([A-Za-z_]\w*)\(')
 CITATION = re.compile(r"(\S*)DESIGN\.md\s*§\s*(\d+)")
 SECTION = re.compile(r"^## (\d+)\. ", re.M)
@@ -39,7 +41,7 @@ def _section(doc, heading):
     starts = [i for i, line in enumerate(lines) if line.startswith(heading)]
     assert len(starts) == 1, f"docs/DESIGN.md must have exactly one heading starting with {heading!r}"
     body = []
-    for line in lines[starts[0] + 1:]:
+    for line in lines[starts[0] + 1 :]:
         if line.startswith("#"):
             break
         body.append(line)
@@ -74,10 +76,12 @@ def library_ops():
 def test_the_scans_find_the_known_ops_and_kernels():
     # Guards the parsers themselves: a scan that finds nothing would pass every test below.
     assert {"vera_forward", "vera_linear_forward", "vera_backward", "vera_delta_weight", "vera_merge_"} <= set(
-        library_ops())
+        library_ops()
+    )
     assert {"decode_u_kernel", "merge_kernel", "col_dot_finish_kernel"} <= _kernels_under("csrc")
-    assert {"planted_oob_write_kernel", "warp_ops_kernel"} <= _kernels_under(os.path.join("tests", "emulated",
-                                                                                          "kernels"))
+    assert {"planted_oob_write_kernel", "warp_ops_kernel"} <= _kernels_under(
+        os.path.join("tests", "emulated", "kernels")
+    )
 
 
 def test_every_op_is_in_the_op_table(doc):

@@ -12,9 +12,12 @@ OPS = torch.ops.vera_ext
 
 
 def snapshot(module: nn.Module):
-    return {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()}, dict(module.r), list(
-        module.merged_adapters
-    ), list(module.active_adapters)
+    return (
+        {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()},
+        dict(module.r),
+        list(module.merged_adapters),
+        list(module.active_adapters),
+    )
 
 
 def assert_unchanged(module: nn.Module, snap):
@@ -140,8 +143,12 @@ def test_refused_update_layer_keeps_existing_adapter():
 def test_unknown_adapter_names():
     layer = make_layer()
     snap = snapshot(layer)
-    for call in (lambda: layer.set_adapter("nope"), lambda: layer.merge(adapter_names=["nope"]),
-                 lambda: layer.get_delta_weight("nope"), lambda: layer.delete_adapter("nope")):
+    for call in (
+        lambda: layer.set_adapter("nope"),
+        lambda: layer.merge(adapter_names=["nope"]),
+        lambda: layer.get_delta_weight("nope"),
+        lambda: layer.delete_adapter("nope"),
+    ):
         with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"):
             call()
     assert_unchanged(layer, snap)

@@ -20,8 +20,17 @@ from hypothesis import strategies as st
 from vera_ext import ops
 
 from fuzz_strategies import (
-    FAST, LOW_PRECISION, SLOW, X_DTYPES, OpCase, float64_operands, forward_reference, op_cases,
-    same_dtype_forward, storage_bytes, with_layout,
+    FAST,
+    LOW_PRECISION,
+    SLOW,
+    X_DTYPES,
+    OpCase,
+    float64_operands,
+    forward_reference,
+    op_cases,
+    same_dtype_forward,
+    storage_bytes,
+    with_layout,
 )
 from vera_testing import assert_low_precision_close
 
@@ -48,8 +57,9 @@ def assert_matches_reference(ours, ref, mag, dtype, same=None, what="result"):
     ``mag`` (fp32/fp64), or within 2x the same-dtype PyTorch error ``same`` (fp16/bf16)."""
     ours64 = ours.detach().double()
     bad_ours, bad_ref = ~torch.isfinite(ours64), ~torch.isfinite(ref)
-    assert torch.equal(bad_ours, bad_ref), f"{what}: non-finite at {bad_ours.nonzero().tolist()[:5]}, reference at " \
-                                           f"{bad_ref.nonzero().tolist()[:5]}"
+    assert torch.equal(bad_ours, bad_ref), (
+        f"{what}: non-finite at {bad_ours.nonzero().tolist()[:5]}, reference at {bad_ref.nonzero().tolist()[:5]}"
+    )
     ok = ~bad_ref
     if dtype in LOW_PRECISION:
         if ok.any():
@@ -92,8 +102,9 @@ def _gradients_match_float64(args):
     for n in chosen:
         leaves[n].requires_grad_(True)
     if case.fused:
-        y = ops.vera_linear_forward(case.x, case.weight, case.bias, case.A, case.B, case.lambda_d, case.lambda_b,
-                                    case.adapter_idx)
+        y = ops.vera_linear_forward(
+            case.x, case.weight, case.bias, case.A, case.B, case.lambda_d, case.lambda_b, case.adapter_idx
+        )
     else:
         y = ops.vera_forward(case.x, case.base_out, case.A, case.B, case.lambda_d, case.lambda_b, case.adapter_idx)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
@@ -102,15 +113,15 @@ def _gradients_match_float64(args):
     ref64, mag64 = float64_operands(case), float64_operands(case, absolute=True)
     expected = torch.autograd.grad(forward_reference(case, operands=ref64)[0], [ref64[n] for n in chosen], g.double())
     # gradients of the formula on absolute values, with |g|: the sum of |terms| each gradient entry adds up
-    mags = torch.autograd.grad(forward_reference(case, operands=mag64)[0], [mag64[n] for n in chosen],
-                               g.double().abs())
+    mags = torch.autograd.grad(forward_reference(case, operands=mag64)[0], [mag64[n] for n in chosen], g.double().abs())
     for name, a, b, m in zip(chosen, ours, expected, mags):
         assert a.shape == leaves[name].shape, name
         assert_matches_reference(a, b, m, case.x.dtype, what=f"grad {name}")
 
 
-grad_cases = st.tuples(op_cases(dtypes=[torch.float32, torch.float64], allow_nan=False),
-                       st.lists(st.booleans(), min_size=6, max_size=6))
+grad_cases = st.tuples(
+    op_cases(dtypes=[torch.float32, torch.float64], allow_nan=False), st.lists(st.booleans(), min_size=6, max_size=6)
+)
 test_gradients_match_float64, test_gradients_match_float64_long = fuzz(_gradients_match_float64, grad_cases)
 
 
@@ -150,7 +161,8 @@ def _delta_and_merge_match_float64(args):
 
 
 test_delta_and_merge_match_float64, test_delta_and_merge_match_float64_long = fuzz(
-    _delta_and_merge_match_float64, merge_cases())
+    _delta_and_merge_match_float64, merge_cases()
+)
 
 
 # --------------------------------------------------------------------------------------- op level: refusals
@@ -241,7 +253,8 @@ def _refused_call_changes_nothing(args):
 
 
 test_bad_op_arguments_are_refused, test_bad_op_arguments_are_refused_long = fuzz(
-    _refused_call_changes_nothing, refused_calls())
+    _refused_call_changes_nothing, refused_calls()
+)
 
 
 @st.composite
@@ -275,7 +288,8 @@ def _safe_merge_refuses_non_finite(args):
 
 
 test_safe_merge_refuses_and_keeps_weight, test_safe_merge_refuses_and_keeps_weight_long = fuzz(
-    _safe_merge_refuses_non_finite, broken_merges())
+    _safe_merge_refuses_non_finite, broken_merges()
+)
 
 
 # ------------------------------------------------------------------------------------------------ layer level
@@ -291,8 +305,11 @@ class ShadowLayer:
         w = layer.base_layer.weight.detach().double().clone()
         self.weight = w.T if conv1d else w  # (out, in)
         bias = layer.base_layer.bias
-        self.bias = bias.detach().double().clone() if bias is not None else torch.zeros(self.weight.shape[0],
-                                                                                       dtype=torch.float64)
+        self.bias = (
+            bias.detach().double().clone()
+            if bias is not None
+            else torch.zeros(self.weight.shape[0], dtype=torch.float64)
+        )
         self.layer, self.conv1d = layer, conv1d
         self.ranks = {"default": layer.r["default"]}
         drop = layer.vera_dropout["default"]
@@ -325,8 +342,14 @@ class ShadowLayer:
 
 
 def _layer_snapshot(layer):
-    return ({k: storage_bytes(v) for k, v in layer.state_dict().items()}, dict(layer.r), list(layer.merged_adapters),
-            list(layer.active_adapters), layer.disable_adapters, layer.training)
+    return (
+        {k: storage_bytes(v) for k, v in layer.state_dict().items()},
+        dict(layer.r),
+        list(layer.merged_adapters),
+        list(layer.active_adapters),
+        layer.disable_adapters,
+        layer.training,
+    )
 
 
 @st.composite
@@ -343,17 +366,28 @@ def layer_setups(draw):
     # small in_features often, so dropout masks can be solved for (out >= r >= in)
     in_f, out_f, rank = draw(st.sampled_from([1, 2, 2, 3, 4, 6])), draw(st.integers(1, 9)), draw(st.integers(1, 8))
     torch.manual_seed(draw(st.integers(0, 2**16)))
-    base = {"linear": lambda: torch.nn.Linear(in_f, out_f), "linear_nobias": lambda: torch.nn.Linear(in_f, out_f, False),
-            "subclass": lambda: LinearSubclass(in_f, out_f), "conv1d": lambda: Conv1D(out_f, in_f)}[kind]()
+    base = {
+        "linear": lambda: torch.nn.Linear(in_f, out_f),
+        "linear_nobias": lambda: torch.nn.Linear(in_f, out_f, False),
+        "subclass": lambda: LinearSubclass(in_f, out_f),
+        "conv1d": lambda: Conv1D(out_f, in_f),
+    }[kind]()
     with torch.no_grad():
         for p in base.parameters():
             p.normal_()
     base = base.to(dtype)
-    proj = VeraProjection.from_key(rank, in_f + draw(st.integers(0, 2)), out_f + draw(st.integers(0, 2)),
-                                   prng_key=draw(st.integers(0, 100)))
+    proj = VeraProjection.from_key(
+        rank, in_f + draw(st.integers(0, 2)), out_f + draw(st.integers(0, 2)), prng_key=draw(st.integers(0, 100))
+    )
     dropout = draw(st.sampled_from([0.0, 0.5]))
-    layer = VeraLinear(base, draw(st.integers(1, rank)), projection=proj, init_weights=False,
-                       fan_in_fan_out=kind == "conv1d", vera_dropout=dropout)
+    layer = VeraLinear(
+        base,
+        draw(st.integers(1, rank)),
+        projection=proj,
+        init_weights=False,
+        fan_in_fan_out=kind == "conv1d",
+        vera_dropout=dropout,
+    )
     layer.train(draw(st.booleans()))
     return layer, kind == "conv1d", dtype
 
@@ -437,8 +471,12 @@ def _forward_step(data, layer, shadow, dtype):
         row_names = [[]] * samples
     elif names is not None:
         if shadow.merged or len(names) != samples or "ghost" in names:
-            _expect_refusal(layer, lambda: layer(x, adapter_names=names), ValueError,
-                            "merged adapters|Length of `adapter_names`|non-existing adapter")
+            _expect_refusal(
+                layer,
+                lambda: layer(x, adapter_names=names),
+                ValueError,
+                "merged adapters|Length of `adapter_names`|non-existing adapter",
+            )
             return
         row_names = [[] if nm == "__base__" else [nm] for nm in names]
     elif shadow.merged:
@@ -470,9 +508,12 @@ def _layer_sequence(data):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(data.draw(st.integers(3, 14))):
-            action = data.draw(st.sampled_from(
-                ["forward"] * 5 + ["add", "add", "set", "merge", "merge", "unmerge", "delete", "disable", "train",
-                                   "poison"]))
+            action = data.draw(
+                st.sampled_from(
+                    ["forward"] * 5
+                    + ["add", "add", "set", "merge", "merge", "unmerge", "delete", "disable", "train", "poison"]
+                )
+            )
             if action == "forward":
                 _forward_step(data, layer, shadow, dtype)
             elif action == "add":
@@ -480,8 +521,13 @@ def _layer_sequence(data):
                 r = data.draw(st.sampled_from([0, 2.0, max_r + 1] + list(range(1, max_r + 1)) * 3))
                 p = data.draw(st.sampled_from([0.0, 0.0, 0.5, 1.0, -0.1]))
                 call = lambda: layer.update_layer(name, r, vera_dropout=p, init_weights=False)  # noqa: E731
-                if name == "__base__" or not isinstance(r, int) or not 1 <= r <= max_r or not 0 <= p < 1 \
-                        or name in shadow.merged:
+                if (
+                    name == "__base__"
+                    or not isinstance(r, int)
+                    or not 1 <= r <= max_r
+                    or not 0 <= p < 1
+                    or name in shadow.merged
+                ):
                     _expect_refusal(layer, call, ValueError)
                     continue
                 call()
@@ -496,8 +542,13 @@ def _layer_sequence(data):
                 shadow.active = names
             elif action == "merge":
                 safe = data.draw(st.booleans())
-                names = data.draw(st.one_of(st.none(), st.just("default"),
-                                            st.lists(st.sampled_from(POOL + ["ghost"]), max_size=3, unique=True)))
+                names = data.draw(
+                    st.one_of(
+                        st.none(),
+                        st.just("default"),
+                        st.lists(st.sampled_from(POOL + ["ghost"]), max_size=3, unique=True),
+                    )
+                )
                 if isinstance(names, str):
                     _expect_refusal(layer, lambda: layer.merge(safe, names), TypeError, "list of strings")
                     continue
@@ -572,8 +623,12 @@ def dropout_setups(draw):
     layer.train(draw(st.booleans()))
     n = draw(st.integers(1, 6))
     x = torch.randn(n, in_f, generator=g, dtype=torch.float64)
-    names = draw(st.one_of(st.sampled_from([["default"], ["b"]]),
-                           st.lists(st.sampled_from(["default", "b", "__base__"]), min_size=n, max_size=n)))
+    names = draw(
+        st.one_of(
+            st.sampled_from([["default"], ["b"]]),
+            st.lists(st.sampled_from(["default", "b", "__base__"]), min_size=n, max_size=n),
+        )
+    )
     return layer, x, names, draw(st.integers(0, 2**16))
 
 
@@ -624,8 +679,13 @@ def test_strided_adapter_idx_is_read_by_its_strides():
 
 @pytest.mark.parametrize("arg", ["x", "A", "lambda_b"])
 def test_operand_on_another_device_is_refused(arg):
-    case = OpCase(*[torch.randn(*s) for s in [(5, 8), (5, 6), (6, 8)]], None,
-                  *[torch.randn(*s) for s in [(4, 8), (6, 4), (4,), (6,)]], None, fused=False)
+    case = OpCase(
+        *[torch.randn(*s) for s in [(5, 8), (5, 6), (6, 8)]],
+        None,
+        *[torch.randn(*s) for s in [(4, 8), (6, 4), (4,), (6,)]],
+        None,
+        fused=False,
+    )
     with pytest.raises(RuntimeError, match="must be on the same device"):
         case.call_forward(**{arg: case.tensors()[arg].to("meta")})  # (the error may name x or the operand)
 

@@ -31,8 +31,19 @@ def _load():
 kc = _load()
 
 NVTX_COLUMN = "thread Domain:Push/Pop_Range:PL_Type:PL_Value:CLR_Type:Color:Msg_Type:Msg"
-IDENTITY = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
-            "Grid Size", "Device", "CC"]
+IDENTITY = [
+    "ID",
+    "Process ID",
+    "Process Name",
+    "Host Name",
+    "Kernel Name",
+    "Context",
+    "Stream",
+    "Block Size",
+    "Grid Size",
+    "Device",
+    "CC",
+]
 # The metric columns as ncu orders them (alphabetically), with the units its default scaling prints.
 METRIC_UNITS = [
     ("dram__bytes_read.sum", "Mbyte"),
@@ -48,22 +59,43 @@ METRIC_UNITS = [
 ]
 SPIN = "at::cuda::(anonymous namespace)::spin_kernel(long)"
 DECODE_U = "void vera::cuda::(anonymous namespace)::decode_u_kernel<__nv_bfloat16>(vera::cuda::DecodeParams, bool)"
-DECODE_Y = ("void vera::cuda::(anonymous namespace)::decode_y_kernel<__nv_bfloat16>(vera::cuda::DecodeParams, bool, "
-            "bool)")
+DECODE_Y = (
+    "void vera::cuda::(anonymous namespace)::decode_y_kernel<__nv_bfloat16>(vera::cuda::DecodeParams, bool, bool)"
+)
 MERGE = "void vera::cuda::(anonymous namespace)::merge_kernel<__nv_bfloat16, false>(vera::cuda::MergeParams)"
 CUBLAS = "sm90_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize128x128x32_warpgroupsize1x1x1_execute_segment_k_off_kernel"
 # (case, kernel name, block, grid, metric values in METRIC_UNITS order, as printed)
 LAUNCHES = [
     ("decode_n1", SPIN, "(1, 1, 1)", "(1, 1, 1)", ["0", "0", "0.01", "1.98", "0", "0", "0", "0", "16", "3.1"]),
-    ("decode_n1", DECODE_U, "(256, 1, 1)", "(16, 1, 1)",
-     ["0.52", "0.26", "3.2", "2.5", "2,048", "64", "32,768", "256", "40", "12.5"]),
-    ("decode_n1", DECODE_Y, "(256, 1, 1)", "(512, 1, 1)",
-     ["33.6", "8.19", "71.8", "11.2", "262,144", "512", "4,194,304", "2,048", "64", "45.3"]),
+    (
+        "decode_n1",
+        DECODE_U,
+        "(256, 1, 1)",
+        "(16, 1, 1)",
+        ["0.52", "0.26", "3.2", "2.5", "2,048", "64", "32,768", "256", "40", "12.5"],
+    ),
+    (
+        "decode_n1",
+        DECODE_Y,
+        "(256, 1, 1)",
+        "(512, 1, 1)",
+        ["33.6", "8.19", "71.8", "11.2", "262,144", "512", "4,194,304", "2,048", "64", "45.3"],
+    ),
     ("merge_4096x4096", SPIN, "(1, 1, 1)", "(1, 1, 1)", ["0", "0", "0.01", "1.95", "0", "0", "0", "0", "16", "3.0"]),
-    ("merge_4096x4096", CUBLAS, "(384, 1, 1)", "(132, 1, 1)",
-     ["4.2", "67,108.86", "40.1", "690.3", "n/a", "n/a", "n/a", "n/a", "168", "18.7"]),
-    ("merge_4096x4096", MERGE, "(256, 1, 1)", "(1024, 1, 1)",
-     ["100.7", "33,554.43", "88.0", "28.4", "1,048,576", "524,288", "16,777,216", "4,194,304", "32", "81.0"]),
+    (
+        "merge_4096x4096",
+        CUBLAS,
+        "(384, 1, 1)",
+        "(132, 1, 1)",
+        ["4.2", "67,108.86", "40.1", "690.3", "n/a", "n/a", "n/a", "n/a", "168", "18.7"],
+    ),
+    (
+        "merge_4096x4096",
+        MERGE,
+        "(256, 1, 1)",
+        "(1024, 1, 1)",
+        ["100.7", "33,554.43", "88.0", "28.4", "1,048,576", "524,288", "16,777,216", "4,194,304", "32", "81.0"],
+    ),
 ]
 
 
@@ -77,10 +109,12 @@ def ncu_csv(with_nvtx=True, launches=LAUNCHES) -> str:
     writer.writerow(header)
     writer.writerow([""] * (len(header) - len(METRIC_UNITS)) + [u for _, u in METRIC_UNITS])
     for i, (case, name, block, grid, values) in enumerate(launches):
-        nvtx = [f'4242  "<default domain>:{kc.nvtx_range_name(case)}:none:none:none:none:none:none"'] if with_nvtx \
-            else []
-        writer.writerow([str(i), "4242", "python3.12", "127.0.0.1", name, "1", "7", block, grid, "0", "9.0"] + nvtx
-                        + values)
+        nvtx = (
+            [f'4242  "<default domain>:{kc.nvtx_range_name(case)}:none:none:none:none:none:none"'] if with_nvtx else []
+        )
+        writer.writerow(
+            [str(i), "4242", "python3.12", "127.0.0.1", name, "1", "7", block, grid, "0", "9.0"] + nvtx + values
+        )
         if i == 2:
             buf.write("==WARNING== Found outstanding GPU clock reset, trying to revert...Success.\n")
     return buf.getvalue()
@@ -88,29 +122,56 @@ def ncu_csv(with_nvtx=True, launches=LAUNCHES) -> str:
 
 def report(ops):
     """A kernel_report document as kernel_report.py writes it (the fields this script reads)."""
-    return {"schema": 1, "gpu": {"max_warps_per_sm": {"value": 64, "source": "datasheet"}}, "kernels": [
-        {"key": "decode_u_kernel<__nv_bfloat16>", "registers": 40, "occupancy": 1.0},
-        {"key": "decode_y_kernel<__nv_bfloat16>", "registers": 72, "occupancy": 0.375},
-        {"key": "merge_kernel<__nv_bfloat16, false>", "registers": 32, "occupancy": 1.0}],
-        "ops": ops}
+    return {
+        "schema": 1,
+        "gpu": {"max_warps_per_sm": {"value": 64, "source": "datasheet"}},
+        "kernels": [
+            {"key": "decode_u_kernel<__nv_bfloat16>", "registers": 40, "occupancy": 1.0},
+            {"key": "decode_y_kernel<__nv_bfloat16>", "registers": 72, "occupancy": 0.375},
+            {"key": "merge_kernel<__nv_bfloat16, false>", "registers": 32, "occupancy": 1.0},
+        ],
+        "ops": ops,
+    }
 
 
 def kernel_event(key, us, dram, ld=16.0, st=4.0, **model):
     """A predicted launch; `model` adds what the model took from the binary (registers, occupancy,
     resident_warps_per_sm)."""
-    return {"kind": "kernel", "key": key, "grid": [16, 1, 1], "block": [256, 1, 1], "predicted_us": us,
-            "dram_bytes": dram, "sectors_per_request": {"load": ld, "store": st}, **model}
+    return {
+        "kind": "kernel",
+        "key": key,
+        "grid": [16, 1, 1],
+        "block": [256, 1, 1],
+        "predicted_us": us,
+        "dram_bytes": dram,
+        "sectors_per_request": {"load": ld, "store": st},
+        **model,
+    }
 
 
-DECODE_OP = {"case": "decode_n1", "group": "decode", "predicted_us": 15.0, "floor_us": 7.8, "floor_what": "W",
-             "events": [kernel_event("decode_u_kernel<__nv_bfloat16>", 3.0, 0.8e6, registers=42, occupancy=0.5,
-                                     resident_warps_per_sm=16),
-                        kernel_event("decode_y_kernel<__nv_bfloat16>", 10.0, 41.9e6),
-                        kernel_event("decode_y_kernel<__nv_bfloat16>", 1.0, 1e3),
-                        {"kind": "aten", "op": "aten.add_.Tensor", "predicted_us": 2.0}]}
-MERGE_OP = {"case": "merge_4096x4096", "group": "merge", "predicted_us": 800.0, "floor_us": 700.0,
-            "floor_what": "GEMM", "events": [{"kind": "gemm", "op": "aten.mm.default", "m": 4096, "n": 4096,
-                                              "k": 256, "predicted_us": 650.0}]}
+DECODE_OP = {
+    "case": "decode_n1",
+    "group": "decode",
+    "predicted_us": 15.0,
+    "floor_us": 7.8,
+    "floor_what": "W",
+    "events": [
+        kernel_event(
+            "decode_u_kernel<__nv_bfloat16>", 3.0, 0.8e6, registers=42, occupancy=0.5, resident_warps_per_sm=16
+        ),
+        kernel_event("decode_y_kernel<__nv_bfloat16>", 10.0, 41.9e6),
+        kernel_event("decode_y_kernel<__nv_bfloat16>", 1.0, 1e3),
+        {"kind": "aten", "op": "aten.add_.Tensor", "predicted_us": 2.0},
+    ],
+}
+MERGE_OP = {
+    "case": "merge_4096x4096",
+    "group": "merge",
+    "predicted_us": 800.0,
+    "floor_us": 700.0,
+    "floor_what": "GEMM",
+    "events": [{"kind": "gemm", "op": "aten.mm.default", "m": 4096, "n": 4096, "k": 256, "predicted_us": 650.0}],
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,9 +180,14 @@ MERGE_OP = {"case": "merge_4096x4096", "group": "merge", "predicted_us": 800.0, 
 
 def test_parse_ncu_csv_reads_names_keys_cases_and_scales_units():
     launches = kc.parse_ncu_csv(ncu_csv())
-    assert [l["key"] for l in launches] == ["spin_kernel", "decode_u_kernel<__nv_bfloat16>",
-                                            "decode_y_kernel<__nv_bfloat16>", "spin_kernel", CUBLAS,
-                                            "merge_kernel<__nv_bfloat16, false>"]
+    assert [l["key"] for l in launches] == [
+        "spin_kernel",
+        "decode_u_kernel<__nv_bfloat16>",
+        "decode_y_kernel<__nv_bfloat16>",
+        "spin_kernel",
+        CUBLAS,
+        "merge_kernel<__nv_bfloat16, false>",
+    ]
     assert [l["case"] for l in launches] == ["decode_n1"] * 3 + ["merge_4096x4096"] * 3
     y = launches[2]
     assert y["name"] == DECODE_Y and y["id"] == 2 and y["grid"] == "(512, 1, 1)" and y["block"] == "(256, 1, 1)"
@@ -152,8 +218,10 @@ def test_parse_ncu_csv_refuses_a_unit_it_does_not_know():
 
 
 def test_parse_ncu_csv_leaves_out_an_unrequested_metric_in_an_unknown_unit():
-    text = ('"ID","Kernel Name","device__attribute_clock_rate","gpu__time_duration.sum"\n'
-            '"","","khz","nsecond"\n"0","k(int)","1980000","1,500"\n')
+    text = (
+        '"ID","Kernel Name","device__attribute_clock_rate","gpu__time_duration.sum"\n'
+        '"","","khz","nsecond"\n"0","k(int)","1980000","1,500"\n'
+    )
     (launch,) = kc.parse_ncu_csv(text)
     assert launch["metrics"] == {"gpu__time_duration.sum": 1.5}
     assert launch["key"] == "k" and launch["case"] is None and launch["grid"] is None
@@ -162,8 +230,11 @@ def test_parse_ncu_csv_leaves_out_an_unrequested_metric_in_an_unknown_unit():
 def test_assign_cases_keeps_nvtx_cases_and_drops_markers():
     launches = kc.assign_cases(kc.parse_ncu_csv(ncu_csv()), [])
     assert [(l["case"], l["key"][:8]) for l in launches] == [
-        ("decode_n1", "decode_u"), ("decode_n1", "decode_y"), ("merge_4096x4096", "sm90_xmm"),
-        ("merge_4096x4096", "merge_ke")]
+        ("decode_n1", "decode_u"),
+        ("decode_n1", "decode_y"),
+        ("merge_4096x4096", "sm90_xmm"),
+        ("merge_4096x4096", "merge_ke"),
+    ]
 
 
 def test_assign_cases_by_markers_without_an_nvtx_column():
@@ -181,24 +252,31 @@ def test_assign_cases_by_markers_without_an_nvtx_column():
 # No counters
 
 
-PERM = ("==PROF== Connected to process 4242 (/usr/bin/python3.12)\n"
-        "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access NVIDIA GPU Performance Counters on "
-        "the target device 0. For instructions on enabling permissions and to get more information see "
-        "https://developer.nvidia.com/ERR_NVGPUCTRPERM\n==PROF== Disconnected from process 4242\n")
+PERM = (
+    "==PROF== Connected to process 4242 (/usr/bin/python3.12)\n"
+    "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access NVIDIA GPU Performance Counters on "
+    "the target device 0. For instructions on enabling permissions and to get more information see "
+    "https://developer.nvidia.com/ERR_NVGPUCTRPERM\n==PROF== Disconnected from process 4242\n"
+)
 UNSUPPORTED = "==PROF== Connected to process 4242\n==ERROR== Profiling is not supported on this device\n"
-NOTHING = "==PROF== Connected to process 4242\n==PROF== Disconnected from process 4242\n" \
-          "==WARNING== No kernels were profiled.\n"
+NOTHING = (
+    "==PROF== Connected to process 4242\n==PROF== Disconnected from process 4242\n"
+    "==WARNING== No kernels were profiled.\n"
+)
 APP_ERROR = "==ERROR== The application returned an error code (1).\n"
 
 
-@pytest.mark.parametrize("returncode, output, want", [
-    (1, PERM, "ERR_NVGPUCTRPERM"),
-    (0, PERM + ncu_csv(), "ERR_NVGPUCTRPERM"),
-    (1, UNSUPPORTED, "Profiling is not supported on this device"),
-    (0, NOTHING, "no metric rows in ncu's output ==WARNING== No kernels were profiled."),
-    (1, APP_ERROR, "==ERROR== The application returned an error code (1)."),
-    (9, "", "ncu exited with status 9"),
-])
+@pytest.mark.parametrize(
+    "returncode, output, want",
+    [
+        (1, PERM, "ERR_NVGPUCTRPERM"),
+        (0, PERM + ncu_csv(), "ERR_NVGPUCTRPERM"),
+        (1, UNSUPPORTED, "Profiling is not supported on this device"),
+        (0, NOTHING, "no metric rows in ncu's output ==WARNING== No kernels were profiled."),
+        (1, APP_ERROR, "==ERROR== The application returned an error code (1)."),
+        (9, "", "ncu exited with status 9"),
+    ],
+)
 def test_ncu_problem_names_the_reason(returncode, output, want):
     problem = kc.ncu_problem(returncode, output, kc.parse_ncu_csv(output))
     assert problem is not None and want in problem
@@ -225,20 +303,33 @@ def _cases(*names):
 def test_compare_matches_by_key_and_occurrence_and_sums_the_others():
     launches = kc.assign_cases(kc.parse_ncu_csv(ncu_csv()), [])
     rep = report([DECODE_OP, MERGE_OP])
-    result = kc.compare(_cases("decode_n1", "merge_4096x4096"), rep,
-                        {"decode_n1": (20.0, 1.0), "merge_4096x4096": (900.0, 5.0)}, launches)
+    result = kc.compare(
+        _cases("decode_n1", "merge_4096x4096"),
+        rep,
+        {"decode_n1": (20.0, 1.0), "merge_4096x4096": (900.0, 5.0)},
+        launches,
+    )
     rows = [(r["case"], r["key"], r["occurrence"], r["status"]) for r in result["kernels"]]
-    assert rows == [("decode_n1", "decode_u_kernel<__nv_bfloat16>", 0, "matched"),
-                    ("decode_n1", "decode_y_kernel<__nv_bfloat16>", 0, "matched"),
-                    ("decode_n1", "decode_y_kernel<__nv_bfloat16>", 1, "not launched"),
-                    ("merge_4096x4096", "merge_kernel<__nv_bfloat16, false>", 0, "not predicted")]
+    assert rows == [
+        ("decode_n1", "decode_u_kernel<__nv_bfloat16>", 0, "matched"),
+        ("decode_n1", "decode_y_kernel<__nv_bfloat16>", 0, "matched"),
+        ("decode_n1", "decode_y_kernel<__nv_bfloat16>", 1, "not launched"),
+        ("merge_4096x4096", "merge_kernel<__nv_bfloat16, false>", 0, "not predicted"),
+    ]
     u, y = result["kernels"][:2]
     # the model's own registers and resident warps (16 of 64) when the event has them ...
     assert u["predicted"]["registers"] == 42 and u["predicted"]["warps_active_pct"] == 25.0
     # ... else the report's kernel entry
-    assert y["predicted"] == {"time_us": 10.0, "registers": 72, "dram_bytes": 41.9e6, "ld_sectors_per_request": 16.0,
-                              "st_sectors_per_request": 4.0, "grid": [16, 1, 1], "block": [256, 1, 1],
-                              "warps_active_pct": 37.5}
+    assert y["predicted"] == {
+        "time_us": 10.0,
+        "registers": 72,
+        "dram_bytes": 41.9e6,
+        "ld_sectors_per_request": 16.0,
+        "st_sectors_per_request": 4.0,
+        "grid": [16, 1, 1],
+        "block": [256, 1, 1],
+        "warps_active_pct": 37.5,
+    }
     assert y["measured"]["registers"] == 64 and y["measured"]["time_us"] == pytest.approx(11.2)
     assert y["measured"]["dram_bytes"] == pytest.approx(33.6e6 + 8190.0)
     assert y["measured"]["ld_sectors_per_request"] == pytest.approx(16.0)
@@ -276,8 +367,17 @@ def test_compare_on_the_committed_report():
     matched = [r for r in result["kernels"] if r["status"] == "matched"]
     assert [r["key"] for r in matched] == ["decode_u_kernel<__nv_bfloat16>", "decode_y_kernel<__nv_bfloat16>"]
     for row in matched:
-        assert all(row["predicted"][k] is not None for k in ("time_us", "registers", "dram_bytes", "warps_active_pct",
-                                                             "ld_sectors_per_request", "st_sectors_per_request"))
+        assert all(
+            row["predicted"][k] is not None
+            for k in (
+                "time_us",
+                "registers",
+                "dram_bytes",
+                "warps_active_pct",
+                "ld_sectors_per_request",
+                "st_sectors_per_request",
+            )
+        )
     (op,) = result["ops"]
     assert op["predicted_us"] > 0 and op["floor_us"] > 0 and op["predicted_dram_bytes"] > 0
     assert op["ratio_measured_to_predicted"] == pytest.approx(30.0 / op["predicted_us"])
@@ -333,8 +433,11 @@ def _fake_ncu(tmp_path, mode):
     nvtx_path.write_text(ncu_csv())
     perm_path.write_text(PERM)
     exe = tmp_path / f"ncu_{mode}"
-    exe.write_text(FAKE_NCU.format(python=sys.executable, mode=mode, csv=str(csv_path), nvtx_csv=str(nvtx_path),
-                                   perm=str(perm_path)))
+    exe.write_text(
+        FAKE_NCU.format(
+            python=sys.executable, mode=mode, csv=str(csv_path), nvtx_csv=str(nvtx_path), perm=str(perm_path)
+        )
+    )
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     return str(exe)
 
@@ -343,8 +446,13 @@ def test_ncu_command_profiles_only_the_marked_ranges():
     cmd = kc.ncu_command("/x/ncu", "/tmp/log.csv", ["python", "child.py", "--child"])
     assert cmd[0] == "/x/ncu" and cmd[-3:] == ["python", "child.py", "--child"]
     assert cmd[cmd.index("--metrics") + 1].split(",") == list(kc.METRICS)
-    for option, value in [("--page", "raw"), ("--profile-from-start", "off"), ("--print-kernel-base", "demangled"),
-                          ("--clock-control", "none"), ("--log-file", "/tmp/log.csv")]:
+    for option, value in [
+        ("--page", "raw"),
+        ("--profile-from-start", "off"),
+        ("--print-kernel-base", "demangled"),
+        ("--clock-control", "none"),
+        ("--log-file", "/tmp/log.csv"),
+    ]:
         assert cmd[cmd.index(option) + 1] == value
     assert "--csv" in cmd and "--nvtx" in cmd
 
@@ -374,23 +482,54 @@ def test_run_ncu_killed_at_its_limit_keeps_what_ncu_wrote(tmp_path):
 
 def test_cpu_dry_run_as_a_program(tmp_path):
     small = [c for c in kc.select("decode", small=True)]
-    ops = [{"case": small[0].name, "group": "decode", "predicted_us": 10.0, "floor_us": 8.0, "floor_what": "W",
-            "events": [kernel_event("decode_u_kernel<float>", 3.0, 1e6), {"kind": "aten", "op": "aten.add_.Tensor",
-                                                                         "predicted_us": 1.0}]}]
+    ops = [
+        {
+            "case": small[0].name,
+            "group": "decode",
+            "predicted_us": 10.0,
+            "floor_us": 8.0,
+            "floor_what": "W",
+            "events": [
+                kernel_event("decode_u_kernel<float>", 3.0, 1e6),
+                {"kind": "aten", "op": "aten.add_.Tensor", "predicted_us": 1.0},
+            ],
+        }
+    ]
     rep = tmp_path / "report.json"
-    rep.write_text(json.dumps({"schema": 1, "gpu": {}, "kernels": [{"key": "decode_u_kernel<float>",
-                                                                   "registers": 40}], "ops": ops}))
+    rep.write_text(
+        json.dumps(
+            {"schema": 1, "gpu": {}, "kernels": [{"key": "decode_u_kernel<float>", "registers": 40}], "ops": ops}
+        )
+    )
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--report", str(rep), "--out", str(out),
-                           "--shapes", "decode", "--rounds", "2"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OUT": ""})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--device",
+            "cpu",
+            "--report",
+            str(rep),
+            "--out",
+            str(out),
+            "--shapes",
+            "decode",
+            "--rounds",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OUT": ""},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads((out / "kernel_check.json").read_text())
     assert doc["ncu"] == "not run (--device cpu, --mode auto)" and doc["report_error"] is None
     assert [r["case"] for r in doc["ops"]] == [c.name for c in small]
     first = doc["ops"][0]
     assert first["measured_us"] > 0 and first["ratio_measured_to_predicted"] == pytest.approx(
-        first["measured_us"] / 10.0)
+        first["measured_us"] / 10.0
+    )
     assert first["other_kernels"], "the CPU op's ATen calls should be listed"
     assert [(r["key"], r["status"]) for r in doc["kernels"]] == [("decode_u_kernel<float>", "not launched")]
     log = (out / "kernel_check.log").read_text()
@@ -398,8 +537,20 @@ def test_cpu_dry_run_as_a_program(tmp_path):
 
 
 def test_missing_report_still_measures_and_exits_1(tmp_path, capsys):
-    rc = kc.main(["--device", "cpu", "--report", str(tmp_path / "none.json"), "--out", str(tmp_path),
-                  "--shapes", "merge", "--rounds", "1"])
+    rc = kc.main(
+        [
+            "--device",
+            "cpu",
+            "--report",
+            str(tmp_path / "none.json"),
+            "--out",
+            str(tmp_path),
+            "--shapes",
+            "merge",
+            "--rounds",
+            "1",
+        ]
+    )
     assert rc == 1
     doc = json.loads((tmp_path / "kernel_check.json").read_text())
     assert "No such file" in doc["report_error"]
@@ -414,13 +565,19 @@ def test_cuda_without_a_gpu_exits_2(tmp_path, capsys):
     assert "no CUDA device visible" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--rounds", "0"], "--rounds: expected a positive integer, got '0'"),
-    (["--dtypes", "bf16,int8"], "--dtypes: expected a comma-separated list among bf16, fp16, fp32, got 'bf16,int8'"),
-    (["--shapes", "prefill"], "--shapes: invalid choice: 'prefill'"),
-    (["--device", "cpu", "--mode", "ncu"], "--mode ncu needs --device cuda"),
-    (["--child"], "--child needs --manifest PATH"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--rounds", "0"], "--rounds: expected a positive integer, got '0'"),
+        (
+            ["--dtypes", "bf16,int8"],
+            "--dtypes: expected a comma-separated list among bf16, fp16, fp32, got 'bf16,int8'",
+        ),
+        (["--shapes", "prefill"], "--shapes: invalid choice: 'prefill'"),
+        (["--device", "cpu", "--mode", "ncu"], "--mode ncu needs --device cuda"),
+        (["--child"], "--child needs --manifest PATH"),
+    ],
+)
 def test_bad_arguments_name_the_argument(capsys, argv, fragment):
     with pytest.raises(SystemExit) as info:
         kc.parse_args(argv)

@@ -45,12 +45,15 @@ def test_with_overrides_replaces_only_the_named_fields():
     assert h200.H200.sms == 132  # the original is untouched
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"hbm_bandwidth": 1.0}, "unknown GPU field 'hbm_bandwidth'"),
-    ({"sms": 132.0}, "'sms' expects a int"),
-    ({"dram_latency_ns": "600"}, "'dram_latency_ns' expects a float"),
-    ({"host_sync_us": True}, "'host_sync_us' expects a float"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"hbm_bandwidth": 1.0}, "unknown GPU field 'hbm_bandwidth'"),
+        ({"sms": 132.0}, "'sms' expects a int"),
+        ({"dram_latency_ns": "600"}, "'dram_latency_ns' expects a float"),
+        ({"host_sync_us": True}, "'host_sync_us' expects a float"),
+    ],
+)
 def test_with_overrides_rejects(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         h200.with_overrides(h200.H200, overrides)
@@ -142,13 +145,16 @@ def test_occupancy_largest_shared_memory_block_fits_once():
     assert occupancy(32, 256, dynamic_smem=232448)["blocks_per_sm"] == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    ((32, 0), "threads_per_block must be in 1..1024"),
-    ((32, 1025), "threads_per_block must be in 1..1024"),
-    ((256, 256), "regs_per_thread must be in 0..255"),
-    ((32, 256, 48 * 1024, 184 * 1024), "over the per-block limit of 232448 bytes"),
-    ((32, 256, -1), "shared memory sizes must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((32, 0), "threads_per_block must be in 1..1024"),
+        ((32, 1025), "threads_per_block must be in 1..1024"),
+        ((256, 256), "regs_per_thread must be in 0..255"),
+        ((32, 256, 48 * 1024, 184 * 1024), "over the per-block limit of 232448 bytes"),
+        ((32, 256, -1), "shared memory sizes must be >= 0"),
+    ],
+)
 def test_occupancy_rejects_impossible_launches(args, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         occupancy(*args)
@@ -158,20 +164,29 @@ def test_occupancy_rejects_impossible_launches(args, message):
 # kernel_key
 
 
-@pytest.mark.parametrize("demangled, key", [
-    ("void vera::cuda::(anonymous namespace)::decode_y_kernel<__nv_bfloat16>(vera::cuda::DecodeParams, bool, bool)",
-     "decode_y_kernel<__nv_bfloat16>"),
-    ("void vera::cuda::(anonymous namespace)::merge_kernel<float, true>(vera::cuda::MergeParams)",
-     "merge_kernel<float, true>"),
-    ("vera::cuda::(anonymous namespace)::col_dot_finish_kernel(vera::cuda::ColDotReduceParams)",
-     "col_dot_finish_kernel"),
-    # gcc's __PRETTY_FUNCTION__ spelling of the same names
-    ("vera::cuda::{anonymous}::decode_y_kernel<__nv_bfloat16>", "decode_y_kernel<__nv_bfloat16>"),
-    ("vera::cuda::{anonymous}::merge_kernel<float, true>", "merge_kernel<float, true>"),
-    # spacing is normalised; qualified template arguments keep their qualifiers
-    ("vera::cuda::merge_kernel< float ,true >", "merge_kernel<float, true>"),
-    ("void ns::k<ns::Tag<int>, 4>(ns::P)", "k<ns::Tag<int>, 4>"),
-])
+@pytest.mark.parametrize(
+    "demangled, key",
+    [
+        (
+            "void vera::cuda::(anonymous namespace)::decode_y_kernel<__nv_bfloat16>(vera::cuda::DecodeParams, bool, bool)",
+            "decode_y_kernel<__nv_bfloat16>",
+        ),
+        (
+            "void vera::cuda::(anonymous namespace)::merge_kernel<float, true>(vera::cuda::MergeParams)",
+            "merge_kernel<float, true>",
+        ),
+        (
+            "vera::cuda::(anonymous namespace)::col_dot_finish_kernel(vera::cuda::ColDotReduceParams)",
+            "col_dot_finish_kernel",
+        ),
+        # gcc's __PRETTY_FUNCTION__ spelling of the same names
+        ("vera::cuda::{anonymous}::decode_y_kernel<__nv_bfloat16>", "decode_y_kernel<__nv_bfloat16>"),
+        ("vera::cuda::{anonymous}::merge_kernel<float, true>", "merge_kernel<float, true>"),
+        # spacing is normalised; qualified template arguments keep their qualifiers
+        ("vera::cuda::merge_kernel< float ,true >", "merge_kernel<float, true>"),
+        ("void ns::k<ns::Tag<int>, 4>(ns::P)", "k<ns::Tag<int>, 4>"),
+    ],
+)
 def test_kernel_key(demangled, key):
     assert binary.kernel_key(demangled) == key
 
@@ -369,11 +384,11 @@ def test_load_batches_ignore_the_jump_back_from_out_of_line_code():
         (0x70, "BRA 0x70"),
         (0x80, "WARPSYNC.COLLECTIVE R7, 0xa0"),
         (0x90, "SHFL.BFLY P1, R5, R10, R8, R9"),
-        (0xa0, "ENDCOLLECTIVE"),
-        (0xb0, "BRA 0x20"),
+        (0xA0, "ENDCOLLECTIVE"),
+        (0xB0, "BRA 0x20"),
     )
     result = binary.load_batches(instrs)
-    assert result["loops"] == [{"start": 0x0, "end": 0xb0, "loads": 1, "bytes_per_lane": 4, "batches": 1}]
+    assert result["loops"] == [{"start": 0x0, "end": 0xB0, "loads": 1, "bytes_per_lane": 4, "batches": 1}]
 
 
 def test_load_batches_innermost_loop_with_loads():
@@ -406,8 +421,12 @@ def test_load_batches_without_a_loop_walks_the_function():
 
 def test_load_batches_without_loads():
     instrs = function((0x00, "FADD R6, R4, R5"), (0x10, "@P0 BRA 0x0"), (0x20, "EXIT"))
-    assert binary.load_batches(instrs) == {"loops": [], "bytes_per_lane": 0, "batches": 0,
-                                           "bytes_in_flight_per_warp": 0.0}
+    assert binary.load_batches(instrs) == {
+        "loops": [],
+        "bytes_per_lane": 0,
+        "batches": 0,
+        "bytes_in_flight_per_warp": 0.0,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,8 +452,13 @@ def test_find_cuobjdump_says_where_it_looked(monkeypatch):
     with pytest.raises(FileNotFoundError) as error:
         binary.find_cuobjdump()
     message = str(error.value)
-    for place in ("cuobjdump on PATH", "/opt/no-cuda/bin/cuobjdump", "/usr/local/cuda/bin/cuobjdump",
-                  "pip install nvidia-cuda-cuobjdump", "CUOBJDUMP"):
+    for place in (
+        "cuobjdump on PATH",
+        "/opt/no-cuda/bin/cuobjdump",
+        "/usr/local/cuda/bin/cuobjdump",
+        "pip install nvidia-cuda-cuobjdump",
+        "CUOBJDUMP",
+    ):
         assert place in message
 
 
@@ -458,8 +482,9 @@ def built():
 
 def test_built_kernels_resources(built):
     so, tool, facts = built
-    listing = subprocess.run([tool, "--dump-resource-usage", "-arch", "sm_90", so], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(
+        [tool, "--dump-resource-usage", "-arch", "sm_90", so], capture_output=True, text=True, check=True
+    ).stdout
     direct = {name: int(regs) for name, regs in re.findall(r"Function (\S+):\s*\n\s*REG:(\d+)", listing)}
     assert len(facts) == len(direct)  # one key per kernel: kernel_facts raises on a shared key
     assert {k["mangled"]: k["registers"] for k in facts.values()} == direct

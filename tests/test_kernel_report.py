@@ -31,8 +31,21 @@ def _binary_or_skip():
 def report(tmp_path_factory):
     _binary_or_skip()
     out = tmp_path_factory.mktemp("kernel_report") / "report.json"
-    subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "kernel_report.py"), "--small",
-                    "--max-blocks", "16", "--json", str(out)], check=True, cwd=REPO, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "benchmarks", "kernel_report.py"),
+            "--small",
+            "--max-blocks",
+            "16",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     with open(out, encoding="utf-8") as f:
         return json.load(f)
 
@@ -41,8 +54,9 @@ def test_one_record_per_compiled_kernel_with_cuobjdumps_registers(report):
     path, tool = _binary_or_skip()
     text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
     printed = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
-    demangled = subprocess.run(["c++filt"], input="\n".join(m[0] for m in printed), capture_output=True, text=True,
-                               check=True).stdout.split("\n")
+    demangled = subprocess.run(
+        ["c++filt"], input="\n".join(m[0] for m in printed), capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     expected = {binary.kernel_key(d): int(m[1]) for d, m in zip(demangled, printed)}
     got = {k["key"]: k for k in report["kernels"]}
     assert set(got) == set(expected)
@@ -77,12 +91,24 @@ def test_gpu_constants_are_recorded_with_sources(report):
 def _launch(**overrides):
     """A synthetic traced launch: 132 blocks of 256 threads, 1 MiB read once coalesced, 1 MiB written."""
     counts = {"requests": 8192, "sectors": 32768, "lane_bytes": 2**20, "requests_by_width": {"4": 8192}}
-    ev = {"kind": "kernel", "kernel": "vera::cuda::{anonymous}::row_scale_kernel<float, float>", "grid": [132, 1, 1],
-          "block": [256, 1, 1], "dynamic_shared_bytes": 0, "blocks": 132, "executed_blocks": 132, "ok": True,
-          "load": dict(counts), "store": dict(counts),
-          "atomic": {"requests": 0, "sectors": 0, "lane_bytes": 0, "requests_by_width": {}},
-          "unique_read_bytes_private": 2**20, "unique_read_bytes_shared": 0, "unique_write_bytes_private": 2**20,
-          "unique_write_bytes_shared": 0, "block_unique_sectors": {"load": 32768, "store": 32768}}
+    ev = {
+        "kind": "kernel",
+        "kernel": "vera::cuda::{anonymous}::row_scale_kernel<float, float>",
+        "grid": [132, 1, 1],
+        "block": [256, 1, 1],
+        "dynamic_shared_bytes": 0,
+        "blocks": 132,
+        "executed_blocks": 132,
+        "ok": True,
+        "load": dict(counts),
+        "store": dict(counts),
+        "atomic": {"requests": 0, "sectors": 0, "lane_bytes": 0, "requests_by_width": {}},
+        "unique_read_bytes_private": 2**20,
+        "unique_read_bytes_shared": 0,
+        "unique_write_bytes_private": 2**20,
+        "unique_write_bytes_shared": 0,
+        "block_unique_sectors": {"load": 32768, "store": 32768},
+    }
     ev.update(overrides)
     return ev
 
@@ -95,10 +121,14 @@ def test_model_takes_the_largest_term_and_scales_samples():
     assert rec["terms_us"]["dram"] == pytest.approx(2 * 2**20 / h200.H200.hbm_bytes_per_s * 1e6)
     assert rec["predicted_us"] == pytest.approx(max(rec["terms_us"].values()) + h200.H200.kernel_overhead_us)
     # half the blocks traced: the same totals after scaling (nothing shared between blocks)
-    half = _launch(executed_blocks=66, unique_read_bytes_private=2**19, unique_write_bytes_private=2**19,
-                   load={**_launch()["load"], "requests": 4096, "sectors": 16384, "lane_bytes": 2**19},
-                   store={**_launch()["store"], "requests": 4096, "sectors": 16384, "lane_bytes": 2**19},
-                   block_unique_sectors={"load": 16384, "store": 16384})
+    half = _launch(
+        executed_blocks=66,
+        unique_read_bytes_private=2**19,
+        unique_write_bytes_private=2**19,
+        load={**_launch()["load"], "requests": 4096, "sectors": 16384, "lane_bytes": 2**19},
+        store={**_launch()["store"], "requests": 4096, "sectors": 16384, "lane_bytes": 2**19},
+        block_unique_sectors={"load": 16384, "store": 16384},
+    )
     scaled = model.predict_kernel(half, case, facts, h200.H200)
     assert scaled["terms_us"] == pytest.approx(rec["terms_us"])
     # four times the sectors per request (uncoalesced): the L1 term grows fourfold

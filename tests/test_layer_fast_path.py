@@ -64,8 +64,14 @@ def test_fast_path_result_against_float64():
     with torch.inference_mode():
         y = layer(x)
     A, B = layer.vera_projection.vera_A[:R, :I], layer.vera_projection.vera_B[:O, :R]
-    ref = vera_reference(x, layer.base_layer(x).detach(), A, B, layer.vera_lambda_d["default"].detach(),
-                         layer.vera_lambda_b["default"].detach())
+    ref = vera_reference(
+        x,
+        layer.base_layer(x).detach(),
+        A,
+        B,
+        layer.vera_lambda_d["default"].detach(),
+        layer.vera_lambda_b["default"].detach(),
+    )
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -138,8 +144,9 @@ def test_fast_path_steps_aside_for_a_linear_subclass_and_fan_in_fan_out():
     assert layer._forward_single_fused(x) is None
     base_out = layer.base_layer(x)
     A, B = layer.vera_projection.vera_A[:R, :I], layer.vera_projection.vera_B[:O, :R]
-    ref = vera_reference(x, base_out.detach(), A, B, layer.vera_lambda_d["default"].detach(),
-                         layer.vera_lambda_b["default"].detach())
+    ref = vera_reference(
+        x, base_out.detach(), A, B, layer.vera_lambda_d["default"].detach(), layer.vera_lambda_b["default"].detach()
+    )
     torch.testing.assert_close(layer(x).detach().double(), ref, rtol=1e-5, atol=1e-5)
 
     conv = VeraLinear(nn.Linear(I, O), R, fan_in_fan_out=True)

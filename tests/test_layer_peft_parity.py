@@ -60,8 +60,10 @@ def test_non_contiguous_input_and_no_bias(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_layers_of_different_shapes_share_one_projection(device):
     proj = VeraProjection.from_key(8, 40, 30).to(device)
-    layers = [VeraLinear(nn.Linear(i, o).to(device), 8, projection=proj, init_weights=False) for i, o in
-              [(40, 30), (17, 9), (1, 30), (40, 1)]]
+    layers = [
+        VeraLinear(nn.Linear(i, o).to(device), 8, projection=proj, init_weights=False)
+        for i, o in [(40, 30), (17, 9), (1, 30), (40, 1)]
+    ]
     for layer in layers:
         x = torch.randn(3, layer.in_features, device=device)
         A = proj.vera_A[:8, : layer.in_features]
@@ -97,10 +99,8 @@ def test_delta_weight_and_merge_match_peft(device, fan_in_fan_out):
     if fan_in_fan_out:  # PEFT's layer with fan_in_fan_out stores the (in, out) weight of a Conv1D
         for layer in (ours, peft):
             layer.fan_in_fan_out = True
-            layer.base_layer.weight = nn.Parameter(layer.base_layer.weight.detach().T.contiguous(),
-                                                   requires_grad=False)
-    torch.testing.assert_close(ours.get_delta_weight("default"), peft.get_delta_weight("default"),
-                               rtol=1e-5, atol=1e-6)
+            layer.base_layer.weight = nn.Parameter(layer.base_layer.weight.detach().T.contiguous(), requires_grad=False)
+    torch.testing.assert_close(ours.get_delta_weight("default"), peft.get_delta_weight("default"), rtol=1e-5, atol=1e-6)
     before = ours.base_layer.weight.detach().clone()
     ours.merge()
     peft.merge()
@@ -201,7 +201,8 @@ def test_low_precision_layer_within_twice_pytorch_error(device, dtype):
     d = torch.float64
     ref = x.to(d) @ w.to(d).T + b.to(d) + lb.to(d) * (((x.to(d) @ A.to(d).T) * ld.to(d)) @ B.to(d).T)
     same = nn.functional.linear(x, w, b) + lb.to(dtype) * nn.functional.linear(
-        ld.to(dtype) * nn.functional.linear(x, A.to(dtype)), B.to(dtype))
+        ld.to(dtype) * nn.functional.linear(x, A.to(dtype)), B.to(dtype)
+    )
     assert_low_precision_close(y.detach(), same.detach(), ref.detach())
 
 

@@ -101,8 +101,11 @@ def test_modules_to_save_follow_the_sample_adapter():
     "names, error, match",
     [
         (["default", "zzz", "b", "yyy"], ValueError, "Trying to infer with non-existing adapter\\(s\\): yyy, zzz"),
-        (["default", "b"], ValueError, "Length of `adapter_names` should be the same as the number of inputs, but "
-         "got 2 and 4"),
+        (
+            ["default", "b"],
+            ValueError,
+            "Length of `adapter_names` should be the same as the number of inputs, but got 2 and 4",
+        ),
         ("default", TypeError, "adapter_names must be a list of str"),
         (["default", 3, "b", "b"], TypeError, "adapter_names must be a list of str"),
     ],

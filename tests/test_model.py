@@ -236,10 +236,18 @@ def _two_adapter_model():
 @pytest.mark.parametrize(
     "name, kwargs, error, match",
     [
-        ("other", {"target_modules": ["lin0"], "projection_prng_key": 123}, ValueError,
-         "Vera PRNG initialisation key must be the same for all adapters. Got config.projection_prng_key=123"),
-        ("other", {"target_modules": ["lin0"], "save_projection": False}, ValueError,
-         "must be saved for all adapters or none"),
+        (
+            "other",
+            {"target_modules": ["lin0"], "projection_prng_key": 123},
+            ValueError,
+            "Vera PRNG initialisation key must be the same for all adapters. Got config.projection_prng_key=123",
+        ),
+        (
+            "other",
+            {"target_modules": ["lin0"], "save_projection": False},
+            ValueError,
+            "must be saved for all adapters or none",
+        ),
         ("other", {"target_modules": ["lin2"], "r": 4}, ValueError, "vera_B has a size of 24 but 20|vera_A has a size"),
         ("other", {"target_modules": ["lin0"], "r": 8}, ValueError, "vera_A has a size of 4 but 8 or greater"),
         ("other", {"target_modules": ["nope"]}, ValueError, r"Target modules \{'nope'\} not found in the base model"),

@@ -10,8 +10,13 @@ OPS = torch.ops.vera_ext
 
 
 def forward_cases(device):
-    for n, mixed, dtype in [(6, False, torch.float32), (40, False, torch.float32), (7, True, torch.float32),
-                            (5, False, torch.bfloat16), (0, False, torch.float32)]:
+    for n, mixed, dtype in [
+        (6, False, torch.float32),
+        (40, False, torch.float32),
+        (7, True, torch.float32),
+        (5, False, torch.bfloat16),
+        (0, False, torch.float32),
+    ]:
         k = 3 if mixed else None
         x, base, A, B, ld, lb = make_case(n, 12, 10, 8, device, dtype=dtype, num_adapters=k)
         idx = torch.tensor([0, 2, -1, 1, 1, 0, 2][:n], device=device) if mixed else None
@@ -60,8 +65,14 @@ def realistic_cases(device):
     """Every dtype the kernels take, A/B as strided slices of the shared projection, a strided x (a column slice of
     a wider tensor, as a model's activations can be), mixed batches with '-1' rows, an all-base batch, one row."""
     mixed = [0, -1, 1, 1, -1, 0, 2, 2, 0]
-    cases = [(torch.float32, mixed), (torch.float32, [-1] * 4), (torch.float32, None), (torch.float16, mixed),
-             (torch.bfloat16, [2]), (torch.float64, None)]
+    cases = [
+        (torch.float32, mixed),
+        (torch.float32, [-1] * 4),
+        (torch.float32, None),
+        (torch.float16, mixed),
+        (torch.bfloat16, [2]),
+        (torch.float64, None),
+    ]
     for dtype, idx in cases:
         n = 6 if idx is None else len(idx)
         k = None if idx is None else 3
@@ -83,13 +94,13 @@ def test_opcheck_realistic_forward_cases(device):
         for inp, base_out in ((x, base), (x_strided, base_strided)):
             xi, bi, ldi, lbi = [t.detach().requires_grad_() for t in (inp, base_out, ld, lb)]
             torch.library.opcheck(OPS.vera_forward, (xi, bi, A, B, ldi, lbi, idx))
-            torch.library.opcheck(OPS.vera_linear_forward, (xi, weight, bias if inp is x else None, A, B, ldi, lbi,
-                                                            idx))
+            torch.library.opcheck(
+                OPS.vera_linear_forward, (xi, weight, bias if inp is x else None, A, B, ldi, lbi, idx)
+            )
         if x.dtype == torch.float32:
             # the base weight itself trained (bias="all"-style training): its gradient goes through the op too
             w = weight.detach().clone().requires_grad_()
-            torch.library.opcheck(OPS.vera_linear_forward,
-                                  (x, w, bias.clone().requires_grad_(), A, B, ld, lb, idx))
+            torch.library.opcheck(OPS.vera_linear_forward, (x, w, bias.clone().requires_grad_(), A, B, ld, lb, idx))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -102,8 +113,9 @@ def test_opcheck_backward_every_output_mask(device):
         for w in (None, weight):
             # every mask against the fake kernel (what each mask changes is which outputs are empty) ...
             for mask in masks:
-                torch.library.opcheck(OPS.vera_backward, (g, u, A, B, ld, lb, idx, w, mask),
-                                      test_utils=("test_schema", "test_faketensor"))
+                torch.library.opcheck(
+                    OPS.vera_backward, (g, u, A, B, ld, lb, idx, w, mask), test_utils=("test_schema", "test_faketensor")
+                )
             # ... and the full check, AOT dispatch included, on two of them (it costs ~10x more)
             for mask in ([True, False, True], [False, True, True]):
                 torch.library.opcheck(OPS.vera_backward, (g, u, A, B, ld, lb, idx, w, mask))

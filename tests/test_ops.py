@@ -110,8 +110,9 @@ def test_gradcheck_float64(mixed, n):
     weight, bias = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
     leaves = [t.requires_grad_(True) for t in (x, base, ld, lb, weight, bias)]
     x, base, ld, lb, weight, bias = leaves
-    assert torch.autograd.gradcheck(lambda x, base, ld, lb: ops.vera_forward(x, base, A, B, ld, lb, idx),
-                                    (x, base, ld, lb))
+    assert torch.autograd.gradcheck(
+        lambda x, base, ld, lb: ops.vera_forward(x, base, A, B, ld, lb, idx), (x, base, ld, lb)
+    )
     assert torch.autograd.gradcheck(
         lambda x, w, b, ld, lb: ops.vera_linear_forward(x, w, b, A, B, ld, lb, idx), (x, weight, bias, ld, lb)
     )

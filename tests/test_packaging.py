@@ -42,26 +42,32 @@ def test_build_info_and_build_config_agree():
 CUDA130 = "CUDA 13.0"
 
 
-@pytest.mark.parametrize("built, built_variant, running, running_variant", [
-    ("2.14.1+cu130", CUDA130, "2.14.1+cu130", CUDA130),
-    ("2.14.1+cu130", CUDA130, "2.14.1", CUDA130),  # PyPI's default wheel has no local label: the same build
-    ("2.14.1", "CPU-only", "2.14.1", "CPU-only"),
-])
+@pytest.mark.parametrize(
+    "built, built_variant, running, running_variant",
+    [
+        ("2.14.1+cu130", CUDA130, "2.14.1+cu130", CUDA130),
+        ("2.14.1+cu130", CUDA130, "2.14.1", CUDA130),  # PyPI's default wheel has no local label: the same build
+        ("2.14.1", "CPU-only", "2.14.1", "CPU-only"),
+    ],
+)
 def test_same_torch_build_is_accepted(built, built_variant, running, running_variant):
     assert build_check.torch_mismatch(built, built_variant, running, running_variant) is None
 
 
-@pytest.mark.parametrize("built, built_variant, running, running_variant", [
-    ("2.14.1+cu130", CUDA130, "2.13.0+cpu", "CPU-only"),
-    ("2.14.1+cu130", CUDA130, "2.14.0+cu130", CUDA130),  # patch
-    ("2.14.1+cu130", CUDA130, "2.15.1+cu130", CUDA130),  # minor
-    ("2.14.1+cu130", CUDA130, "3.14.1+cu130", CUDA130),  # major
-    ("2.14.1+cu130", CUDA130, "2.14.1+cpu", "CPU-only"),  # CUDA build vs CPU build of one release
-    ("2.14.1", CUDA130, "2.14.1", "CPU-only"),  # the same, told by the variant when neither has a label
-    ("2.14.1+cu128", "CUDA 12.8", "2.14.1+cu130", CUDA130),  # another CUDA
-    ("2.15.0.dev20260101+cu130", CUDA130, "2.15.0.dev20260102+cu130", CUDA130),  # nightlies of two days
-    ("2.14.0a0+git1a2b3c", "CPU-only", "2.14.0a0+git4d5e6f", "CPU-only"),  # source builds of two commits
-])
+@pytest.mark.parametrize(
+    "built, built_variant, running, running_variant",
+    [
+        ("2.14.1+cu130", CUDA130, "2.13.0+cpu", "CPU-only"),
+        ("2.14.1+cu130", CUDA130, "2.14.0+cu130", CUDA130),  # patch
+        ("2.14.1+cu130", CUDA130, "2.15.1+cu130", CUDA130),  # minor
+        ("2.14.1+cu130", CUDA130, "3.14.1+cu130", CUDA130),  # major
+        ("2.14.1+cu130", CUDA130, "2.14.1+cpu", "CPU-only"),  # CUDA build vs CPU build of one release
+        ("2.14.1", CUDA130, "2.14.1", "CPU-only"),  # the same, told by the variant when neither has a label
+        ("2.14.1+cu128", "CUDA 12.8", "2.14.1+cu130", CUDA130),  # another CUDA
+        ("2.15.0.dev20260101+cu130", CUDA130, "2.15.0.dev20260102+cu130", CUDA130),  # nightlies of two days
+        ("2.14.0a0+git1a2b3c", "CPU-only", "2.14.0a0+git4d5e6f", "CPU-only"),  # source builds of two commits
+    ],
+)
 def test_other_torch_is_refused_naming_both(built, built_variant, running, running_variant):
     reason = build_check.torch_mismatch(built, built_variant, running, running_variant)
     assert reason is not None
@@ -112,8 +118,10 @@ def test_import_under_another_torch_raises_before_loading_C(tmp_path):
     assert proc.returncode == 0, proc.stderr
     import torch
 
-    assert f"IMPORT ERROR: vera_ext._C was compiled against torch 2.13.0+cpu (CPU-only) but torch {torch.__version__}" \
-        in proc.stdout, proc.stdout
+    assert (
+        f"IMPORT ERROR: vera_ext._C was compiled against torch 2.13.0+cpu (CPU-only) but torch {torch.__version__}"
+        in proc.stdout
+    ), proc.stdout
     assert REBUILD_HINT in proc.stdout
     assert "C LOADED: False" in proc.stdout
 
@@ -123,16 +131,26 @@ def test_info_prints_the_fields(capsys):
     out = capsys.readouterr().out
     import torch
 
-    for field in ("vera_ext:", "built with torch:", "running torch:", "torch check:", "CUDA part:", "compiled archs:",
-                  "CUDA runtime compiled in:", "build_info():", "GPU visible:"):
+    for field in (
+        "vera_ext:",
+        "built with torch:",
+        "running torch:",
+        "torch check:",
+        "CUDA part:",
+        "compiled archs:",
+        "CUDA runtime compiled in:",
+        "build_info():",
+        "GPU visible:",
+    ):
         assert field in out, field
     assert f"running torch: {torch.__version__}" in " ".join(out.split())
     assert "torch check: ok" in " ".join(out.split())
 
 
 def test_info_json():
-    proc = subprocess.run([sys.executable, "-m", "vera_ext.info", "--json"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vera_ext.info", "--json"], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["build_info"]["with_cuda"] == report["build_config"]["with_cuda"]
@@ -145,8 +163,9 @@ def test_info_works_when_C_cannot_load(tmp_path, command):
     if "unknown command 'info'" in proc.stderr:
         pytest.skip("vera_ext/__main__.py does not dispatch `info` yet")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "extension:" in proc.stdout and "not loaded: vera_ext._C was compiled against torch 2.13.0+cpu" \
-        in proc.stdout, proc.stdout
+    assert (
+        "extension:" in proc.stdout and "not loaded: vera_ext._C was compiled against torch 2.13.0+cpu" in proc.stdout
+    ), proc.stdout
     assert "Traceback" not in proc.stderr
 
 
@@ -154,8 +173,13 @@ def shipped_sources():
     """The files the sdist must hold: everything git tracks (or would: untracked, not ignored) in these folders."""
     folders = ["csrc", "docs", "tests", "benchmarks", "vera_ext"]
     try:
-        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", *folders],
-                                cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", *folders],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: nothing to compare the sdist with")
     top = ["README.md", "requirements.txt", "requirements-test.txt", "setup.py", "pyproject.toml", "MANIFEST.in"]
@@ -171,7 +195,7 @@ def test_sdist_ships_sources_docs_tests_and_benchmarks(tmp_path):
     assert name == f"vera_ext-{vera_ext.__version__}.tar.gz"
     with tarfile.open(tmp_path / name) as tar:
         prefix = f"vera_ext-{vera_ext.__version__}/"
-        shipped = {m.name[len(prefix):] for m in tar.getmembers() if m.isfile()}
+        shipped = {m.name[len(prefix) :] for m in tar.getmembers() if m.isfile()}
     missing = shipped_sources() - shipped
     assert not missing, f"not in the sdist: {sorted(missing)}"
     for required in ("csrc/module.cpp", "csrc/sources.py", "tests/emulated/emu_build.py", "README.md"):

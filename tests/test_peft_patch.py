@@ -45,8 +45,12 @@ def _outputs_and_grads(model, x):
 
 CASES = [
     ("mlp_fp32", lambda: mlp(), {"target_modules": ["lin0", "lin1", "lin2"]}, lambda: torch.randn(5, 10)),
-    ("mlp_bf16", lambda: mlp(dtype=torch.bfloat16), {"target_modules": ["lin0", "lin1"]},
-     lambda: torch.randn(5, 10).bfloat16()),
+    (
+        "mlp_bf16",
+        lambda: mlp(dtype=torch.bfloat16),
+        {"target_modules": ["lin0", "lin1"]},
+        lambda: torch.randn(5, 10).bfloat16(),
+    ),
     ("mlp_fp64", lambda: mlp(dtype=torch.float64), {"target_modules": ["lin1"]}, lambda: torch.randn(5, 10).double()),
     ("gpt2_conv1d", lambda: tiny_gpt2(), {"target_modules": ["c_attn"], "fan_in_fan_out": True}, lambda: token_ids()),
 ]

@@ -53,10 +53,12 @@ class Blocks(nn.Module):
 
     def __init__(self, n: int = 3, width: int = 8):
         super().__init__()
-        self.body = nn.ModuleDict({
-            "layers": nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(width, width)}) for _ in range(n)),
-            "h": nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(width, width)}) for _ in range(n)),
-        })
+        self.body = nn.ModuleDict(
+            {
+                "layers": nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(width, width)}) for _ in range(n)),
+                "h": nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(width, width)}) for _ in range(n)),
+            }
+        )
 
     def forward(self, x):
         for block in list(self.body["layers"]) + list(self.body["h"]):
@@ -77,8 +79,15 @@ def custom_mlp(seed: int = 0) -> CustomMLP:
 def tiny_llama(seed: int = 0, dtype=torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(dtype).eval()
 
@@ -86,8 +95,18 @@ def tiny_llama(seed: int = 0, dtype=torch.float32):
 def tiny_gpt2(seed: int = 0, dtype=torch.float32):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
-                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config).to(dtype).eval()
 

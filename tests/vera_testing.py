@@ -50,5 +50,12 @@ def make_peft_vera_linear(base: nn.Module, vera_A, vera_B, r, adapter="default",
     config = VeraConfig(r=r, target_modules=["base"], **config_kwargs)
     va = BufferDict({adapter: vera_A}, persistent=True)
     vb = BufferDict({adapter: vera_B}, persistent=True)
-    return Linear(copy.deepcopy(base), va, vb, adapter_name=adapter, config=config, r=r,
-                  is_target_conv_1d_layer=config_kwargs.get("fan_in_fan_out", False))
+    return Linear(
+        copy.deepcopy(base),
+        va,
+        vb,
+        adapter_name=adapter,
+        config=config,
+        r=r,
+        is_target_conv_1d_layer=config_kwargs.get("fan_in_fan_out", False),
+    )

@@ -136,8 +136,9 @@ def read_adapter_dir(model_id: PathLike) -> tuple[VeraConfig, dict[str, Tensor]]
     return config, tensors
 
 
-def from_pretrained(model_class, model: nn.Module, model_id: PathLike, adapter_name: str = "default",
-                    is_trainable: bool = False):
+def from_pretrained(
+    model_class, model: nn.Module, model_id: PathLike, adapter_name: str = "default", is_trainable: bool = False
+):
     """A ``model_class`` (VeraModel) around ``model`` with the adapter stored in ``model_id``; ``model`` is untouched
     on error. The class is passed in so that reading checkpoints does not depend on the model module."""
     config, tensors = read_adapter_dir(model_id)
@@ -210,7 +211,7 @@ def _expected_shapes(model: nn.Module, plan: AdapterPlan) -> dict[str, tuple]:
 def _name_after_wrapping(name: str, new_targets: list[str]) -> str:
     for path in new_targets:
         if name.startswith(f"{path}."):
-            return f"{path}.base_layer.{name[len(path) + 1:]}"
+            return f"{path}.base_layer.{name[len(path) + 1 :]}"
     return name
 
 

@@ -60,8 +60,10 @@ class VeraConfig:
         self.task_type = task_type
         _require_int("r", self.r, minimum=1)
         _require_int("projection_prng_key", self.projection_prng_key)
-        if isinstance(self.vera_dropout, bool) or not isinstance(self.vera_dropout, (int, float)) or not (
-            0.0 <= self.vera_dropout < 1.0
+        if (
+            isinstance(self.vera_dropout, bool)
+            or not isinstance(self.vera_dropout, (int, float))
+            or not (0.0 <= self.vera_dropout < 1.0)
         ):
             raise ValueError(f"vera_dropout must be a float in [0, 1), got {self.vera_dropout!r}")
         if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)):

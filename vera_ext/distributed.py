@@ -90,9 +90,7 @@ def fully_shard_vera_layers(module: nn.Module, *, mp_policy=None, **fully_shard_
 
     policy = MixedPrecisionPolicy() if mp_policy is None else mp_policy
     if not isinstance(policy, MixedPrecisionPolicy):
-        raise TypeError(
-            f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy, got {type(policy).__name__}"
-        )
+        raise TypeError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy, got {type(policy).__name__}")
     layers = [m for m in module.modules() if isinstance(m, VeraLinear)]
     if not layers:
         raise ValueError(f"module ({type(module).__name__}) holds no VeraLinear layer to shard")

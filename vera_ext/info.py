@@ -61,15 +61,20 @@ def collect() -> dict:
     package = sys.modules[__package__]
     package_dir = os.path.dirname(os.path.abspath(package.__file__))
     running, running_variant = build_check.running_torch()
-    report = {"vera_ext_version": package.__version__, "package_dir": package_dir,
-              "torch_running": f"{running} ({running_variant})"}
+    report = {
+        "vera_ext_version": package.__version__,
+        "package_dir": package_dir,
+        "torch_running": f"{running} ({running_variant})",
+    }
     try:
         config = build_check.read_build_config()
         report["build_config"] = config
         built_variant = build_check.torch_variant(config.get("torch_cuda"), config.get("torch_hip"))
         report["torch_built_with"] = f"{config['torch_version']} ({built_variant})"
-        report["torch_check"] = build_check.torch_mismatch(config["torch_version"], built_variant, running,
-                                                           running_variant) or "ok: the same torch release and build"
+        report["torch_check"] = (
+            build_check.torch_mismatch(config["torch_version"], built_variant, running, running_variant)
+            or "ok: the same torch release and build"
+        )
     except ImportError as err:
         report["build_config"] = None
         report["torch_check"] = str(err)
@@ -91,8 +96,10 @@ def collect() -> dict:
 
     report["torch_cuda_running"] = torch.version.cuda
     if torch.cuda.is_available():
-        names = [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
-                 for i in range(torch.cuda.device_count())]
+        names = [
+            f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+            for i in range(torch.cuda.device_count())
+        ]
         report["gpu"] = f"yes: {', '.join(names)}"
     else:
         report["gpu"] = "no (torch.cuda.is_available() is False)"

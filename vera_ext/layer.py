@@ -21,6 +21,7 @@ __all__ = ["VeraLinear", "BASE_ADAPTER"]
 #: Name that selects "no adapter" for a row of a mixed batch (PEFT's convention).
 BASE_ADAPTER = "__base__"
 
+
 def _in_out_features(base: nn.Module) -> tuple[int, int]:
     dims = in_out_features(base)
     if dims is None:
@@ -91,9 +92,7 @@ class VeraLinear(nn.Module):
         self._disable_adapters = False
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.update_layer(
-            adapter_name, r, vera_dropout=vera_dropout, d_initial=d_initial, init_weights=init_weights
-        )
+        self.update_layer(adapter_name, r, vera_dropout=vera_dropout, d_initial=d_initial, init_weights=init_weights)
         self._active_adapter = [adapter_name]
 
     # ------------------------------------------------------------------------------------------ adapters
@@ -428,20 +427,20 @@ class VeraLinear(nn.Module):
         if self._fusable(x, compute_dtype, args, kwargs) and x_d is x:
             A, B = self.vera_projection.sliced(r_max, self.in_features, self.out_features, compute_dtype, x.device)
             w = self.base_layer
-            return _restore_dtype(ops.vera_linear_forward(x, w.weight, w.bias, A, B, lambda_d, lambda_b, idx),
-                                  previous_dtype)
+            return _restore_dtype(
+                ops.vera_linear_forward(x, w.weight, w.bias, A, B, lambda_d, lambda_b, idx), previous_dtype
+            )
         result = self.base_layer(x, *args, **kwargs)
         if x_d.dtype != result.dtype:
             x_d = x_d.to(result.dtype)
-        A, B = self.vera_projection.sliced(r_max, self.in_features, self.out_features, autocast_dtype(result),
-                                           result.device)
+        A, B = self.vera_projection.sliced(
+            r_max, self.in_features, self.out_features, autocast_dtype(result), result.device
+        )
         return _restore_dtype(ops.vera_forward(x_d, result, A, B, lambda_d, lambda_b, idx), previous_dtype)
 
     def _mixed_dropout(self, x: Tensor, names: list[str], rows_per_sample: int) -> Tensor:
         """Each sample gets its adapter's dropout (rows of "__base__" need none: their adapter term is 0)."""
-        probs = [
-            self.vera_dropout[n].p if n != BASE_ADAPTER and self._dropout_active(n) else 0.0 for n in names
-        ]
+        probs = [self.vera_dropout[n].p if n != BASE_ADAPTER and self._dropout_active(n) else 0.0 for n in names]
         if not any(probs):
             return x
         if len(set(probs)) == 1:
@@ -482,5 +481,3 @@ def _restore_dtype(result: Tensor, x_dtype: torch.dtype) -> Tensor:
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)  # (a no-op .to() still costs a dispatch on the decode path)
-
-

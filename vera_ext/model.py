@@ -151,13 +151,25 @@ class VeraModel(nn.Module):
         for target in plan.targets:
             if isinstance(target.module, VeraLinear):
                 layer = target.module
-                layer.update_layer(name, r, vera_dropout=config.vera_dropout, d_initial=config.d_initial,
-                                   init_weights=config.init_weights)
+                layer.update_layer(
+                    name,
+                    r,
+                    vera_dropout=config.vera_dropout,
+                    d_initial=config.d_initial,
+                    init_weights=config.init_weights,
+                )
             else:
                 _warn_fan_in_fan_out(config, target.conv1d)
-                layer = VeraLinear(target.module, r, projection=self.vera_projection, adapter_name=name,
-                                   vera_dropout=config.vera_dropout, d_initial=config.d_initial,
-                                   init_weights=config.init_weights, fan_in_fan_out=target.conv1d)
+                layer = VeraLinear(
+                    target.module,
+                    r,
+                    projection=self.vera_projection,
+                    adapter_name=name,
+                    vera_dropout=config.vera_dropout,
+                    d_initial=config.d_initial,
+                    init_weights=config.init_weights,
+                    fan_in_fan_out=target.conv1d,
+                )
                 _replace(self.model, target.path, layer)
                 if target.path not in self.targeted_module_names:
                     self.targeted_module_names.append(target.path)
@@ -382,8 +394,7 @@ class VeraModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / total:.4f}"
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
     # ----------------------------------------------------------------------------------------- checkpoints
@@ -394,15 +405,21 @@ class VeraModel(nn.Module):
         checkpoint.save_pretrained(self, save_directory, selected_adapters=selected_adapters, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
-                        is_trainable: bool = False, **kwargs) -> "VeraModel":
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: Union[str, os.PathLike],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **kwargs,
+    ) -> "VeraModel":
         """Load an adapter directory written by PEFT or vera_ext onto ``model``. On any mismatch (architecture,
         keys, shapes, projection) it raises and ``model`` is left as it was."""
-        return checkpoint.from_pretrained(cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable,
-                                          **kwargs)
+        return checkpoint.from_pretrained(
+            cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs
+        )
 
-    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
-                     **kwargs):
+    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False, **kwargs):
         """Load an adapter directory as ``adapter_name`` (not made active). A refused load changes nothing."""
         return checkpoint.load_adapter(self, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
 
@@ -445,8 +462,13 @@ def _projection_as_peft_makes_it(plan: AdapterPlan) -> VeraProjection:
         device = device_ or device
     if A.dtype in _LOW_PRECISION:
         A, B = A.float(), B.float()
-    return VeraProjection(A.to(device or "cpu"), B.to(device or "cpu"), persistent=config.save_projection,
-                          prng_key=config.projection_prng_key, round_through=rounding)
+    return VeraProjection(
+        A.to(device or "cpu"),
+        B.to(device or "cpu"),
+        persistent=config.save_projection,
+        prng_key=config.projection_prng_key,
+        round_through=rounding,
+    )
 
 
 def _round_like_peft(layer: VeraLinear, name: str, base: nn.Module) -> None:

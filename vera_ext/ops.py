@@ -121,15 +121,25 @@ def _(x, base_out, A, B, lambda_d, lambda_b, adapter_idx=None):
 
 @torch.library.register_fake("vera_ext::vera_linear_forward")
 def _(x, weight, bias, A, B, lambda_d, lambda_b, adapter_idx=None):
-    _check_devices("x", x, weight=weight, bias=bias, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b,
-                   adapter_idx=adapter_idx)
+    _check_devices(
+        "x", x, weight=weight, bias=bias, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b, adapter_idx=adapter_idx
+    )
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], A.shape[0])
 
 
 @torch.library.register_fake("vera_ext::vera_backward")
 def _(grad_out, u, A, B, lambda_d, lambda_b, adapter_idx, weight, output_mask):
-    _check_devices("grad_out", grad_out, u=u, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b, adapter_idx=adapter_idx,
-                   weight=weight)
+    _check_devices(
+        "grad_out",
+        grad_out,
+        u=u,
+        A=A,
+        B=B,
+        lambda_d=lambda_d,
+        lambda_b=lambda_b,
+        adapter_idx=adapter_idx,
+        weight=weight,
+    )
     grad_x = grad_out.new_empty(grad_out.shape[0], A.shape[1]) if output_mask[0] else grad_out.new_empty(0)
     grad_ld = lambda_d.new_empty(lambda_d.shape) if output_mask[1] else grad_out.new_empty(0)
     grad_lb = lambda_b.new_empty(lambda_b.shape) if output_mask[2] else grad_out.new_empty(0)
@@ -173,8 +183,9 @@ def _adapter_grads(ctx, grad_y, need_x, need_ld, need_lb):
     u, A, B, lambda_d, lambda_b, adapter_idx, weight, _ = ctx.saved_tensors
     if not (need_x or need_ld or need_lb):
         return None, None, None
-    gx, gld, glb = _ops.vera_backward(grad_y, u, A, B, lambda_d, lambda_b, adapter_idx, weight,
-                                      [need_x, need_ld, need_lb])
+    gx, gld, glb = _ops.vera_backward(
+        grad_y, u, A, B, lambda_d, lambda_b, adapter_idx, weight, [need_x, need_ld, need_lb]
+    )
     return gx if need_x else None, gld if need_ld else None, glb if need_lb else None
 
 

@@ -87,8 +87,7 @@ def resolve_target_modules(config: VeraConfig, model: nn.Module, adapted: frozen
     names = {
         name
         for name, module in model.named_modules()
-        if name in adapted
-        or ((isinstance(module, nn.Linear) or is_conv1d(module)) and not name.startswith(inside))
+        if name in adapted or ((isinstance(module, nn.Linear) or is_conv1d(module)) and not name.startswith(inside))
     }
     excluded = set()
     get_output = getattr(model, "get_output_embeddings", None)

@@ -1,1 +1,2 @@
-"""Building blocks of benchmarks/kernel_report.py: the GPU's figures, occupancy, resources read from the binary, traced traffic, the time model."""
+"""Building blocks of benchmarks/kernel_report.py: the GPU's figures, occupancy, resources read from the binary,
+traced traffic, the time model."""

@@ -47,8 +47,9 @@ def find_cuobjdump() -> str:
     explicit = os.environ.get("CUOBJDUMP")
     if explicit:
         if not _is_executable(explicit):
-            raise FileNotFoundError(f"CUOBJDUMP={explicit!r} is not an executable file; expected the path of a "
-                                    "cuobjdump binary")
+            raise FileNotFoundError(
+                f"CUOBJDUMP={explicit!r} is not an executable file; expected the path of a cuobjdump binary"
+            )
         return explicit
     looked = ["$CUOBJDUMP (not set)", "cuobjdump on PATH"]
     on_path = shutil.which("cuobjdump")
@@ -63,8 +64,10 @@ def find_cuobjdump() -> str:
         looked.append(path)
         if _is_executable(path):
             return path
-    raise FileNotFoundError("no cuobjdump found; looked at: " + ", ".join(looked) + ". Get one with "
-                            "`pip install nvidia-cuda-cuobjdump` (or a CUDA toolkit), or set CUOBJDUMP to its path")
+    raise FileNotFoundError(
+        "no cuobjdump found; looked at: " + ", ".join(looked) + ". Get one with "
+        "`pip install nvidia-cuda-cuobjdump` (or a CUDA toolkit), or set CUOBJDUMP to its path"
+    )
 
 
 def _is_executable(path: str) -> bool:
@@ -91,19 +94,24 @@ def extension_binary() -> str:
     not imported). With several builds there, the one this interpreter would load."""
     spec = importlib.util.find_spec("vera_ext")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package vera_ext not found on sys.path; expected the repository root on it or "
-                                "vera_ext installed (pip install -e .)")
+        raise FileNotFoundError(
+            "package vera_ext not found on sys.path; expected the repository root on it or "
+            "vera_ext installed (pip install -e .)"
+        )
     dirs = list(spec.submodule_search_locations)
     builds = sorted(p for d in dirs for p in glob.glob(os.path.join(d, "_C*.so")))
     if not builds:
-        raise FileNotFoundError(f"no built extension _C*.so in {', '.join(dirs)}; build it first "
-                                "(pip install --no-build-isolation -e .)")
+        raise FileNotFoundError(
+            f"no built extension _C*.so in {', '.join(dirs)}; build it first (pip install --no-build-isolation -e .)"
+        )
     if len(builds) == 1:
         return builds[0]
     ours = [p for p in builds if any(p.endswith("_C" + s) for s in importlib.machinery.EXTENSION_SUFFIXES)]
     if not ours:
-        raise FileNotFoundError(f"several builds of the extension ({', '.join(builds)}) and none for this "
-                                f"interpreter (suffixes {importlib.machinery.EXTENSION_SUFFIXES})")
+        raise FileNotFoundError(
+            f"several builds of the extension ({', '.join(builds)}) and none for this "
+            f"interpreter (suffixes {importlib.machinery.EXTENSION_SUFFIXES})"
+        )
     return ours[0]
 
 
@@ -121,8 +129,10 @@ def _run_cuobjdump(flag: str, binary: str, cuobjdump: Optional[str], arch: Optio
 def _no_cubin(binary: str, arch: Optional[str]) -> str:
     """Why a binary gave no kernels, for the ValueError."""
     which = f"no cubin for {arch}" if arch else "no cubin"
-    return (f"{binary} has {which}: the extension was built without CUDA (rebuild with VERA_EXT_CUDA=1 and nvcc "
-            "available)" + (" or only for other architectures (TORCH_CUDA_ARCH_LIST)" if arch else ""))
+    return (
+        f"{binary} has {which}: the extension was built without CUDA (rebuild with VERA_EXT_CUDA=1 and nvcc "
+        "available)" + (" or only for other architectures (TORCH_CUDA_ARCH_LIST)" if arch else "")
+    )
 
 
 def _demangle(names: List[str]) -> List[str]:
@@ -188,8 +198,10 @@ def kernel_key(demangled: str) -> str:
     name = re.sub(r"\s*,\s*", ", ", name)
     name = re.sub(r"\s*([<>])\s*", r"\1", name)
     if not re.match(r"[A-Za-z_]\w*", name):
-        raise ValueError(f"cannot read a kernel name from {demangled!r}; expected a demangled function name such "
-                         "as 'void ns::kernel<float>(Params)'")
+        raise ValueError(
+            f"cannot read a kernel name from {demangled!r}; expected a demangled function name such "
+            "as 'void ns::kernel<float>(Params)'"
+        )
     return name
 
 
@@ -213,24 +225,27 @@ def parse_resource_usage(text: str) -> List[dict]:
         if pending is not None:
             fields = dict(_RESOURCE_FIELD.findall(stripped))
             if not all(name in fields for name in ("REG", "STACK", "SHARED", "LOCAL")):
-                raise ValueError(f"expected a 'REG:.. STACK:.. SHARED:.. LOCAL:..' line after Function {pending}, "
-                                 f"got {stripped!r}")
+                raise ValueError(
+                    f"expected a 'REG:.. STACK:.. SHARED:.. LOCAL:..' line after Function {pending}, got {stripped!r}"
+                )
             stack, local = int(fields["STACK"]), int(fields["LOCAL"])
-            kernels.append({
-                "mangled": pending,
-                "source_file": source_file,
-                "arch": arch,
-                "registers": int(fields["REG"]),
-                "stack_bytes": stack,
-                "static_shared_bytes": int(fields["SHARED"]),
-                "local_bytes": local,
-                "spills": stack > 0 or local > 0,
-            })
+            kernels.append(
+                {
+                    "mangled": pending,
+                    "source_file": source_file,
+                    "arch": arch,
+                    "registers": int(fields["REG"]),
+                    "stack_bytes": stack,
+                    "static_shared_bytes": int(fields["SHARED"]),
+                    "local_bytes": local,
+                    "spills": stack > 0 or local > 0,
+                }
+            )
             pending = None
         elif stripped.startswith("arch = "):
-            arch = stripped[len("arch = "):]
+            arch = stripped[len("arch = ") :]
         elif stripped.startswith("identifier = "):
-            source_file = os.path.basename(stripped[len("identifier = "):])
+            source_file = os.path.basename(stripped[len("identifier = ") :])
         else:
             match = _RESOURCE_FUNCTION.match(line)
             if match:
@@ -240,8 +255,9 @@ def parse_resource_usage(text: str) -> List[dict]:
     return kernels
 
 
-def resource_usage(binary: Optional[str] = None, cuobjdump: Optional[str] = None,
-                   arch: Optional[str] = None) -> List[dict]:
+def resource_usage(
+    binary: Optional[str] = None, cuobjdump: Optional[str] = None, arch: Optional[str] = None
+) -> List[dict]:
     """parse_resource_usage of `cuobjdump --dump-resource-usage` on `binary` (default: the built extension), with
     `key` (kernel_key) and `demangled` added in front of each dict. `arch` (e.g. "sm_90") keeps that
     architecture's cubins only.
@@ -275,8 +291,10 @@ def parse_sass(text: str) -> Dict[str, List[Instr]]:
         if header:
             name = header.group(1)
             if name in functions:
-                raise ValueError(f"function {name} appears twice in the SASS listing; expected one cubin per "
-                                 "kernel (pass arch= to pick one architecture)")
+                raise ValueError(
+                    f"function {name} appears twice in the SASS listing; expected one cubin per "
+                    "kernel (pass arch= to pick one architecture)"
+                )
             current = functions[name] = []
             continue
         instr = _SASS_INSTR.match(line)
@@ -286,8 +304,9 @@ def parse_sass(text: str) -> Dict[str, List[Instr]]:
     return functions
 
 
-def sass(binary: Optional[str] = None, cuobjdump: Optional[str] = None,
-         arch: Optional[str] = None) -> Dict[str, List[Instr]]:
+def sass(
+    binary: Optional[str] = None, cuobjdump: Optional[str] = None, arch: Optional[str] = None
+) -> Dict[str, List[Instr]]:
     """parse_sass of `cuobjdump -sass` on `binary` (default: the built extension); `arch` as in resource_usage."""
     binary = binary or extension_binary()
     functions = parse_sass(_run_cuobjdump("-sass", binary, cuobjdump, arch))
@@ -562,11 +581,15 @@ def kernel_facts(binary: Optional[str] = None, cuobjdump: Optional[str] = None, 
     for kernel in resource_usage(binary, cuobjdump, arch):
         key = kernel["key"]
         if key in facts:
-            raise ValueError(f"kernels {facts[key]['demangled']!r} and {kernel['demangled']!r} share the key "
-                             f"{key!r}; expected one kernel per key")
+            raise ValueError(
+                f"kernels {facts[key]['demangled']!r} and {kernel['demangled']!r} share the key "
+                f"{key!r}; expected one kernel per key"
+            )
         if kernel["mangled"] not in code:
-            raise ValueError(f"no SASS for {kernel['demangled']!r} in {binary}; expected every kernel listed by "
-                             "--dump-resource-usage to be in the -sass listing")
+            raise ValueError(
+                f"no SASS for {kernel['demangled']!r} in {binary}; expected every kernel listed by "
+                "--dump-resource-usage to be in the -sass listing"
+            )
         instrs = code[kernel["mangled"]]
         facts[key] = {**kernel, "widths": count_wide_loads(instrs), "load_batches": load_batches(instrs)}
     return facts

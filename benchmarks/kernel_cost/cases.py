@@ -37,8 +37,15 @@ class Case:
         return torch.empty((), dtype=self.dtype).element_size()
 
     def dims(self):
-        return {"n": self.n, "in_f": self.in_f, "out_f": self.out_f, "r": self.r, "adapters": self.adapters,
-                "distinct": self.distinct, "dtype": str(self.dtype).replace("torch.", "")}
+        return {
+            "n": self.n,
+            "in_f": self.in_f,
+            "out_f": self.out_f,
+            "r": self.r,
+            "adapters": self.adapters,
+            "distinct": self.distinct,
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
 
     def make_inputs(self, device, seed=0):
         """The op's inputs on `device` (random values; lambdas fp32 as PEFT keeps them)."""
@@ -65,13 +72,24 @@ class Case:
     def run(self, ops, t):
         """One call of the op under study through `ops` (a namespace with vera_ext's op names)."""
         if self.step == "forward":
-            return ops.vera_linear_forward(t["x"], t["weight"], None, t["A"], t["B"], t["lambda_d"], t["lambda_b"],
-                                           t["adapter_idx"])
+            return ops.vera_linear_forward(
+                t["x"], t["weight"], None, t["A"], t["B"], t["lambda_d"], t["lambda_b"], t["adapter_idx"]
+            )
         if self.step == "backward":
-            return ops.vera_backward(t["grad_out"], t["u"], t["A"], t["B"], t["lambda_d"], t["lambda_b"],
-                                     t["adapter_idx"], t["weight"], [True, True, True])
-        return ops.vera_merge_(t["weight"], t["A"], t["B"], t["lambda_d"], t["lambda_b"], 1.0, False,
-                               self.step == "safe_merge")
+            return ops.vera_backward(
+                t["grad_out"],
+                t["u"],
+                t["A"],
+                t["B"],
+                t["lambda_d"],
+                t["lambda_b"],
+                t["adapter_idx"],
+                t["weight"],
+                [True, True, True],
+            )
+        return ops.vera_merge_(
+            t["weight"], t["A"], t["B"], t["lambda_d"], t["lambda_b"], 1.0, False, self.step == "safe_merge"
+        )
 
     def ideal_bytes(self):
         """{"read", "write"}: every operand read once and every output written once (lambda rows: only those the
@@ -83,8 +101,10 @@ class Case:
         if self.step == "forward":
             return {"read": n * i * e + o * i * e + proj + lam + idx, "write": n * o * e + n * r * e}
         if self.step == "backward":
-            return {"read": n * o * e + n * r * e + o * i * e + proj + lam + idx,
-                    "write": n * i * e + self.distinct * (r + o) * 4}
+            return {
+                "read": n * o * e + n * r * e + o * i * e + proj + lam + idx,
+                "write": n * i * e + self.distinct * (r + o) * 4,
+            }
         return {"read": o * i * e + proj + lam, "write": o * i * e}
 
     def gemm_flops(self):
@@ -110,22 +130,39 @@ class Case:
         """(microseconds, how it is computed): the bound this case is judged against."""
         if self.group == "decode":
             b = self.out_f * self.in_f * self.elem
-            return b / gpu.hbm_bytes_per_s * 1e6, f"base weight {b / 2**20:.0f} MiB at {gpu.hbm_bytes_per_s / 1e12:.1f} TB/s"
+            return (
+                b / gpu.hbm_bytes_per_s * 1e6,
+                f"base weight {b / 2**20:.0f} MiB at {gpu.hbm_bytes_per_s / 1e12:.1f} TB/s",
+            )
         if self.group == "training":
             f = self.gemm_flops()
             return f / gpu.cublas_bf16_flops_per_s * 1e6, (
-                f"GEMM {f / 1e9:.0f} GFLOP at {gpu.cublas_bf16_flops_per_s / 1e12:.0f} TFLOP/s")
+                f"GEMM {f / 1e9:.0f} GFLOP at {gpu.cublas_bf16_flops_per_s / 1e12:.0f} TFLOP/s"
+            )
         f, w = self.gemm_flops(), 2 * self.out_f * self.in_f * self.elem
         return (f / gpu.cublas_fp32_flops_per_s + w / gpu.hbm_bytes_per_s) * 1e6, (
-            f"fp32 GEMM {f / 1e9:.1f} GFLOP at {gpu.cublas_fp32_flops_per_s / 1e12:.0f} TFLOP/s + W read+write")
+            f"fp32 GEMM {f / 1e9:.1f} GFLOP at {gpu.cublas_fp32_flops_per_s / 1e12:.0f} TFLOP/s + W read+write"
+        )
 
 
 def _training(n, i, o, r):
     out = []
     for step, short in (("forward", "fwd"), ("backward", "bwd")):
         out.append(Case(f"train_{short}", "training", f"training {step}, one adapter", step, n, i, o, r))
-        out.append(Case(f"train_{short}_mixed16", "training", f"training {step}, 16 adapters mixed", step, n, i, o,
-                        r, adapters=16, distinct=16))
+        out.append(
+            Case(
+                f"train_{short}_mixed16",
+                "training",
+                f"training {step}, 16 adapters mixed",
+                step,
+                n,
+                i,
+                o,
+                r,
+                adapters=16,
+                distinct=16,
+            )
+        )
     return out
 
 
@@ -136,8 +173,9 @@ def all_cases(small=False, dtype="bf16"):
     """Every case at the target shapes, or (small) at reduced sizes with the same code paths, for tests. The target
     dtype is bf16; other dtypes run the same cases (named with an @fp16 / @fp32 suffix) to cover every kernel
     instantiation (fp32 training takes the W + delta_W path at these sizes)."""
-    return [c if dtype == "bf16" else replace(c, name=f"{c.name}@{dtype}", dtype=DTYPES[dtype])
-            for c in _bf16_cases(small)]
+    return [
+        c if dtype == "bf16" else replace(c, name=f"{c.name}@{dtype}", dtype=DTYPES[dtype]) for c in _bf16_cases(small)
+    ]
 
 
 def _bf16_cases(small):
@@ -148,8 +186,20 @@ def _bf16_cases(small):
     cases = _training(n_train, d, d, r)
     for n in (1, 4, 16):
         cases.append(Case(f"decode_n{n}", "decode", f"decode N={n}, one adapter", "forward", n, d, d, r))
-    cases.append(Case("decode_n16_mixed", "decode", f"decode N=16, 16 distinct adapters of {k}", "forward", 16, d, d,
-                      r, adapters=k, distinct=16))
+    cases.append(
+        Case(
+            "decode_n16_mixed",
+            "decode",
+            f"decode N=16, 16 distinct adapters of {k}",
+            "forward",
+            16,
+            d,
+            d,
+            r,
+            adapters=k,
+            distinct=16,
+        )
+    )
     cases.append(Case(f"merge_{d}x{d}", "merge", f"merge of a {d}x{d} weight", "merge", 0, d, d, r))
     cases.append(Case(f"merge_{d}x{d_up}", "merge", f"merge of a {d}x{d_up} weight (O={d_up})", "merge", 0, d, d_up, r))
     cases.append(Case(f"safe_merge_{d}x{d}", "merge", f"safe merge of a {d}x{d} weight", "safe_merge", 0, d, d, r))

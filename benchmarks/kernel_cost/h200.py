@@ -40,8 +40,7 @@ SOURCES = {
     "their peak; calibrate",
     "kernel_overhead_us": "estimate: what one more dependent kernel on a stream adds (launch, ramp-up, drain "
     "of the previous one), order of magnitude; calibrate",
-    "host_sync_us": "estimate: a device-to-host copy that synchronizes (e.g. .item()), order of magnitude; "
-    "calibrate",
+    "host_sync_us": "estimate: a device-to-host copy that synchronizes (e.g. .item()), order of magnitude; calibrate",
     "regs_per_sm": "datasheet: 64K 32-bit registers per SM (CUDA programming guide, compute capability 9.0)",
     "max_regs_per_thread": "datasheet: 255 registers per thread at most (compute capability 9.0)",
     "reg_alloc_unit": "CUDA occupancy calculator: registers are given to a warp in units of 256",
@@ -51,8 +50,7 @@ SOURCES = {
     "max_warps_per_sm": "datasheet: 64 resident warps per SM (compute capability 9.0)",
     "max_blocks_per_sm": "datasheet: 32 resident blocks per SM (compute capability 9.0)",
     "smem_per_sm": "datasheet: 228 KiB of shared memory per SM at the largest carveout (compute capability 9.0)",
-    "smem_per_block_max": "datasheet: 227 KiB of shared memory per block at most, with opt-in (compute "
-    "capability 9.0)",
+    "smem_per_block_max": "datasheet: 227 KiB of shared memory per block at most, with opt-in (compute capability 9.0)",
     "smem_reserved_per_block": "datasheet: the system reserves 1 KiB of shared memory per block "
     "(compute capability 8.0 and later)",
     "smem_alloc_unit": "CUDA occupancy calculator: shared memory is given to a block in units of 128 bytes "

@@ -54,15 +54,23 @@ def predict_kernel(ev, case, facts, gpu):
         "l1": l1_cycles / (min(gpu.sms, blocks) * gpu.clock_ghz * 1e9),
         "flops": flops / gpu.fp32_flops_per_s,
     }
-    rec = {"kind": "kernel", "key": key, "grid": ev["grid"], "block": ev["block"], "blocks": blocks,
-           "executed_blocks": ev["executed_blocks"], "scale": s["factor"],
-           "requests": {"load": load["requests"], "store": store["requests"] + atomic["requests"]},
-           "sectors_per_request": {"load": traffic.sectors_per_request(load),
-                                   "store": traffic.sectors_per_request(store)},
-           "requests_by_width": {"load": ev["load"]["requests_by_width"], "store": ev["store"]["requests_by_width"]},
-           "sector_bytes": {"read": sector_read, "write": sector_write},
-           "unique_bytes": {"read": s["unique_read_bytes"], "write": s["unique_write_bytes"]},
-           "l2_bytes": l2_bytes, "dram_bytes": dram_bytes, "flops": flops}
+    rec = {
+        "kind": "kernel",
+        "key": key,
+        "grid": ev["grid"],
+        "block": ev["block"],
+        "blocks": blocks,
+        "executed_blocks": ev["executed_blocks"],
+        "scale": s["factor"],
+        "requests": {"load": load["requests"], "store": store["requests"] + atomic["requests"]},
+        "sectors_per_request": {"load": traffic.sectors_per_request(load), "store": traffic.sectors_per_request(store)},
+        "requests_by_width": {"load": ev["load"]["requests_by_width"], "store": ev["store"]["requests_by_width"]},
+        "sector_bytes": {"read": sector_read, "write": sector_write},
+        "unique_bytes": {"read": s["unique_read_bytes"], "write": s["unique_write_bytes"]},
+        "l2_bytes": l2_bytes,
+        "dram_bytes": dram_bytes,
+        "flops": flops,
+    }
     if fact is not None:
         occ = occupancy(fact["registers"], threads, fact["static_shared_bytes"], ev["dynamic_shared_bytes"], gpu)
         warps_per_block = -(-threads // 32)
@@ -73,8 +81,12 @@ def predict_kernel(ev, case, facts, gpu):
         from_l2 = s["block_sector_bytes"]["load"] - from_dram
         byte_seconds = (from_dram * gpu.dram_latency_ns + from_l2 * gpu.l2_latency_ns) * 1e-9
         terms["latency"] = byte_seconds / concurrent if concurrent > 0 else (math.inf if byte_seconds else 0.0)
-        rec.update(registers=fact["registers"], occupancy=occ["occupancy"], bytes_in_flight_per_warp=in_flight,
-                   resident_warps_per_sm=resident_blocks * warps_per_block)
+        rec.update(
+            registers=fact["registers"],
+            occupancy=occ["occupancy"],
+            bytes_in_flight_per_warp=in_flight,
+            resident_warps_per_sm=resident_blocks * warps_per_block,
+        )
     rec["terms_us"] = {k: v * 1e6 for k, v in terms.items()}
     rec["bound"] = max(terms, key=terms.get)
     rec["predicted_us"] = max(terms.values()) * 1e6 + gpu.kernel_overhead_us
@@ -103,21 +115,31 @@ def predict_other(ev, gpu):
 
 def predict_case(case, events, facts, gpu):
     """The op record: its events' predictions, their sum, the floor and the bytes against the ideal."""
-    records = [predict_kernel(ev, case, facts, gpu) if ev["kind"] == "kernel" else predict_other(ev, gpu)
-               for ev in events]
+    records = [
+        predict_kernel(ev, case, facts, gpu) if ev["kind"] == "kernel" else predict_other(ev, gpu) for ev in events
+    ]
     floor_us, floor_what = case.floor_us(gpu)
     predicted = sum(r["predicted_us"] for r in records)
     ideal = case.ideal_bytes()
     ours = [r for r in records if r["kind"] == "kernel"]
     return {
-        "case": case.name, "group": case.group, "what": case.what, "dims": case.dims(),
-        "predicted_us": predicted, "floor_us": floor_us, "floor_what": floor_what,
+        "case": case.name,
+        "group": case.group,
+        "what": case.what,
+        "dims": case.dims(),
+        "predicted_us": predicted,
+        "floor_us": floor_us,
+        "floor_what": floor_what,
         "ratio_to_floor": predicted / floor_us,
-        "ideal_read_bytes": ideal["read"], "ideal_write_bytes": ideal["write"],
+        "ideal_read_bytes": ideal["read"],
+        "ideal_write_bytes": ideal["write"],
         "dram_bytes": sum(r.get("dram_bytes", 0) for r in records),
         "dram_over_ideal": sum(r.get("dram_bytes", 0) for r in records) / (ideal["read"] + ideal["write"]),
-        "our_kernels": {"launches": len(ours), "predicted_us": sum(r["predicted_us"] for r in ours),
-                        "sector_bytes": sum(r["sector_bytes"]["read"] + r["sector_bytes"]["write"] for r in ours),
-                        "dram_bytes": sum(r["dram_bytes"] for r in ours)},
+        "our_kernels": {
+            "launches": len(ours),
+            "predicted_us": sum(r["predicted_us"] for r in ours),
+            "sector_bytes": sum(r["sector_bytes"]["read"] + r["sector_bytes"]["write"] for r in ours),
+            "dram_bytes": sum(r["dram_bytes"] for r in ours),
+        },
         "events": records,
     }

@@ -18,8 +18,9 @@ def _ceil_to(value: int, unit: int) -> int:
     return -(-value // unit) * unit
 
 
-def occupancy(regs_per_thread: int, threads_per_block: int, static_smem: int = 0, dynamic_smem: int = 0,
-              gpu: Gpu = H200) -> dict:
+def occupancy(
+    regs_per_thread: int, threads_per_block: int, static_smem: int = 0, dynamic_smem: int = 0, gpu: Gpu = H200
+) -> dict:
     """Resident blocks and warps per SM for a kernel with these resources, launched with these block sizes.
 
     Returns a dict:
@@ -72,17 +73,19 @@ def occupancy(regs_per_thread: int, threads_per_block: int, static_smem: int = 0
     }
 
 
-def _check_launch(regs_per_thread: int, threads_per_block: int, static_smem: int, dynamic_smem: int,
-                  gpu: Gpu) -> None:
+def _check_launch(regs_per_thread: int, threads_per_block: int, static_smem: int, dynamic_smem: int, gpu: Gpu) -> None:
     """Raise ValueError, naming the limit, for a launch configuration no SM of `gpu` accepts."""
     if not 1 <= threads_per_block <= 1024:
         raise ValueError(f"threads_per_block must be in 1..1024 (the per-block limit), got {threads_per_block}")
     if not 0 <= regs_per_thread <= gpu.max_regs_per_thread:
-        raise ValueError(f"regs_per_thread must be in 0..{gpu.max_regs_per_thread} (the per-thread limit), "
-                         f"got {regs_per_thread}")
+        raise ValueError(
+            f"regs_per_thread must be in 0..{gpu.max_regs_per_thread} (the per-thread limit), got {regs_per_thread}"
+        )
     if static_smem < 0 or dynamic_smem < 0:
         raise ValueError(f"shared memory sizes must be >= 0, got static {static_smem}, dynamic {dynamic_smem}")
     if static_smem + dynamic_smem > gpu.smem_per_block_max:
-        raise ValueError(f"static + dynamic shared memory {static_smem} + {dynamic_smem} = "
-                         f"{static_smem + dynamic_smem} bytes is over the per-block limit of "
-                         f"{gpu.smem_per_block_max} bytes")
+        raise ValueError(
+            f"static + dynamic shared memory {static_smem} + {dynamic_smem} = "
+            f"{static_smem + dynamic_smem} bytes is over the per-block limit of "
+            f"{gpu.smem_per_block_max} bytes"
+        )

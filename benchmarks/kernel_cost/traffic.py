@@ -21,9 +21,31 @@ from .cases import EmulatedOps
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # ATen ops that launch nothing on a GPU: views, metadata and allocations without a fill.
-_FREE = {"empty", "empty_strided", "empty_like", "t", "transpose", "view", "unsqueeze", "squeeze", "expand",
-         "select", "slice", "as_strided", "detach", "alias", "_reshape_alias", "lift_fresh", "_unsafe_view",
-         "permute", "reshape", "unbind", "split", "narrow", "resize_"}
+_FREE = {
+    "empty",
+    "empty_strided",
+    "empty_like",
+    "t",
+    "transpose",
+    "view",
+    "unsqueeze",
+    "squeeze",
+    "expand",
+    "select",
+    "slice",
+    "as_strided",
+    "detach",
+    "alias",
+    "_reshape_alias",
+    "lift_fresh",
+    "_unsafe_view",
+    "permute",
+    "reshape",
+    "unbind",
+    "split",
+    "narrow",
+    "resize_",
+}
 _GEMMS = {"mm", "addmm"}  # what the orchestration calls (at::linear decomposes into them); others run for real
 
 
@@ -79,8 +101,9 @@ class _Recorder(TorchDispatchMode):
         write = sum(_nbytes(t) for t in _tensors(out))
         if base.rstrip("_") in ("zeros", "zero", "fill", "new_zeros"):
             read = 0
-        self.events.append({"kind": "aten", "op": str(func), "position": position, "read_bytes": read,
-                            "write_bytes": write})
+        self.events.append(
+            {"kind": "aten", "op": str(func), "position": position, "read_bytes": read, "write_bytes": write}
+        )
         return out
 
     def _gemm(self, func, base, args, kwargs, position):
@@ -91,10 +114,18 @@ class _Recorder(TorchDispatchMode):
             c, (a, b) = None, args[:2]
         m, k, n = a.shape[0], a.shape[1], b.shape[1]
         e = a.element_size()
-        event = {"kind": "gemm", "op": str(func), "position": position, "m": m, "n": n, "k": k,
-                 "dtype": str(a.dtype).replace("torch.", ""), "flops": 2 * m * n * k,
-                 "read_bytes": (m * k + k * n) * e + (_nbytes(c) if c is not None else 0),
-                 "write_bytes": m * n * e}
+        event = {
+            "kind": "gemm",
+            "op": str(func),
+            "position": position,
+            "m": m,
+            "n": n,
+            "k": k,
+            "dtype": str(a.dtype).replace("torch.", ""),
+            "flops": 2 * m * n * k,
+            "read_bytes": (m * k + k * n) * e + (_nbytes(c) if c is not None else 0),
+            "write_bytes": m * n * e,
+        }
         self.events.append(event)
         if base == "addmm_":
             return c
@@ -133,8 +164,11 @@ def scaled(launch):
 
     def kind(k):
         c = launch[k]
-        return {"requests": c["requests"] * factor, "sectors": c["sectors"] * factor,
-                "lane_bytes": c["lane_bytes"] * factor}
+        return {
+            "requests": c["requests"] * factor,
+            "sectors": c["sectors"] * factor,
+            "lane_bytes": c["lane_bytes"] * factor,
+        }
 
     out = {k: kind(k) for k in ("load", "store", "atomic")}
     out["unique_read_bytes"] = launch["unique_read_bytes_private"] * factor + launch["unique_read_bytes_shared"]

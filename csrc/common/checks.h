@@ -9,17 +9,15 @@ namespace vera {
 // The adapter's operands, validated together. `ref` is the activation (x, or grad_out in backward) whose
 // device and dtype the projection slices must share.
 struct AdapterArgs {
-  const at::Tensor& A;         // (r, I)
-  const at::Tensor& B;         // (O, r)
-  const at::Tensor& lambda_d;  // (r) or (num_adapters, r)
-  const at::Tensor& lambda_b;  // (O) or (num_adapters, O)
+  const at::Tensor& A;                           // (r, I)
+  const at::Tensor& B;                           // (O, r)
+  const at::Tensor& lambda_d;                    // (r) or (num_adapters, r)
+  const at::Tensor& lambda_b;                    // (O) or (num_adapters, O)
   const c10::optional<at::Tensor>& adapter_idx;  // (N) int64 or none
 };
 
 // The dtype the math runs in and the lambdas are kept in: fp32, or fp64 for fp64 data (gradcheck).
-inline at::ScalarType opmath_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType opmath_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Checks A/B/lambda/adapter_idx against x (N, in_features) producing (N, out_features). The projection slices
 // must have x's dtype (cast once and reuse: the layer caches that cast); the lambdas are in opmath_dtype(x).

@@ -32,9 +32,7 @@ using OptTensor = c10::optional<Tensor>;
 // Two ways to apply lambda_b. "Dense" forms B_hat = diag(lambda_b) B (O x r) once and adds h @ B_hat^T with a
 // single beta=1 GEMM: no (N, O) temporary. "Rowwise" computes z = h @ B^T and adds lambda_b[a(n)] * z[n]: needed
 // when rows use different adapters, and cheaper when N < r (B_hat costs O*r, z costs N*O).
-inline bool use_rowwise(int64_t rows, int64_t r, bool has_idx) {
-  return has_idx || rows < r;
-}
+inline bool use_rowwise(int64_t rows, int64_t r, bool has_idx) { return has_idx || rows < r; }
 
 // Small N (decode, serving): each backend's decode_forward computes the whole layer in one fused pass, reading each
 // weight row once for all rows of x instead of paying a GEMM call per product.
@@ -44,14 +42,10 @@ bool use_decode(const Tensor& x) {
 }
 
 // The kernels read adapter_idx with unit stride: a strided index vector is made contiguous once, up front.
-inline OptTensor contiguous_idx(const OptTensor& idx) {
-  return idx.has_value() ? OptTensor(idx->contiguous()) : idx;
-}
+inline OptTensor contiguous_idx(const OptTensor& idx) { return idx.has_value() ? OptTensor(idx->contiguous()) : idx; }
 
 // lambda as (num_adapters, C): a single adapter's vector becomes one row.
-inline Tensor as_rows(const Tensor& lam) {
-  return lam.dim() == 1 ? lam.unsqueeze(0) : lam;
-}
+inline Tensor as_rows(const Tensor& lam) { return lam.dim() == 1 ? lam.unsqueeze(0) : lam; }
 
 template <class P>
 Tensor adapter_output(const Tensor& h, const AdapterArgs& a, const Tensor& base, bool base_is_ours) {
@@ -240,8 +234,8 @@ void vera_merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor&
   const at::ScalarType wt = weight.scalar_type();
   TORCH_CHECK(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16 || wt == at::kDouble,
               "weight must be float32, float16, bfloat16 or float64, got ", wt);
-  const std::array<int64_t, 2> expected = fan_in_fan_out ? std::array<int64_t, 2>{in_f, out_f}
-                                                         : std::array<int64_t, 2>{out_f, in_f};
+  const std::array<int64_t, 2> expected =
+      fan_in_fan_out ? std::array<int64_t, 2>{in_f, out_f} : std::array<int64_t, 2>{out_f, in_f};
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == expected[0] && weight.size(1) == expected[1],
               "weight must have shape (", expected[0], ", ", expected[1], ") ",
               fan_in_fan_out ? "(in_features, out_features) with fan_in_fan_out" : "(out_features, in_features)",

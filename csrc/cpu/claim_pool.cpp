@@ -67,8 +67,10 @@ class Pool {
     open_.store(false, std::memory_order_seq_cst);
     // Acquire (via seq_cst) pairs with the helpers' release decrement: their chunks' writes are visible after this.
     for (int spin = 0; in_flight_.load(std::memory_order_seq_cst) != 0; ++spin) {
-      if (spin < 4096) cpu_relax();
-      else sched_yield();  // a helper preempted mid-chunk may need this core
+      if (spin < 4096)
+        cpu_relax();
+      else
+        sched_yield();  // a helper preempted mid-chunk may need this core
     }
   }
 

@@ -99,9 +99,8 @@ __attribute__((always_inline)) inline void dot_rows(const T* rows, int64_t row_s
 // acc_t. Rows go four at a time (measured: 85 GB/s against 69 for one row with four accumulators); for several
 // vectors the four rows are read again from L1 for each.
 template <typename T, typename acc_t>
-__attribute__((always_inline)) inline void dots_impl(const T* rows, int64_t row_stride, int64_t n_rows,
-                                                     const acc_t* xs, int64_t ld_x, int64_t n_vec, int64_t len,
-                                                     acc_t* out) {
+__attribute__((always_inline)) inline void dots_impl(const T* rows, int64_t row_stride, int64_t n_rows, const acc_t* xs,
+                                                     int64_t ld_x, int64_t n_vec, int64_t len, acc_t* out) {
   constexpr int kRows = 4;
   int64_t i = 0;
   for (; i + kRows <= n_rows; i += kRows)
@@ -112,18 +111,16 @@ __attribute__((always_inline)) inline void dots_impl(const T* rows, int64_t row_
       dot_rows<1>(rows + i * row_stride, row_stride, xs + v * ld_x, len, out + i * n_vec + v, n_vec);
 }
 
-#define VERA_DOTS(T, ACC)                                                                                       \
-  void dots(const T* rows, int64_t row_stride, int64_t n_rows, const ACC* xs, int64_t ld_x, int64_t n_vec,    \
-            int64_t len, ACC* out) {                                                                          \
-    dots_impl(rows, row_stride, n_rows, xs, ld_x, n_vec, len, out);                                           \
+#define VERA_DOTS(T, ACC)                                                                                  \
+  void dots(const T* rows, int64_t row_stride, int64_t n_rows, const ACC* xs, int64_t ld_x, int64_t n_vec, \
+            int64_t len, ACC* out) {                                                                       \
+    dots_impl(rows, row_stride, n_rows, xs, ld_x, n_vec, len, out);                                        \
   }
-VERA_CPU_CLONES VERA_DOTS(float, float)
-VERA_CPU_CLONES VERA_DOTS(c10::BFloat16, float)
-VERA_CPU_CLONES VERA_DOTS(c10::Half, float)
-VERA_DOTS(double, double)
+VERA_CPU_CLONES VERA_DOTS(float, float) VERA_CPU_CLONES VERA_DOTS(c10::BFloat16, float) VERA_CPU_CLONES
+    VERA_DOTS(c10::Half, float) VERA_DOTS(double, double)
 #undef VERA_DOTS
 
-constexpr int64_t kMaxChunkRows = 64;
+        constexpr int64_t kMaxChunkRows = 64;
 constexpr int64_t kChunkMacs = 32768;
 
 // Rows per chunk of a pass whose rows cost macs_per_row multiply-adds each: about kChunkMacs (a few microseconds,
@@ -148,8 +145,8 @@ void for_row_chunks(int64_t rows, int64_t macs_per_row, const F& f) {
 }  // namespace
 
 std::tuple<Tensor, Tensor> Prims::decode_forward(const Tensor& x, const c10::optional<Tensor>& weight_,
-                                                 const c10::optional<Tensor>& bias_,
-                                                 const c10::optional<Tensor>& base_, const AdapterArgs& a) {
+                                                 const c10::optional<Tensor>& bias_, const c10::optional<Tensor>& base_,
+                                                 const AdapterArgs& a) {
   const int64_t n = x.size(0), in_f = x.size(1), r = a.lambda_d.size(-1);
   TORCH_INTERNAL_ASSERT(n <= kDecodeMaxRows, "decode_forward: ", n, " rows, the chunk buffers hold ", kDecodeMaxRows);
   const int64_t out_f = a.B.size(0);

@@ -4,9 +4,6 @@
 // fixed order that does not depend on the thread count, so results are deterministic.
 #include "cpu/prims_cpu.h"
 
-#include "common/checks.h"
-#include "common/layout.h"
-
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -15,6 +12,9 @@
 #include <atomic>
 #include <cmath>
 
+#include "common/checks.h"
+#include "common/layout.h"
+
 namespace vera::cpu {
 namespace {
 
@@ -22,14 +22,10 @@ using at::Tensor;
 
 constexpr int64_t kMinElementsPerTask = 16384;
 
-int64_t grain_for(int64_t inner) {
-  return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, inner));
-}
+int64_t grain_for(int64_t inner) { return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, inner)); }
 
 // Adapter of row n: 0 without an index vector.
-inline int64_t adapter_of(const int64_t* idx, int64_t n) {
-  return idx ? idx[n] : 0;
-}
+inline int64_t adapter_of(const int64_t* idx, int64_t n) { return idx ? idx[n] : 0; }
 
 const int64_t* idx_ptr(const c10::optional<Tensor>& idx) {
   return idx.has_value() ? idx->data_ptr<int64_t>() : nullptr;
@@ -66,8 +62,7 @@ Tensor Prims::row_scale(const Tensor& in_, const Tensor& lam_, at::ScalarType dt
     if (dtype == acc) {
       row_scale_loop(in.const_data_ptr<scalar_t>(), in.stride(0), lp, out.data_ptr<acc_t>(), in.size(0), in.size(1));
     } else {
-      row_scale_loop(in.const_data_ptr<scalar_t>(), in.stride(0), lp, out.data_ptr<scalar_t>(), in.size(0),
-                     in.size(1));
+      row_scale_loop(in.const_data_ptr<scalar_t>(), in.stride(0), lp, out.data_ptr<scalar_t>(), in.size(0), in.size(1));
     }
   });
   return out;
@@ -221,8 +216,9 @@ void Prims::merge_apply(Tensor& weight, const Tensor& delta_, double alpha, bool
                 static_cast<scalar_t>(static_cast<acc_t>(w[o * so + i * si]) + a * d[o * in_f + i])));
         if (!ok) finite.store(false, std::memory_order_relaxed);
       });
-      TORCH_CHECK_VALUE(finite.load(), "safe merge refused: the merged weight would hold non-finite values "
-                                       "(the adapter seems to be broken); weight left unchanged");
+      TORCH_CHECK_VALUE(
+          finite.load(),
+          "safe merge refused: the merged weight would hold non-finite values " "(the adapter seems to be broken); weight left unchanged");
     }
     for_each_tile([&](int64_t o0, int64_t o1, int64_t i0, int64_t i1) {
       for (int64_t o = o0; o < o1; ++o)

@@ -13,11 +13,9 @@ struct Prims {
   // Up to this many rows, forward runs the fused decode path (decode_cpu.cpp).
   static constexpr int64_t kDecodeMaxRows = 16;
   // (y, u) for x (N <= kDecodeMaxRows, I): y = (weight ? x W^T + bias : base) + lambda_b * ((u * lambda_d) B^T).
-  static std::tuple<at::Tensor, at::Tensor> decode_forward(const at::Tensor& x,
-                                                           const c10::optional<at::Tensor>& weight,
+  static std::tuple<at::Tensor, at::Tensor> decode_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                                                            const c10::optional<at::Tensor>& bias,
-                                                           const c10::optional<at::Tensor>& base,
-                                                           const AdapterArgs& a);
+                                                           const c10::optional<at::Tensor>& base, const AdapterArgs& a);
   static at::Tensor row_scale(const at::Tensor& in, const at::Tensor& lam, at::ScalarType dtype);
   static at::Tensor col_scale(const at::Tensor& in, const at::Tensor& lam, const c10::optional<at::Tensor>& idx);
   static void scale_add(at::Tensor& out, const at::Tensor& base, const at::Tensor& z, const at::Tensor& lam,

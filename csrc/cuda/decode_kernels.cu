@@ -25,12 +25,12 @@ template <typename T, int kVec>
 __device__ __forceinline__ void load_floats(const T* p, float (&out)[kVec]) {
   static_assert((kVec * sizeof(T)) % 16 == 0, "whole 16-byte loads only");
   T vals[kVec];
-VERA_UNROLL
+  VERA_UNROLL
   for (int c = 0; c < int(kVec * sizeof(T) / 16); ++c) {
     const uint4 raw = load(reinterpret_cast<const uint4*>(p) + c);
     memcpy(reinterpret_cast<char*>(vals) + 16 * c, &raw, 16);
   }
-VERA_UNROLL
+  VERA_UNROLL
   for (int e = 0; e < kVec; ++e) out[e] = to_float(vals[e]);
 }
 
@@ -47,12 +47,12 @@ __device__ __forceinline__ void thread_dots(const T* row, const X* xs, int64_t x
     for (int64_t c = t; c < chunks; c += threads) {
       float w[kVec];
       load_floats<T, kVec>(row + c * kVec, w);
-VERA_UNROLL
+      VERA_UNROLL
       for (int m = 0; m < kDecodeMaxRows; ++m) {
         if (m >= n) break;
         float xv[kVec];
         load_floats<X, kVec>(xs + m * x_stride + c * kVec, xv);
-VERA_UNROLL
+        VERA_UNROLL
         for (int e = 0; e < kVec; ++e) acc[m] += w[e] * xv[e];
       }
     }
@@ -60,7 +60,7 @@ VERA_UNROLL
   }
   for (int64_t j = scalar_from + t; j < len; j += threads) {
     const float w = to_float(load(row + j));
-VERA_UNROLL
+    VERA_UNROLL
     for (int m = 0; m < kDecodeMaxRows; ++m) {
       if (m >= n) break;
       acc[m] += w * to_float(load(xs + m * x_stride + j));
@@ -77,11 +77,10 @@ __global__ void decode_u_kernel(const DecodeParams p, const bool aligned) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
   for (int64_t k = blockIdx.x; k < p.r; k += gridDim.x) {
     float acc[kDecodeMaxRows];
-VERA_UNROLL
+    VERA_UNROLL
     for (int m = 0; m < kDecodeMaxRows; ++m) acc[m] = 0.f;
-    thread_dots<T, T>(A + k * p.a_row_stride, x, p.x_row_stride, p.in_f, p.n, aligned, threadIdx.x, kPass1Threads,
-                      acc);
-VERA_UNROLL
+    thread_dots<T, T>(A + k * p.a_row_stride, x, p.x_row_stride, p.in_f, p.n, aligned, threadIdx.x, kPass1Threads, acc);
+    VERA_UNROLL
     for (int m = 0; m < kDecodeMaxRows; ++m) {
       if (m >= p.n) break;
       const float s = warp_sum(acc[m]);
@@ -113,11 +112,11 @@ __global__ void decode_y_kernel(const DecodeParams p, const bool aligned_w, cons
   const int64_t warps = int64_t(gridDim.x) * kPass2WarpsPerBlock;
   for (int64_t o = int64_t(blockIdx.x) * kPass2WarpsPerBlock + threadIdx.x / 32; o < p.out_f; o += warps) {
     float plain[kDecodeMaxRows], adapter[kDecodeMaxRows];
-VERA_UNROLL
+    VERA_UNROLL
     for (int m = 0; m < kDecodeMaxRows; ++m) plain[m] = adapter[m] = 0.f;
     if (W) thread_dots<T, T>(W + o * p.w_row_stride, x, p.x_row_stride, p.in_f, p.n, aligned_w, lane, 32, plain);
     thread_dots<T, float>(B + o * p.b_row_stride, p.h, p.r, p.r, p.n, aligned_b, lane, 32, adapter);
-VERA_UNROLL
+    VERA_UNROLL
     for (int m = 0; m < kDecodeMaxRows; ++m) {
       if (m >= p.n) break;
       const float pw = warp_sum(plain[m]), ad = warp_sum(adapter[m]);
@@ -147,11 +146,11 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
     const bool aligned_b = aligned16(p.B, p.b_row_stride, sizeof(T)) && aligned16(p.h, p.r, sizeof(float));
     const int64_t pass1_blocks = p.r < 65535 ? p.r : 65535;
     cudaError_t err = launch_kernel<decode_u_kernel<T>>(dim3(static_cast<unsigned int>(pass1_blocks)),
-                                    dim3(kPass1Threads), 0, stream, p, aligned_a);
+                                                        dim3(kPass1Threads), 0, stream, p, aligned_a);
     if (err != cudaSuccess) return err;
     const int64_t want = (p.out_f + kPass2WarpsPerBlock - 1) / kPass2WarpsPerBlock;
     return launch_kernel<decode_y_kernel<T>>(dim3(static_cast<unsigned int>(want < 65535 ? want : 65535)),
-                         dim3(32 * kPass2WarpsPerBlock), 0, stream, p, aligned_w, aligned_b);
+                                             dim3(32 * kPass2WarpsPerBlock), 0, stream, p, aligned_w, aligned_b);
   });
 }
 

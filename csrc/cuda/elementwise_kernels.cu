@@ -58,15 +58,15 @@ cudaError_t launch_row_scale(const RowScaleParams& p, cudaStream_t stream) {
 
 cudaError_t launch_col_scale(const ColScaleParams& p, cudaStream_t stream) {
   return dispatch_dtype(p.dtype, [&](auto tag) {
-    return launch_kernel<col_scale_kernel<decltype(tag)>>(dim3(blocks_for(p.rows * p.cols)), dim3(kThreads), 0,
-                         stream, p);
+    return launch_kernel<col_scale_kernel<decltype(tag)>>(dim3(blocks_for(p.rows * p.cols)), dim3(kThreads), 0, stream,
+                                                          p);
   });
 }
 
 cudaError_t launch_scale_add(const ScaleAddParams& p, cudaStream_t stream) {
   return dispatch_dtype(p.dtype, [&](auto tag) {
-    return launch_kernel<scale_add_kernel<decltype(tag)>>(dim3(blocks_for(p.rows * p.cols)), dim3(kThreads), 0,
-                         stream, p);
+    return launch_kernel<scale_add_kernel<decltype(tag)>>(dim3(blocks_for(p.rows * p.cols)), dim3(kThreads), 0, stream,
+                                                          p);
   });
 }
 

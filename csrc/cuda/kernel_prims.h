@@ -46,8 +46,9 @@ struct KernelPrims {
     const typename L::Guard guard(in_.device());
     const Tensor in = rows_contiguous(in_), lam = lam_.contiguous();
     Tensor out = at::empty(in.sizes(), in.options().dtype(dtype));
-    const RowScaleParams p{in.const_data_ptr(), in.stride(0), lam.const_data_ptr<float>(), out.data_ptr(),
-                           in.size(0), in.size(1), detail::dtype_of(in.scalar_type()), detail::dtype_of(dtype)};
+    const RowScaleParams p{
+        in.const_data_ptr(), in.stride(0), lam.const_data_ptr<float>(),        out.data_ptr(),
+        in.size(0),          in.size(1),   detail::dtype_of(in.scalar_type()), detail::dtype_of(dtype)};
     L::check(launch_row_scale(p, L::stream()), "row_scale");
     return out;
   }
@@ -56,8 +57,9 @@ struct KernelPrims {
     const typename L::Guard guard(in_.device());
     const Tensor in = rows_contiguous(in_), lam = lam_.contiguous();
     Tensor out = at::empty({in.size(0), in.size(1)}, in.options());
-    const ColScaleParams p{in.const_data_ptr(), in.stride(0), lam.const_data_ptr<float>(), detail::idx_ptr(idx),
-                           out.data_ptr(), in.size(0), in.size(1), detail::dtype_of(in.scalar_type())};
+    const ColScaleParams p{
+        in.const_data_ptr(), in.stride(0), lam.const_data_ptr<float>(),       detail::idx_ptr(idx), out.data_ptr(),
+        in.size(0),          in.size(1),   detail::dtype_of(in.scalar_type())};
     L::check(launch_col_scale(p, L::stream()), "col_scale");
     return out;
   }
@@ -66,9 +68,17 @@ struct KernelPrims {
     const typename L::Guard guard(out.device());
     TORCH_CHECK(out.stride(1) == 1 || out.size(1) <= 1, "scale_add: out must have contiguous rows");
     const Tensor base = rows_contiguous(base_), z = rows_contiguous(z_), lam = lam_.contiguous();
-    const ScaleAddParams p{base.const_data_ptr(), base.stride(0), z.const_data_ptr(), z.stride(0),
-                           lam.const_data_ptr<float>(), detail::idx_ptr(idx), out.data_ptr(), out.stride(0),
-                           out.size(0), out.size(1), detail::dtype_of(out.scalar_type())};
+    const ScaleAddParams p{base.const_data_ptr(),
+                           base.stride(0),
+                           z.const_data_ptr(),
+                           z.stride(0),
+                           lam.const_data_ptr<float>(),
+                           detail::idx_ptr(idx),
+                           out.data_ptr(),
+                           out.stride(0),
+                           out.size(0),
+                           out.size(1),
+                           detail::dtype_of(out.scalar_type())};
     L::check(launch_scale_add(p, L::stream()), "scale_add");
   }
 
@@ -78,14 +88,22 @@ struct KernelPrims {
     const typename L::Guard guard(p_.device());
     const Tensor p = rows_contiguous(p_), q = rows_contiguous(q_);
     const int64_t rows = p.size(0), cols = p.size(1);
-    TORCH_CHECK(num_adapters <= 65535, "vera_ext CUDA: at most 65535 adapters in one mixed batch, got ",
-                num_adapters);
+    TORCH_CHECK(num_adapters <= 65535, "vera_ext CUDA: at most 65535 adapters in one mixed batch, got ", num_adapters);
     const int s = splits > 0 ? static_cast<int>(splits) : col_dot_reduce_splits(rows, cols, num_adapters);
     Tensor out = at::empty({num_adapters, cols}, p.options().dtype(at::kFloat));
     Tensor workspace = at::empty({s > 1 ? s * num_adapters * cols : 0}, out.options());
-    const ColDotReduceParams params{p.const_data_ptr(), p.stride(0), q.const_data_ptr(), q.stride(0),
-                                    detail::idx_ptr(idx), workspace.data_ptr<float>(), out.data_ptr<float>(), rows,
-                                    cols, num_adapters, s, detail::dtype_of(p.scalar_type())};
+    const ColDotReduceParams params{p.const_data_ptr(),
+                                    p.stride(0),
+                                    q.const_data_ptr(),
+                                    q.stride(0),
+                                    detail::idx_ptr(idx),
+                                    workspace.data_ptr<float>(),
+                                    out.data_ptr<float>(),
+                                    rows,
+                                    cols,
+                                    num_adapters,
+                                    s,
+                                    detail::dtype_of(p.scalar_type())};
     L::check(launch_col_dot_reduce(params, L::stream()), "col_dot_reduce");
     return out;
   }
@@ -95,8 +113,9 @@ struct KernelPrims {
     const Tensor p = rows_contiguous(p_), q = rows_contiguous(q_);
     TORCH_INTERNAL_ASSERT(p.scalar_type() == q.scalar_type() && p.sizes() == q.sizes());
     Tensor out = at::empty({p.size(0)}, p.options().dtype(at::kFloat));
-    const RowDotParams params{p.const_data_ptr(), p.stride(0), q.const_data_ptr(), q.stride(0),
-                              out.data_ptr<float>(), p.size(0), p.size(1), detail::dtype_of(p.scalar_type())};
+    const RowDotParams params{
+        p.const_data_ptr(),    p.stride(0), q.const_data_ptr(), q.stride(0),
+        out.data_ptr<float>(), p.size(0),   p.size(1),          detail::dtype_of(p.scalar_type())};
     L::check(launch_row_dot(params, L::stream()), "row_dot");
     return out;
   }
@@ -106,9 +125,14 @@ struct KernelPrims {
     const typename L::Guard guard(weight.device());
     const Tensor delta = delta_.contiguous();
     Tensor flag = at::zeros({1}, weight.options().dtype(at::kInt));
-    const MergeParams p{weight.data_ptr(), transposed ? weight.stride(1) : weight.stride(0),
-                        transposed ? weight.stride(0) : weight.stride(1), delta.const_data_ptr<float>(),
-                        delta.size(0), delta.size(1), static_cast<float>(alpha), flag.data_ptr<int>(),
+    const MergeParams p{weight.data_ptr(),
+                        transposed ? weight.stride(1) : weight.stride(0),
+                        transposed ? weight.stride(0) : weight.stride(1),
+                        delta.const_data_ptr<float>(),
+                        delta.size(0),
+                        delta.size(1),
+                        static_cast<float>(alpha),
+                        flag.data_ptr<int>(),
                         detail::dtype_of(weight.scalar_type())};
     L::check(launch_merge(p, check_only, L::stream()), "merge");
     return check_only ? flag.item<int>() : 0;
@@ -116,9 +140,9 @@ struct KernelPrims {
 
   static void merge_apply(Tensor& weight, const Tensor& delta, double alpha, bool transposed, bool safe) {
     if (safe) {
-      TORCH_CHECK_VALUE(merge_pass(weight, delta, alpha, transposed, /*check_only=*/true) == 0,
-                        "safe merge refused: the merged weight would hold non-finite values (the adapter seems to "
-                        "be broken); weight left unchanged");
+      TORCH_CHECK_VALUE(
+          merge_pass(weight, delta, alpha, transposed, /*check_only=*/true) == 0,
+          "safe merge refused: the merged weight would hold non-finite values (the adapter seems to " "be broken); weight left unchanged");
     }
     merge_pass(weight, delta, alpha, transposed, /*check_only=*/false);
   }

@@ -23,7 +23,7 @@ struct RowScaleParams {
 struct ColScaleParams {
   const void* in;
   int64_t in_row_stride;
-  const float* lam;  // (num_adapters, cols) contiguous
+  const float* lam;    // (num_adapters, cols) contiguous
   const int64_t* idx;  // nullable
   void* out;
   int64_t rows, cols;

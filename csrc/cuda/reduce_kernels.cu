@@ -87,8 +87,7 @@ cudaError_t launch_col_dot_reduce(const ColDotReduceParams& p, cudaStream_t stre
     return launch_kernel<col_dot_partial_kernel<decltype(tag)>>(grid, dim3(kTileCols, kRowLanes), 0, stream, p);
   });
   if (err != cudaSuccess || p.splits == 1) return err;
-  return launch_kernel<col_dot_finish_kernel>(dim3(blocks_for(p.num_adapters * p.cols)), dim3(kThreads), 0, stream,
-                       p);
+  return launch_kernel<col_dot_finish_kernel>(dim3(blocks_for(p.num_adapters * p.cols)), dim3(kThreads), 0, stream, p);
 }
 
 cudaError_t launch_row_dot(const RowDotParams& p, cudaStream_t stream) {

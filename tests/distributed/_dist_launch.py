@@ -45,10 +45,15 @@ def run_ranks(script: str, out_dir: Path, timeout: float = 120.0) -> list[dict]:
     procs = []
     for rank in range(WORLD_SIZE):
         with open(logs[rank], "w") as log:  # a file, not a pipe: a chatty rank must not block on a full pipe
-            procs.append(subprocess.Popen(
-                [sys.executable, str(Path(__file__).parent / script), str(rank), str(out_dir)],
-                env=env, cwd=str(_ROOT), stdout=log, stderr=subprocess.STDOUT,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(Path(__file__).parent / script), str(rank), str(out_dir)],
+                    env=env,
+                    cwd=str(_ROOT),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     deadline = time.monotonic() + timeout
     failure = None
     while any(p.poll() is None for p in procs):
@@ -80,6 +85,5 @@ def init_rank(rank: int):
 
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]),
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=60))
     torch.manual_seed(0)

@@ -27,6 +27,7 @@ def watch_forward(model) -> dict:
     whose hook runs first), the input's and output's dtype."""
     seen = {}
     for path, layer in model.vera_layers().items():
+
         def before(module, args, path=path):
             lambdas = [module.vera_lambda_d["default"], module.vera_lambda_b["default"]]
             seen[path] = {
@@ -72,7 +73,8 @@ def main(rank: int, out_dir: str) -> None:
         if rank == 0:
             model.save_pretrained(f"{out_dir}/adapter")
     result["fp32"]["still_sharded_after_save"] = all(
-        isinstance(p, DTensor) for n, p in model.named_parameters() if "vera_lambda" in n)
+        isinstance(p, DTensor) for n, p in model.named_parameters() if "vera_lambda" in n
+    )
     dist.barrier()
 
     model = vera_mlp()

@@ -74,8 +74,10 @@ def test_lambdas_are_sharded_and_projection_buffers_are_not(ranks):
             assert state["lambda_dtypes"] == ["torch.float32"]  # the sharded (optimizer's) copy
             # A/B: plain tensors, whole on every rank (FSDP2 shards parameters only).
             kinds = {name: kind_shape for name, (*kind_shape, _) in state["buffers"].items()}
-            assert kinds == {"model.lin0.vera_projection.vera_A": ["Tensor", (R, 24)],
-                             "model.lin0.vera_projection.vera_B": ["Tensor", (24, R)]}
+            assert kinds == {
+                "model.lin0.vera_projection.vera_A": ["Tensor", (R, 24)],
+                "model.lin0.vera_projection.vera_B": ["Tensor", (24, R)],
+            }
         for case in ("fp32", "bf16_policy"):  # fp32 models: the key's draw itself
             buffers = rank[case]["buffers"]
             assert torch.equal(buffers["model.lin0.vera_projection.vera_A"][2], A)
@@ -110,8 +112,12 @@ def test_save_pretrained_of_a_sharded_model_under_fsdp_unsharded(ranks, out_dir)
 def test_bf16_lambdas_stay_fp32_in_forward_and_backward(ranks, case):
     for rank in ranks:
         for path, seen in rank[case]["forward"].items():
-            assert seen == {"lambda_dtypes": ["torch.float32"], "lambda_is_dtensor": False,
-                            "x_dtype": "torch.bfloat16", "out_dtype": "torch.bfloat16"}, path
+            assert seen == {
+                "lambda_dtypes": ["torch.float32"],
+                "lambda_is_dtensor": False,
+                "x_dtype": "torch.bfloat16",
+                "out_dtype": "torch.bfloat16",
+            }, path
         assert {str(g.dtype) for g in rank[case]["grads"].values()} == {"torch.float32"}
 
 

@@ -20,8 +20,13 @@ SOURCES = runpy.run_path(os.path.join(REPO, "csrc", "sources.py"))
 
 _ALIGN = r"(?:__align__\s*\(\s*\d+\s*\)\s*)?"
 EXTERN_SHARED = re.compile(
-    r"extern\s+__shared__\s+" + _ALIGN + r"(?P<type>[A-Za-z_][\w:<>, ]*?)\s+" + _ALIGN +
-    r"(?P<name>[A-Za-z_]\w*)\s*\[\s*\]\s*" + _ALIGN + ";"
+    r"extern\s+__shared__\s+"
+    + _ALIGN
+    + r"(?P<type>[A-Za-z_][\w:<>, ]*?)\s+"
+    + _ALIGN
+    + r"(?P<name>[A-Za-z_]\w*)\s*\[\s*\]\s*"
+    + _ALIGN
+    + ";"
 )
 
 

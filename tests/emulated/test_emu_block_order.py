@@ -21,8 +21,9 @@ def run_col_scale(emu):
 
 def run_scale_add(emu):
     out = matrix(300, 130, torch.float32, seed=1)
-    emu.scale_add(out, out, matrix(300, 130, torch.float32, seed=2), torch.randn(3, 130, generator=gen()),
-                  adapter_idx(300, 3))
+    emu.scale_add(
+        out, out, matrix(300, 130, torch.float32, seed=2), torch.randn(3, 130, generator=gen()), adapter_idx(300, 3)
+    )
     return [out]
 
 
@@ -49,16 +50,29 @@ def run_merge(emu):
 def run_decode(emu):
     x, W = matrix(5, 131, torch.float32, seed=1), matrix(37, 131, torch.float32, seed=4)
     A, B = matrix(24, 131, torch.float32, seed=2), matrix(37, 24, torch.float32, seed=3)
-    return list(emu.decode(x, W, None, None, A, B, torch.randn(3, 24, generator=gen()),
-                           torch.randn(3, 37, generator=gen()), adapter_idx(5, 3)))
+    return list(
+        emu.decode(
+            x,
+            W,
+            None,
+            None,
+            A,
+            B,
+            torch.randn(3, 24, generator=gen()),
+            torch.randn(3, 37, generator=gen()),
+            adapter_idx(5, 3),
+        )
+    )
 
 
 def gen():
     return torch.Generator().manual_seed(11)
 
 
-RUNS = {f.__name__[4:]: f for f in (run_row_scale, run_col_scale, run_scale_add, run_col_dot_reduce, run_row_dot,
-                                     run_merge, run_decode)}
+RUNS = {
+    f.__name__[4:]: f
+    for f in (run_row_scale, run_col_scale, run_scale_add, run_col_dot_reduce, run_row_dot, run_merge, run_decode)
+}
 
 
 @pytest.mark.parametrize("order", ["reverse", "shuffle"])

@@ -36,8 +36,11 @@ def reference(p, dtype):
         x, A, B = p["x"].to(d), p["A"].to(d), p["B"].to(d)
         u = (x @ A.T).to(dtype)
         h = u.to(d) * ld[a.clamp(min=0)].to(d)
-        before = F.linear(x, p["weight"].to(d), None if p["bias"] is None else p["bias"].to(d)) \
-            if p["weight"] is not None else p["base"].to(d)
+        before = (
+            F.linear(x, p["weight"].to(d), None if p["bias"] is None else p["bias"].to(d))
+            if p["weight"] is not None
+            else p["base"].to(d)
+        )
         y = torch.where(keep, before + lb[a.clamp(min=0)].to(d) * (h @ B.T), before)
         out.append((y, u))
     return out
@@ -75,8 +78,16 @@ def size_id(size):
 # above the CPU decode limit, up to the CUDA one (32); in_f and r long enough that every thread of pass 1 and
 # every lane of pass 2 loads several 16-byte chunks. The emulation's cost grows with r * n (warp reductions),
 # not with in_f.
-SIZES = [(1, 1, 1, 1), (1, 7, 5, 3), (3, 64, 40, 16), (5, 131, 37, 24), (16, 96, 72, 24), (17, 64, 33, 8),
-         (32, 40, 24, 12), (1, 2056, 20, 264)]
+SIZES = [
+    (1, 1, 1, 1),
+    (1, 7, 5, 3),
+    (3, 64, 40, 16),
+    (5, 131, 37, 24),
+    (16, 96, 72, 24),
+    (17, 64, 33, 8),
+    (32, 40, 24, 12),
+    (1, 2056, 20, 264),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,14 +1,22 @@
 """The emulation layer itself (tests/emulated/emu): its fp16/bf16 conversions against torch's (exhaustively where
-possible), and its self-tests (tests/emulated/kernels/emu_selftest.cpp): warp shuffles and votes with every width, dynamic
-shared memory, atomics, vector loads, 3-D indexing, partial warps, and the misuses it must refuse."""
+possible), and its self-tests (tests/emulated/kernels/emu_selftest.cpp): warp shuffles and votes with every width,
+dynamic shared memory, atomics, vector loads, 3-D indexing, partial warps, and the misuses it must refuse."""
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.emulated
 
-SELFTESTS = ["atomics", "dynamic_shared", "indexing_3d", "misuse", "vector_loads", "warp_ops_width16",
-             "warp_ops_width32", "warp_ops_width8"]
+SELFTESTS = [
+    "atomics",
+    "dynamic_shared",
+    "indexing_3d",
+    "misuse",
+    "vector_loads",
+    "warp_ops_width16",
+    "warp_ops_width32",
+    "warp_ops_width8",
+]
 FORMATS = {"half": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -24,12 +32,36 @@ def rounding_probes(dtype):
     finite = torch.sort(v[torch.isfinite(v)].unique()).values
     mid = ((finite[1:] + finite[:-1]) / 2).float()
     nudge = lambda t, d: torch.nextafter(t, torch.full_like(t, d))  # noqa: E731
-    edges = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 65504.0, 65519.996, 65520.0,
-                          2.0**-24, 2.0**-25, 2.0**-25 * 1.0000001, 3 * 2.0**-26, 3.3895e38, 3.4e38])
+    edges = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            65504.0,
+            65519.996,
+            65520.0,
+            2.0**-24,
+            2.0**-25,
+            2.0**-25 * 1.0000001,
+            3 * 2.0**-26,
+            3.3895e38,
+            3.4e38,
+        ]
+    )
     g = torch.Generator().manual_seed(0)
     random_bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
-    return torch.cat([finite.float(), mid, nudge(mid, float("inf")), nudge(mid, -float("inf")), edges,
-                      random_bits.view(torch.float32)])
+    return torch.cat(
+        [
+            finite.float(),
+            mid,
+            nudge(mid, float("inf")),
+            nudge(mid, -float("inf")),
+            edges,
+            random_bits.view(torch.float32),
+        ]
+    )
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -18,8 +18,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def sanitizers():
     """Runs the whole script once; returns (exit status, its output, a reader of the per-run logs)."""
-    proc = subprocess.run(["bash", os.path.join(HERE, "run_sanitizers.sh"), "all"], capture_output=True, text=True,
-                          timeout=1500)
+    proc = subprocess.run(
+        ["bash", os.path.join(HERE, "run_sanitizers.sh"), "all"], capture_output=True, text=True, timeout=1500
+    )
 
     def log(cfg, mode):
         with open(os.path.join(emu_build.build_root(), f"sanitize-{cfg}", f"{mode}.log"), encoding="utf-8") as f:

@@ -52,8 +52,9 @@ def test_strided_reads_show_more_sectors_per_request(emu):
     assert ratio >= 4, f"strided reads: {ratio:.1f}x the sectors per request of the coalesced copy, expected >= 4x"
     # the same bytes, fetched in more pieces
     assert strided["load"]["lane_bytes"] == plain["load"]["lane_bytes"]
-    assert (strided["unique_read_bytes_private"] + strided["unique_read_bytes_shared"] ==
-            plain["unique_read_bytes_private"])
+    assert (
+        strided["unique_read_bytes_private"] + strided["unique_read_bytes_shared"] == plain["unique_read_bytes_private"]
+    )
 
 
 def test_double_read_shows_twice_the_ideal_read_bytes(emu):

@@ -102,10 +102,10 @@ def make_case(cfg, dtype, n, seed):
         "x": rnd(n, in_f),
         "x_wide": rnd(n, in_f + 3),  # x = x_wide[:, 1:in_f + 1]: row stride in_f + 3, misaligned start
         "base": rnd(n, out_f),
-        "W": rnd(out_f, in_f, scale=in_f ** -0.5),
+        "W": rnd(out_f, in_f, scale=in_f**-0.5),
         "bias": rnd(out_f),
-        "A_full": rnd(r_max, i_max, scale=i_max ** -0.5),
-        "B_full": rnd(o_max, r_max, scale=r_max ** -0.5),
+        "A_full": rnd(r_max, i_max, scale=i_max**-0.5),
+        "B_full": rnd(o_max, r_max, scale=r_max**-0.5),
         "ld": torch.randn(r, generator=g),
         "lb": torch.randn(out_f, generator=g),
         "ld_k": torch.randn(NUM_ADAPTERS, r, generator=g),
@@ -163,8 +163,10 @@ def check_forward(chk, ops, c, dtype, tag, op, mixed, strided_x, determinism):
             chk.fail(f"{what}: the CPU op raised {type(err).__name__} ({err}) but the {chk.device} op did not")
         except Exception as dev_err:
             if type(dev_err) is not type(err):
-                chk.fail(f"{what}: the CPU op raised {type(err).__name__}, the {chk.device} op "
-                         f"{type(dev_err).__name__} ({dev_err})")
+                chk.fail(
+                    f"{what}: the CPU op raised {type(err).__name__}, the {chk.device} op "
+                    f"{type(dev_err).__name__} ({dev_err})"
+                )
         return
     chk.poison()
     got_y, got_g = run_forward(ops, c, chk.device, op, mixed, strided_x)
@@ -189,6 +191,7 @@ def check_merge(chk, ops, cfg, dtype, tag, seed):
     g = torch.Generator().manual_seed(seed + 1)
     dev = chk.device
     ld, lb = c["ld"], c["lb"]
+
     def slices(device, dt):  # strided views of the full projections, taken on the device (a moved view is dense)
         return c["A_full"].to(device, dt)[:r, :in_f], c["B_full"].to(device, dt)[:out_f, :r]
 
@@ -231,26 +234,42 @@ def check_merge(chk, ops, cfg, dtype, tag, seed):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                        help="cpu: a dry run of this script's logic (CPU vs CPU and float64), no GPU needed")
-    parser.add_argument("--quick", action="store_true",
-                        help="fp32+bf16, N in {0, 5, 33, 300}, no run-to-run repeat: for racecheck, which is slow")
+    parser.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cpu: a dry run of this script's logic (CPU vs CPU and float64), no GPU needed",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fp32+bf16, N in {0, 5, 33, 300}, no run-to-run repeat: for racecheck, which is slow",
+    )
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("sanitize_kernels: no CUDA device visible (torch.cuda.is_available() is False); "
-              "use --device cpu for a dry run of the script's logic", file=sys.stderr)
+        print(
+            "sanitize_kernels: no CUDA device visible (torch.cuda.is_available() is False); "
+            "use --device cpu for a dry run of the script's logic",
+            file=sys.stderr,
+        )
         return 2
     import vera_ext
     from vera_ext import ops
+
     if args.device == "cuda":
         info = vera_ext.build_info()
-        missing = [op for op in ("vera_forward", "vera_linear_forward", "vera_backward", "vera_delta_weight",
-                                 "vera_merge_")
-                   if not torch._C._dispatch_has_kernel_for_dispatch_key(f"vera_ext::{op}", "CUDA")]
+        missing = [
+            op
+            for op in ("vera_forward", "vera_linear_forward", "vera_backward", "vera_delta_weight", "vera_merge_")
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"vera_ext::{op}", "CUDA")
+        ]
         if not info.get("with_cuda") or missing:
-            print(f"sanitize_kernels: vera_ext was built without its CUDA kernels (build_info={info}, no CUDA "
-                  f"kernel for {missing}); rebuild on this machine", file=sys.stderr)
+            print(
+                f"sanitize_kernels: vera_ext was built without its CUDA kernels (build_info={info}, no CUDA "
+                f"kernel for {missing}); rebuild on this machine",
+                file=sys.stderr,
+            )
             return 2
         print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  build_info {info}")
     no_cache = os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1"
@@ -273,16 +292,20 @@ def main(argv=None) -> int:
                         check_forward(chk, ops, c, dtype, tag, op, mixed, False, determinism)
                 if n in (5, 33):
                     check_forward(chk, ops, c, dtype, tag, "vera_forward", False, True, False)
-                print(f"  {tag:<22} forward+backward {'ok' if len(chk.failures) == before else 'FAILED'}",
-                      flush=True)
+                print(f"  {tag:<22} forward+backward {'ok' if len(chk.failures) == before else 'FAILED'}", flush=True)
             before = len(chk.failures)
             check_merge(chk, ops, cfg, dtype, f"{cfg[0]} {dname}", seed)
-            print(f"  {cfg[0] + ' ' + dname:<22} delta_weight/merge/unmerge/safe merge "
-                  f"{'ok' if len(chk.failures) == before else 'FAILED'}", flush=True)
+            print(
+                f"  {cfg[0] + ' ' + dname:<22} delta_weight/merge/unmerge/safe merge "
+                f"{'ok' if len(chk.failures) == before else 'FAILED'}",
+                flush=True,
+            )
     if args.device == "cuda":
         torch.cuda.synchronize()  # surface any asynchronous kernel fault here, inside the run
-    print(f"{chk.count} checks in {time.perf_counter() - t0:.1f} s on {args.device}; worst rel err vs CPU op "
-          f"{chk.worst['cpu']:.2e}, vs float64 {chk.worst['f64']:.2e}")
+    print(
+        f"{chk.count} checks in {time.perf_counter() - t0:.1f} s on {args.device}; worst rel err vs CPU op "
+        f"{chk.worst['cpu']:.2e}, vs float64 {chk.worst['f64']:.2e}"
+    )
     for f in chk.failures:
         print(f"FAIL {f}")
     print(f"sanitize_kernels: {'FAILED (' + str(len(chk.failures)) + ')' if chk.failures else 'PASSED'}")

@@ -26,8 +26,20 @@ def fetch_sdist(cache: str) -> str:
     if not os.path.isdir(os.path.join(root, "tests")):
         archive = os.path.join(cache, f"peft-{PEFT_VERSION}.tar.gz")
         if not os.path.exists(archive):
-            subprocess.check_call([sys.executable, "-m", "pip", "download", f"peft=={PEFT_VERSION}",
-                                   "--no-binary", ":all:", "--no-deps", "-d", cache])
+            subprocess.check_call(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    f"peft=={PEFT_VERSION}",
+                    "--no-binary",
+                    ":all:",
+                    "--no-deps",
+                    "-d",
+                    cache,
+                ]
+            )
         with tarfile.open(archive) as tar:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(cache, filter="data")
@@ -47,7 +59,8 @@ def python_with_test_deps(cache: str) -> str:
     if not os.path.exists(python):
         venv.create(env_dir, with_pip=True)
         site_dirs = subprocess.check_output(
-            [sys.executable, "-c", "import site; print('\\n'.join(site.getsitepackages()))"], text=True).split()
+            [sys.executable, "-c", "import site; print('\\n'.join(site.getsitepackages()))"], text=True
+        ).split()
         out = subprocess.check_output([python, "-c", "import site; print(site.getsitepackages()[0])"], text=True)
         with open(os.path.join(out.strip(), "outer_env.pth"), "w") as f:
             f.writelines(f"import site; site.addsitedir({d!r})\n" for d in site_dirs)
@@ -64,8 +77,23 @@ def main() -> int:
     root = fetch_sdist(args.cache)
     python = python_with_test_deps(args.cache)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
-    command = [python, "-m", "pytest", "tests/test_vera.py", "tests/test_custom_models.py", "-k", "vera and not pvera",
-               "-p", "vera_ext_patch_plugin", "-o", "addopts=", "-p", "no:cacheprovider", "-q", *pytest_args]
+    command = [
+        python,
+        "-m",
+        "pytest",
+        "tests/test_vera.py",
+        "tests/test_custom_models.py",
+        "-k",
+        "vera and not pvera",
+        "-p",
+        "vera_ext_patch_plugin",
+        "-o",
+        "addopts=",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        *pytest_args,
+    ]
     print("running:", " ".join(command), f"(in {root})", flush=True)
     return subprocess.call(command, cwd=root, env=env)
 

@@ -64,12 +64,45 @@ class ShapePreset:
 SHAPES = {
     s.name: s
     for s in (
-        ShapePreset("cpu-1024", 1024, 1024, 256, 2048, 256, 64, 16, 32, 8,
-                    "hidden-1024 q/v projections (BERT-large, GPT-2 medium, OPT-350m); the CPU targets' shape"),
-        ShapePreset("llama2-7b-qv", 4096, 4096, 256, 8192, 2048, 64, 16, 32, 8,
-                    "Llama-2-7B q_proj / v_proj (hidden 4096); training N = 4 sequences of 2048 tokens"),
-        ShapePreset("llama2-7b-up", 4096, 11008, 256, 8192, 2048, 64, 16, 32, 8,
-                    "Llama-2-7B mlp.up_proj / gate_proj (4096 -> intermediate 11008)"),
+        ShapePreset(
+            "cpu-1024",
+            1024,
+            1024,
+            256,
+            2048,
+            256,
+            64,
+            16,
+            32,
+            8,
+            "hidden-1024 q/v projections (BERT-large, GPT-2 medium, OPT-350m); the CPU targets' shape",
+        ),
+        ShapePreset(
+            "llama2-7b-qv",
+            4096,
+            4096,
+            256,
+            8192,
+            2048,
+            64,
+            16,
+            32,
+            8,
+            "Llama-2-7B q_proj / v_proj (hidden 4096); training N = 4 sequences of 2048 tokens",
+        ),
+        ShapePreset(
+            "llama2-7b-up",
+            4096,
+            11008,
+            256,
+            8192,
+            2048,
+            64,
+            16,
+            32,
+            8,
+            "Llama-2-7B mlp.up_proj / gate_proj (4096 -> intermediate 11008)",
+        ),
         ShapePreset("tiny", 64, 48, 16, 32, 32, 8, 8, 4, 4, "test-sized", hidden=True),
     )
 }
@@ -144,10 +177,10 @@ class Layers:
                 model.add_adapter(name, config())
             self.peft = model.base_model.model.layer
             # PEFT's stored draw (for a low-precision model it went through that dtype): the same function.
-            projection = VeraProjection(*(t["default"].detach().float().clone() for t in (self.peft.vera_A,
-                                                                                       self.peft.vera_B)))
-        self.ours = VeraLinear(copy.deepcopy(self.base), self.r, projection=projection.to(device),
-                               init_weights=False)
+            projection = VeraProjection(
+                *(t["default"].detach().float().clone() for t in (self.peft.vera_A, self.peft.vera_B))
+            )
+        self.ours = VeraLinear(copy.deepcopy(self.base), self.r, projection=projection.to(device), init_weights=False)
         for name in self.names[1:]:
             self.ours.add_adapter(name, self.r, init_weights=False)
         if self.peft is not None:
@@ -192,6 +225,7 @@ def training_cases(layers: Layers, n: int, selected: set[str]) -> list[Case]:
         def run():
             x = pick()
             return torch.autograd.grad(layer(x), [x] + params, grad)
+
         return run
 
     impls = layers.impls()
@@ -200,8 +234,10 @@ def training_cases(layers: Layers, n: int, selected: set[str]) -> list[Case]:
     if layers.peft is not None:
         with torch.no_grad():
             y_base, y_peft, y_ours = (impls[k](xs[0]) for k in ("base", "peft", "vera_ext"))
-        extra["vera_ext"] = {"rel_diff_vs_peft_output": rel_diff(y_ours, y_peft),
-                             "rel_diff_vs_peft_adapter_term": rel_diff(y_ours - y_base, y_peft - y_base)}
+        extra["vera_ext"] = {
+            "rel_diff_vs_peft_output": rel_diff(y_ours, y_peft),
+            "rel_diff_vs_peft_adapter_term": rel_diff(y_ours - y_base, y_peft - y_base),
+        }
     cases = []
     for name, make in (("train_fwd", fwd), ("train_fwd_bwd", fwd_bwd)):
         if name in selected:
@@ -229,8 +265,7 @@ def decode_cold_case(layers: Layers, n: int) -> Case:
     """``decode_case`` with the caches evicted before every timed call: the time of a layer whose weights come
     from memory, as in the decode of a model much larger than the caches."""
     case = decode_case(layers, n)
-    evict = torch.empty(EVICT_MIB[torch.device(layers.device).type] * 2**20, dtype=torch.uint8,
-                        device=layers.device)
+    evict = torch.empty(EVICT_MIB[torch.device(layers.device).type] * 2**20, dtype=torch.uint8, device=layers.device)
     return replace(case, name="decode_cold", before_each=lambda: evict.fill_(1))
 
 
@@ -243,8 +278,9 @@ def decode_mixed_case(layers: Layers, n: int) -> Case:
     extra = {}
     if layers.peft is not None:
         peft = layers.peft
-        groups = [(a, torch.tensor([i for i, b in enumerate(names) if b == a], device=dev))
-                  for a in dict.fromkeys(names)]
+        groups = [
+            (a, torch.tensor([i for i, b in enumerate(names) if b == a], device=dev)) for a in dict.fromkeys(names)
+        ]
 
         def peft_loop():
             out = torch.empty(n, layers.out_f, device=dev, dtype=layers.dtype)
@@ -270,6 +306,7 @@ def merge_case(layers: Layers) -> Case:
         def run():
             layer.merge()
             layer.unmerge()
+
         return run
 
     fns = {k: merge_unmerge(m) for k, m in layers.impls().items() if k != "base"}

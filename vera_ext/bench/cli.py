@@ -33,19 +33,47 @@ from typing import Callable, Optional
 
 import torch
 
-from .cases import (CASE_HELP, CASES, DEFAULT_SHAPE, SHAPES, Case, Layers, ShapePreset, case_cost, decode_case,
-                    decode_cold_case, decode_mixed_case, merge_case, training_cases)
+from .cases import (
+    CASE_HELP,
+    CASES,
+    DEFAULT_SHAPE,
+    SHAPES,
+    Case,
+    Layers,
+    ShapePreset,
+    case_cost,
+    decode_case,
+    decode_cold_case,
+    decode_mixed_case,
+    merge_case,
+    training_cases,
+)
 from .preset import PRESET_CASES, PRESET_HELP, PRESETS, Preset, PresetRun, refused
-from .report import (Output, Result, check_writable_file, describe_ceilings, format_table, require_matplotlib,
-                     set_ratios, write_json, write_plot)
+from .report import (
+    Output,
+    Result,
+    check_writable_file,
+    describe_ceilings,
+    format_table,
+    require_matplotlib,
+    set_ratios,
+    write_json,
+    write_plot,
+)
 from .stack import STACK_CASE_HELP
 from .timing import floor_ms, measure_ceilings, time_interleaved
 from .trace import nvtx_range, trace_case
 
 __all__ = ["Settings", "describe", "main", "make_parser", "parse_settings", "plot_title", "run_suite"]
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 
 
@@ -123,8 +151,21 @@ def measure_case(case: Case, s: Settings, ceilings: dict) -> list[Result]:
     shape = {"preset": s.shape.name, **case.shape}
     dt = _dtype_name(s.dtype)
     if case.metric == "memory":
-        rows = [Result(case.name, shape, dt, s.device, k, None, None, saved_bytes=v, metric="memory",
-                       extra=case.extra.get(k, {})) for k, v in case.saved_bytes.items()]
+        rows = [
+            Result(
+                case.name,
+                shape,
+                dt,
+                s.device,
+                k,
+                None,
+                None,
+                saved_bytes=v,
+                metric="memory",
+                extra=case.extra.get(k, {}),
+            )
+            for k, v in case.saved_bytes.items()
+        ]
     else:
         with case.mode(), nvtx_range(f"bench/{case.name}", s.device):
             timings = time_interleaved(case.fns, s.device, s.rounds, s.inner, s.warmup, case.before_each)
@@ -133,9 +174,21 @@ def measure_case(case: Case, s: Settings, ceilings: dict) -> list[Result]:
         for k, (median, iqr) in timings.items():
             flops, moved = case.costs.get(k) or case_cost(case.name, case.shape, k != "base", s.dtype.itemsize)
             floor = timings[case.floor_impl][0] if case.floor_impl else floor_ms(flops, moved, ceilings)
-            rows.append(Result(case.name, shape, dt, s.device, k, median, iqr, flops=flops, bytes=moved,
-                               floor_ms=floor,
-                               extra={**case.extra.get(k, {}), "machine": ceilings}))
+            rows.append(
+                Result(
+                    case.name,
+                    shape,
+                    dt,
+                    s.device,
+                    k,
+                    median,
+                    iqr,
+                    flops=flops,
+                    bytes=moved,
+                    floor_ms=floor,
+                    extra={**case.extra.get(k, {}), "machine": ceilings},
+                )
+            )
     set_ratios(rows)
     return rows
 
@@ -183,15 +236,19 @@ def describe(s: Settings, ceilings: dict) -> str:
     where = torch.cuda.get_device_name() if s.device == "cuda" else f"{threads} thread{'s' * (threads != 1)}"
     sh = s.shape
     what = s.preset.summary if s.preset else f"shape {sh.name}: I={sh.in_f} O={sh.out_f} r={sh.r} ({sh.source})"
-    return (f"vera_ext bench: {s.device} ({where}), {_dtype_name(s.dtype)}, {what}; {s.rounds} rounds"
-            f"{' (quick)' if s.quick else ''}; torch {torch.__version__}, peft {peft_version}\n"
-            + describe_ceilings(ceilings))
+    return (
+        f"vera_ext bench: {s.device} ({where}), {_dtype_name(s.dtype)}, {what}; {s.rounds} rounds"
+        f"{' (quick)' if s.quick else ''}; torch {torch.__version__}, peft {peft_version}\n"
+        + describe_ceilings(ceilings)
+    )
 
 
 def plot_title(s: Settings) -> str:
     sh = s.shape
-    return (f"vera_ext bench: {s.device}, {_dtype_name(s.dtype)}, {sh.name} (I={sh.in_f}, O={sh.out_f}, r={sh.r}, "
-            f"train N={sh.n_train}, mixed N={sh.n_mixed} over M={sh.adapters})")
+    return (
+        f"vera_ext bench: {s.device}, {_dtype_name(s.dtype)}, {sh.name} (I={sh.in_f}, O={sh.out_f}, r={sh.r}, "
+        f"train N={sh.n_train}, mixed N={sh.n_mixed} over M={sh.adapters})"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ the CLI
@@ -209,34 +266,53 @@ def positive_int(text: str) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     listed = [n for n, s in SHAPES.items() if not s.hidden]
-    p = argparse.ArgumentParser(prog="python -m vera_ext bench",
-                                description="Benchmark and profile one adapted layer: the base layer alone vs "
-                                            "PEFT's VeRA vs vera_ext, side by side in one process.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="cases:\n" + "\n".join(f"  {c:<18} {CASE_HELP[c]}" for c in CASES)
-                                + "\nshapes:\n" + "\n".join(f"  {n:<18} {SHAPES[n].in_f}x{SHAPES[n].out_f} "
-                                                            f"r={SHAPES[n].r}: {SHAPES[n].source}" for n in listed)
-                                + "\npresets (--preset NAME runs a fixed plan; --case picks among its cases):\n"
-                                + "\n".join(f"  {n:<18} " + "\n                     ".join(textwrap.wrap(h, 90))
-                                            for n, h in PRESET_HELP.items())
-                                + "\npreset cases (and train_fwd, train_fwd_bwd, saved_activations):\n"
-                                + "\n".join(f"  {c:<18} {h}" for c, h in STACK_CASE_HELP.items()))
+    p = argparse.ArgumentParser(
+        prog="python -m vera_ext bench",
+        description="Benchmark and profile one adapted layer: the base layer alone vs "
+        "PEFT's VeRA vs vera_ext, side by side in one process.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="cases:\n"
+        + "\n".join(f"  {c:<18} {CASE_HELP[c]}" for c in CASES)
+        + "\nshapes:\n"
+        + "\n".join(f"  {n:<18} {SHAPES[n].in_f}x{SHAPES[n].out_f} r={SHAPES[n].r}: {SHAPES[n].source}" for n in listed)
+        + "\npresets (--preset NAME runs a fixed plan; --case picks among its cases):\n"
+        + "\n".join(
+            f"  {n:<18} " + "\n                     ".join(textwrap.wrap(h, 90)) for n, h in PRESET_HELP.items()
+        )
+        + "\npreset cases (and train_fwd, train_fwd_bwd, saved_activations):\n"
+        + "\n".join(f"  {c:<18} {h}" for c, h in STACK_CASE_HELP.items()),
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
-    p.add_argument("--shape", metavar="PRESET",
-                   help=f"one of {', '.join(listed)} (default: {DEFAULT_SHAPE['cpu']} on cpu, "
-                        f"{DEFAULT_SHAPE['cuda']} on cuda)")
-    p.add_argument("--case", action="append", metavar="NAME[,NAME...]",
-                   help="cases to run, comma-separated or repeated (default: all)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="activations and weights (default: float32 on cpu, "
-                   "bfloat16 on cuda); lambdas stay fp32")
-    p.add_argument("--rounds", type=positive_int, help="timed samples per implementation (default: 15 on cpu, "
-                   "30 on cuda, 5 with --quick)")
+    p.add_argument(
+        "--shape",
+        metavar="PRESET",
+        help=f"one of {', '.join(listed)} (default: {DEFAULT_SHAPE['cpu']} on cpu, {DEFAULT_SHAPE['cuda']} on cuda)",
+    )
+    p.add_argument(
+        "--case",
+        action="append",
+        metavar="NAME[,NAME...]",
+        help="cases to run, comma-separated or repeated (default: all)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="activations and weights (default: float32 on cpu, bfloat16 on cuda); lambdas stay fp32",
+    )
+    p.add_argument(
+        "--rounds",
+        type=positive_int,
+        help="timed samples per implementation (default: 15 on cpu, 30 on cuda, 5 with --quick)",
+    )
     p.add_argument("--quick", action="store_true", help="small N, fewer adapters and rounds: a seconds-long run")
     p.add_argument("--r", type=positive_int, help="override the preset's rank")
     p.add_argument("--n", type=positive_int, help="override the preset's training N (rows)")
-    p.add_argument("--preset", choices=list(PRESETS),
-                   help="run a fixed plan instead (see the list below; --device cpu: its dry run at small sizes); "
-                        "it fixes shapes, dtype and rounds, --json writes one document")
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="run a fixed plan instead (see the list below; --device cpu: its dry run at small sizes); "
+        "it fixes shapes, dtype and rounds, --json writes one document",
+    )
     p.add_argument("--json", metavar="PATH", help="write the result records as a JSON list")
     p.add_argument("--log", metavar="PATH", help="also write everything printed to stdout into PATH")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the ratios (needs matplotlib)")
@@ -271,8 +347,9 @@ def parse_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     )
 
 
-def _selected_cases(parser: argparse.ArgumentParser, entries: Optional[list[str]], valid: tuple[str, ...],
-                    context: str = "") -> tuple[str, ...]:
+def _selected_cases(
+    parser: argparse.ArgumentParser, entries: Optional[list[str]], valid: tuple[str, ...], context: str = ""
+) -> tuple[str, ...]:
     """The --case entries (comma-separated, repeatable) in ``valid``'s order; all of ``valid`` when none."""
     if not entries:
         return valid
@@ -281,8 +358,10 @@ def _selected_cases(parser: argparse.ArgumentParser, entries: Optional[list[str]
     if unknown or not asked:
         preset_only = [c for c in unknown if c in PRESET_CASES and not context]
         hint = f" ({', '.join(preset_only)}: cases of --preset)" if preset_only else ""
-        parser.error(f"--case: unknown case(s) {', '.join(map(repr, unknown)) or '(none given)'}{context}; choose "
-                     f"from {', '.join(valid)}{hint}")
+        parser.error(
+            f"--case: unknown case(s) {', '.join(map(repr, unknown)) or '(none given)'}{context}; choose "
+            f"from {', '.join(valid)}{hint}"
+        )
     return tuple(c for c in valid if c in asked)
 
 
@@ -293,8 +372,14 @@ def _preset_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, 
         parser.error(problem)
     preset = PRESETS[args.preset][device]
     cases = _selected_cases(parser, args.case, PRESET_CASES, f" of --preset {args.preset}")
-    return Settings(device=device, dtype=preset.dtype, shape=preset.shape, cases=cases,
-                    rounds=args.rounds or preset.rounds, preset=preset)
+    return Settings(
+        device=device,
+        dtype=preset.dtype,
+        shape=preset.shape,
+        cases=cases,
+        rounds=args.rounds or preset.rounds,
+        preset=preset,
+    )
 
 
 def _check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -378,8 +463,9 @@ def run_preset(s: Settings, args: argparse.Namespace, say: Callable[[str], None]
 
     bar = _progress_bar(1 + run.case_count(), args.no_progress)
     try:
-        return run.execute(ceilings, lambda case, c: measure_case(case, s, c), lambda c: describe(s, c), say, bar,
-                           args.json)
+        return run.execute(
+            ceilings, lambda case, c: measure_case(case, s, c), lambda c: describe(s, c), say, bar, args.json
+        )
     finally:
         if bar is not None:
             bar.close()

@@ -60,8 +60,10 @@ def _rows_label(shape: dict) -> str:
 
 def describe_ceilings(ceilings: dict) -> str:
     """One line: the GEMM rate and copy bandwidth measured at the start of the run."""
-    return (f"ceilings: GEMM {ceilings['gemm_n']}^3 {ceilings['gemm_flops_per_s'] / 1e12:.3f} TFLOP/s, copy "
-            f"{ceilings['copy_mib']} MiB {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + written)")
+    return (
+        f"ceilings: GEMM {ceilings['gemm_n']}^3 {ceilings['gemm_flops_per_s'] / 1e12:.3f} TFLOP/s, copy "
+        f"{ceilings['copy_mib']} MiB {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + written)"
+    )
 
 
 def format_table(results: list[Result], header: str = "", unit: str = "ms") -> str:
@@ -75,8 +77,10 @@ def format_table(results: list[Result], header: str = "", unit: str = "ms") -> s
     tfmt = ".3f" if unit == "ms" else ".1f"
     iw = max([9] + [len(r.implementation) + 1 for r in results])
     lines = [header] if header else []
-    lines.append(f"{'case':<18} {'rows':<11} {'impl':<{iw}} {'median ' + unit:>10} {'IQR':>8} {'x base':>7} "
-                 f"{'x peft':>7} {'floor ' + unit:>9} {'x floor':>8} {'saved MiB':>10}")
+    lines.append(
+        f"{'case':<18} {'rows':<11} {'impl':<{iw}} {'median ' + unit:>10} {'IQR':>8} {'x base':>7} "
+        f"{'x peft':>7} {'floor ' + unit:>9} {'x floor':>8} {'saved MiB':>10}"
+    )
     previous = None
     for r in results:
         if previous is not None and r.case != previous:
@@ -125,11 +129,16 @@ def write_plot(results: list[Result], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = []
-    for attr, ref, label in (("ratio_to_peft", "peft", "relative to PEFT's VeRA"),
-                             ("ratio_to_base", "base", "relative to the base layer alone")):
+    for attr, ref, label in (
+        ("ratio_to_peft", "peft", "relative to PEFT's VeRA"),
+        ("ratio_to_base", "base", "relative to the base layer alone"),
+    ):
         cases = list(dict.fromkeys(r.case for r in results if getattr(r, attr) is not None))
-        impls = [i for i in ("base", "peft", "vera_ext")
-                 if i != ref and any(r.implementation == i and getattr(r, attr) is not None for r in results)]
+        impls = [
+            i
+            for i in ("base", "peft", "vera_ext")
+            if i != ref and any(r.implementation == i and getattr(r, attr) is not None for r in results)
+        ]
         if cases and impls:
             panels.append((attr, label, cases, impls))
     if not panels:
@@ -150,8 +159,9 @@ def write_plot(results: list[Result], path: str, title: str) -> None:
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels([c + ("\n(memory)" if _is_memory(results, c) else "") for c in cases],
-                           rotation=25, ha="right", fontsize=8)
+        ax.set_xticklabels(
+            [c + ("\n(memory)" if _is_memory(results, c) else "") for c in cases], rotation=25, ha="right", fontsize=8
+        )
         ax.set_ylabel("ratio (log scale; < 1 is better)")
         ax.set_title(label, fontsize=10)
         ax.legend(fontsize=8)

@@ -55,32 +55,41 @@ class Stack:
     def __init__(self, dim: int, r: int, count: int, adapters: int, dtype: torch.dtype, device: str, seed: int = 0):
         self.dim, self.r, self.count, self.dtype, self.device = dim, r, count, dtype, device
         torch.manual_seed(seed)
-        self.base = [nn.Linear(dim, dim, bias=False, device=device, dtype=dtype).requires_grad_(False)
-                     for _ in range(count)]
+        self.base = [
+            nn.Linear(dim, dim, bias=False, device=device, dtype=dtype).requires_grad_(False) for _ in range(count)
+        ]
         self.names = ["default"] + [f"a{i}" for i in range(1, adapters)]
         self.peft = None
         try:
             from peft import VeraConfig, get_peft_model
         except ImportError:
+
             def projection():
                 return VeraProjection.from_key(r, dim, dim, prng_key=seed).to(device)
         else:
             holder = nn.Sequential(*[copy.deepcopy(b) for b in self.base])
-            config = VeraConfig(r=r, target_modules=[str(i) for i in range(count)], init_weights=False,
-                                projection_prng_key=seed)
+            config = VeraConfig(
+                r=r, target_modules=[str(i) for i in range(count)], init_weights=False, projection_prng_key=seed
+            )
             model = get_peft_model(holder, config)
             self.peft = [model.base_model.model[i] for i in range(count)]
 
             def projection():  # PEFT's stored draw, in fp32 as VeraLinear keeps it
                 first = self.peft[0]
                 return VeraProjection(*(t["default"].detach().float().clone() for t in (first.vera_A, first.vera_B)))
+
         self.ours = self._vera_ext(projection())
         self.mixed = self._vera_ext(projection())
         for layer in self.mixed:
             for name in self.names[1:]:
                 layer.add_adapter(name, r, init_weights=False)
-        self.tables = [(torch.stack([m.vera_lambda_d[n] for n in self.names]).detach(),
-                        torch.stack([m.vera_lambda_b[n] for n in self.names]).detach()) for m in self.mixed]
+        self.tables = [
+            (
+                torch.stack([m.vera_lambda_d[n] for n in self.names]).detach(),
+                torch.stack([m.vera_lambda_b[n] for n in self.names]).detach(),
+            )
+            for m in self.mixed
+        ]
         self.proj_A, self.proj_B = self.mixed[0].vera_projection.sliced(r, dim, dim, dtype, torch.device(device))
         for layer in self.base + (self.peft or []) + self.ours + self.mixed:
             layer.eval()
@@ -147,6 +156,7 @@ def decode_cases(stack: Stack, n: int, eager: bool, graphs: bool, info: dict) ->
             for layer in layers:
                 y = layer(y, **kwargs)
             return y
+
         return run
 
     def chain_op():
@@ -155,13 +165,19 @@ def decode_cases(stack: Stack, n: int, eager: bool, graphs: bool, info: dict) ->
             for layer, (ld, lb) in zip(stack.mixed, stack.tables):
                 y = ops.vera_linear_forward(y, layer.base_layer.weight, None, stack.proj_A, stack.proj_B, ld, lb, idx)
             return y
+
         return run
 
     fns = {"base": chain(stack.base)}
     if stack.peft is not None:
         fns["peft"] = chain(stack.peft)
-    fns.update({"vera_ext": chain(stack.ours), "mixed layer": chain(stack.mixed, adapter_names=row_names),
-                "mixed op": chain_op()})
+    fns.update(
+        {
+            "vera_ext": chain(stack.ours),
+            "mixed layer": chain(stack.mixed, adapter_names=row_names),
+            "mixed op": chain_op(),
+        }
+    )
     costs = _decode_costs(stack, n)
     with torch.inference_mode():
         out = {k: fn() for k, fn in fns.items()}
@@ -206,6 +222,7 @@ def merge_case(stack: Stack) -> Case:
             layer = layers[turn[0] % len(layers)]
             turn[0] += 1
             layer.unmerge() if layer.merged else layer.merge()
+
         return run
 
     def op_in_turn():  # +1 on one pass over the stack, -1 on the next
@@ -216,6 +233,7 @@ def merge_case(stack: Stack) -> Case:
             turn[0] += 1
             sign = 1.0 if (i // stack.count) % 2 == 0 else -1.0
             ops.vera_merge_(stack.mixed[i % stack.count].base_layer.weight.data, A, B, ld, lb, sign, False, False)
+
         return run
 
     fns = {"fp32 mm": lambda: torch.mm(b_hat, a_hat), "vera_ext op": op_in_turn(), "vera_ext": in_turn(stack.ours)}

@@ -39,20 +39,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training set (default 1)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--rank", type=int, default=256, help="VeRA rank r (default 256, PEFT's default)")
-    p.add_argument("--targets", default="query,value",
-                   help="comma-separated module names to adapt (default: query,value, the attention projections)")
+    p.add_argument(
+        "--targets",
+        default="query,value",
+        help="comma-separated module names to adapt (default: query,value, the attention projections)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=6e-2, help="learning rate of VeRA's lambda vectors")
     p.add_argument("--head-lr", type=float, default=6e-3, help="learning rate of the classification head")
     p.add_argument("--max-length", type=int, default=64, help="tokens per sentence (longer ones are truncated)")
     p.add_argument("--train-per-class", type=int, default=None, help="training examples per label (default all)")
     p.add_argument("--test-per-class", type=int, default=None, help="held-out examples per label (default all)")
-    p.add_argument("--output", default=None, help="adapter directory to write (default: a temporary directory, "
-                                                  "removed at exit)")
+    p.add_argument(
+        "--output", default=None, help="adapter directory to write (default: a temporary directory, removed at exit)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--smoke", action="store_true",
-                   help="reduced run for CI: 32 training and 16 held-out sentences, 12 steps, every stage")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="reduced run for CI: 32 training and 16 held-out sentences, 12 steps, every stage",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.smoke:
@@ -102,8 +109,10 @@ def _run(args, device, out_dir, temporary, summary) -> None:
         train = train.subset(args.train_per_class)
     if args.test_per_class:
         test = test.subset(args.test_per_class)
-    say(f"data     {DATASET_NAME}\n         [{DATASET_LICENSE}]\n"
-        f"         {len(train)} training / {len(test)} held-out sentences, labels {', '.join(LABELS)}")
+    say(
+        f"data     {DATASET_NAME}\n         [{DATASET_LICENSE}]\n"
+        f"         {len(train)} training / {len(test)} held-out sentences, labels {', '.join(LABELS)}"
+    )
     summary.update(n_train=len(train), n_test=len(test))
     threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
     say(f"device   {device}{threads}, seed {args.seed}" + ("  (--smoke: reduced run)" if args.smoke else ""))
@@ -123,8 +132,10 @@ def _run(args, device, out_dir, temporary, summary) -> None:
     logits_before = _logits(vera, test, tokenizer, args, device)
     summary["acc_before"] = _accuracy(logits_before, test)
     summary["majority"] = majority
-    say(f"\nheld-out accuracy before training: {summary['acc_before']:.1%}  "
-        f"(pretrained embeddings, nearest-centroid head; majority class {majority:.1%})")
+    say(
+        f"\nheld-out accuracy before training: {summary['acc_before']:.1%}  "
+        f"(pretrained embeddings, nearest-centroid head; majority class {majority:.1%})"
+    )
     summary["stages"].append("before")
 
     _train(vera, train, tokenizer, args, device, summary)
@@ -132,8 +143,10 @@ def _run(args, device, out_dir, temporary, summary) -> None:
 
     logits_after = _logits(vera, test, tokenizer, args, device)
     summary["acc_after"] = _accuracy(logits_after, test)
-    say(f"held-out accuracy after training:  {summary['acc_after']:.1%}  "
-        f"({(summary['acc_after'] - summary['acc_before']) * 100:+.1f} points)")
+    say(
+        f"held-out accuracy after training:  {summary['acc_after']:.1%}  "
+        f"({(summary['acc_after'] - summary['acc_before']) * 100:+.1f} points)"
+    )
     summary["stages"].append("after")
 
     _save(vera, out_dir, temporary, summary)
@@ -150,10 +163,19 @@ def _run(args, device, out_dir, temporary, summary) -> None:
 
 def _report_parameters(vera: VeraModel, rank: int, summary: dict) -> None:
     layers = vera.vera_layers()
-    lam = sum(p.numel() for layer in layers.values() for store in (layer.vera_lambda_b, layer.vera_lambda_d)
-              for p in store.values() if p.requires_grad)
-    head = sum(p.numel() for w in vera.modules_to_save_wrappers().values()
-               for p in w.modules_to_save.parameters() if p.requires_grad)
+    lam = sum(
+        p.numel()
+        for layer in layers.values()
+        for store in (layer.vera_lambda_b, layer.vera_lambda_d)
+        for p in store.values()
+        if p.requires_grad
+    )
+    head = sum(
+        p.numel()
+        for w in vera.modules_to_save_wrappers().values()
+        for p in w.modules_to_save.parameters()
+        if p.requires_grad
+    )
     # What LoRA would train on the same layers at the same rank: A (r x in) and B (out x r) per layer.
     lora = sum(rank * (layer.in_features + layer.out_features) for layer in layers.values())
     trainable, total = vera.get_nb_trainable_parameters()
@@ -165,8 +187,14 @@ def _report_parameters(vera: VeraModel, rank: int, summary: dict) -> None:
     say(f"             classification head:      {head:>10,d}  (modules_to_save, saved with the adapter)")
     say(f"  frozen     shared random A and B:    {shared:>10,d}  (one pair for all layers; buffers)")
     say(f"  all parameters {total:,d}, trainable {trainable:,d} ({100 * trainable / total:.4f}%)")
-    summary.update(vera_params=lam, lora_params=lora, head_params=head, trainable_params=trainable,
-                   total_params=total, n_adapted_layers=len(layers))
+    summary.update(
+        vera_params=lam,
+        lora_params=lora,
+        head_params=head,
+        trainable_params=trainable,
+        total_params=total,
+        n_adapted_layers=len(layers),
+    )
     summary["stages"].append("parameters")
 
 
@@ -180,10 +208,13 @@ def _train(vera: VeraModel, train: Split, tokenizer, args, device, summary: dict
     opt = torch.optim.AdamW([{"params": lam, "lr": args.lr}, {"params": head, "lr": args.head_lr}], weight_decay=0.0)
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1))))
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1)))
+    )
     shuffle = torch.Generator().manual_seed(args.seed)
-    say(f"\ntraining {steps} steps (batch {args.batch_size}, {steps / steps_per_epoch:.2g} pass(es) over the data), "
-        f"AdamW lr {args.lr:g} (lambdas) / {args.head_lr:g} (head), linear warmup and decay")
+    say(
+        f"\ntraining {steps} steps (batch {args.batch_size}, {steps / steps_per_epoch:.2g} pass(es) over the data), "
+        f"AdamW lr {args.lr:g} (lambdas) / {args.head_lr:g} (head), linear warmup and decay"
+    )
     losses: list[float] = []
     vera.train()
     t0 = time.perf_counter()
@@ -207,8 +238,10 @@ def _train(vera: VeraModel, train: Split, tokenizer, args, device, summary: dict
     seconds = time.perf_counter() - t0
     quarter = max(1, steps // 4)
     first, last = sum(losses[:quarter]) / quarter, sum(losses[-quarter:]) / quarter
-    say(f"trained in {seconds:.1f} s ({seconds / steps:.2f} s/step); mean loss of the first {quarter} steps "
-        f"{first:.4f} -> last {quarter} steps {last:.4f}")
+    say(
+        f"trained in {seconds:.1f} s ({seconds / steps:.2f} s/step); mean loss of the first {quarter} steps "
+        f"{first:.4f} -> last {quarter} steps {last:.4f}"
+    )
     summary.update(steps=steps, losses=losses, loss_first=first, loss_last=last, train_seconds=seconds)
 
 
@@ -216,24 +249,34 @@ def _save(vera: VeraModel, out_dir: str, temporary: bool, summary: dict) -> None
     from safetensors import safe_open
 
     vera.save_pretrained(out_dir)
-    files = {name: os.path.getsize(os.path.join(out_dir, name)) for name in sorted(os.listdir(out_dir))
-             if os.path.isfile(os.path.join(out_dir, name))}
+    files = {
+        name: os.path.getsize(os.path.join(out_dir, name))
+        for name in sorted(os.listdir(out_dir))
+        if os.path.isfile(os.path.join(out_dir, name))
+    }
     parts = {"lambda": 0, "projection": 0, "head": 0}
     with safe_open(os.path.join(out_dir, "adapter_model.safetensors"), "pt") as f:
         for key in f.keys():
             t = f.get_tensor(key)
-            kind = "projection" if key in ("base_model.vera_A", "base_model.vera_B") else (
-                "lambda" if "vera_lambda_" in key else "head")
+            kind = (
+                "projection"
+                if key in ("base_model.vera_A", "base_model.vera_B")
+                else ("lambda" if "vera_lambda_" in key else "head")
+            )
             parts[kind] += t.numel() * t.element_size()
     where = f"{out_dir}" + ("  (temporary: pass --output DIR to keep it)" if temporary else "")
     say(f"\nsaved adapter (PEFT format) to {where}")
     for name, size in files.items():
         say(f"  {name:<28} {_size(size):>10}")
     lora_bytes = summary["lora_params"] * 4
-    say(f"  of which: lambdas {_size(parts['lambda'])}, head {_size(parts['head'])}, shared A/B "
-        f"{_size(parts['projection'])} (save_projection=False would regenerate A/B from projection_prng_key)")
-    say(f"  for comparison: fp32 LoRA weights at the same rank {_size(lora_bytes)}; the base model's weights "
-        f"{_size(os.path.getsize(model_path() / 'model.safetensors'))}")
+    say(
+        f"  of which: lambdas {_size(parts['lambda'])}, head {_size(parts['head'])}, shared A/B "
+        f"{_size(parts['projection'])} (save_projection=False would regenerate A/B from projection_prng_key)"
+    )
+    say(
+        f"  for comparison: fp32 LoRA weights at the same rank {_size(lora_bytes)}; the base model's weights "
+        f"{_size(os.path.getsize(model_path() / 'model.safetensors'))}"
+    )
     summary.update(output_dir=out_dir, adapter_files=files, adapter_bytes_by_part=parts)
     summary["stages"].append("save")
 
@@ -245,11 +288,16 @@ def _reload_merge_unmerge(vera, out_dir, logits_trained, test, tokenizer, args, 
     same_tensors = _adapter_tensors_equal(vera, reloaded)
     logits_reloaded = _logits(reloaded, test, tokenizer, args, device)
     reload_diff = (logits_reloaded - logits_trained).abs().max().item()
-    summary.update(reload_tensors_equal=same_tensors, reload_max_abs_diff=reload_diff,
-                   reload_ok=same_tensors and reload_diff == 0.0)
-    say(f"\nreloaded into a fresh base model from {out_dir}\n  adapter tensors identical: {same_tensors}; "
+    summary.update(
+        reload_tensors_equal=same_tensors,
+        reload_max_abs_diff=reload_diff,
+        reload_ok=same_tensors and reload_diff == 0.0,
+    )
+    say(
+        f"\nreloaded into a fresh base model from {out_dir}\n  adapter tensors identical: {same_tensors}; "
         f"logits on {len(test)} held-out sentences max |diff| = {reload_diff:.3g}"
-        + ("  (bit-identical)" if reload_diff == 0 else ""))
+        + ("  (bit-identical)" if reload_diff == 0 else "")
+    )
     summary["stages"].append("reload")
 
     reloaded.merge_adapter()
@@ -258,17 +306,21 @@ def _reload_merge_unmerge(vera, out_dir, logits_trained, test, tokenizer, args, 
     tol = FP32_MERGE_RTOL * max(1.0, logits_reloaded.abs().max().item())
     acc_merged = _accuracy(logits_merged, test)
     summary.update(merge_max_abs_diff=merge_diff, merge_tol=tol, merge_ok=merge_diff <= tol, acc_merged=acc_merged)
-    say(f"merged (W += lambda_b B lambda_d A, in fp32): merged vs unmerged logits max |diff| = {merge_diff:.3g} "
+    say(
+        f"merged (W += lambda_b B lambda_d A, in fp32): merged vs unmerged logits max |diff| = {merge_diff:.3g} "
         f"(tolerance {tol:.1g}) -> {'agree' if merge_diff <= tol else 'DISAGREE'}\n"
-        f"  merged model's accuracy on those sentences {acc_merged:.1%}")
+        f"  merged model's accuracy on those sentences {acc_merged:.1%}"
+    )
     summary["stages"].append("merge")
 
     reloaded.unmerge_adapter()
     logits_unmerged = _logits(reloaded, test, tokenizer, args, device)
     unmerge_diff = (logits_unmerged - logits_reloaded).abs().max().item()
     summary.update(unmerge_max_abs_diff=unmerge_diff, unmerge_ok=unmerge_diff <= tol)
-    say(f"unmerged: logits back to the adapter's, max |diff| = {unmerge_diff:.3g} "
-        f"-> {'agree' if unmerge_diff <= tol else 'DISAGREE'}")
+    say(
+        f"unmerged: logits back to the adapter's, max |diff| = {unmerge_diff:.3g} "
+        f"-> {'agree' if unmerge_diff <= tol else 'DISAGREE'}"
+    )
     summary["stages"].append("unmerge")
 
 
@@ -290,8 +342,12 @@ def _logits(model, data: Split, tokenizer, args, device) -> torch.Tensor:
 def _embed(classifier: SentenceClassifier, data: Split, tokenizer, args, device) -> torch.Tensor:
     classifier.eval()
     with torch.no_grad():
-        return torch.cat([classifier.embed(ids.to(device), mask.to(device))
-                          for ids, mask, _ in batches(data, tokenizer, 64, args.max_length)])
+        return torch.cat(
+            [
+                classifier.embed(ids.to(device), mask.to(device))
+                for ids, mask, _ in batches(data, tokenizer, 64, args.max_length)
+            ]
+        )
 
 
 def _accuracy(logits: torch.Tensor, data: Split) -> float:

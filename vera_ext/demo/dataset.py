@@ -53,7 +53,8 @@ def batches(data: Split, tokenizer, batch_size: int, max_length: int, order: tor
     """Yield (input_ids, attention_mask, labels) CPU tensors, padded per batch, in ``order`` (default: as stored)."""
     order = torch.arange(len(data)) if order is None else order
     for start in range(0, len(data), batch_size):
-        rows = order[start:start + batch_size].tolist()
-        enc = tokenizer([data.texts[i] for i in rows], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        rows = order[start : start + batch_size].tolist()
+        enc = tokenizer(
+            [data.texts[i] for i in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         yield enc["input_ids"], enc["attention_mask"], data.labels[rows]

@@ -90,8 +90,7 @@ const char* kernel_name() {
 // The arguments are converted to the kernel's parameter types once (CUDA's parameter space); every thread gets
 // its own by-value copies.
 template <auto Kernel, typename... Args>
-inline cudaError_t launch_kernel(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t /*stream*/,
-                                 Args&&... args) {
+inline cudaError_t launch_kernel(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t /*stream*/, Args&&... args) {
   using Call = typename emu_detail::KernelSignature<decltype(Kernel)>::Tuple;
   static_assert(std::tuple_size_v<Call> == sizeof...(Args), "launch_kernel: argument count differs from the kernel's");
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;

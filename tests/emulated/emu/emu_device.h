@@ -29,8 +29,8 @@ T atomic_update(T* address, F&& f) {
 
 }  // namespace vera_emu::detail
 
-#define VERA_EMU_ATOMIC_RMW(NAME, METHOD, T)                                             \
-  inline T NAME(T* address, T val) {                                                     \
+#define VERA_EMU_ATOMIC_RMW(NAME, METHOD, T)                                            \
+  inline T NAME(T* address, T val) {                                                    \
     return vera_emu::detail::atomic_at(address).METHOD(val, std::memory_order_relaxed); \
   }
 
@@ -56,12 +56,12 @@ VERA_EMU_ATOMIC_RMW(atomicXor, fetch_xor, unsigned int)
 VERA_EMU_ATOMIC_RMW(atomicXor, fetch_xor, unsigned long long)
 #undef VERA_EMU_ATOMIC_RMW
 
-#define VERA_EMU_ATOMIC_MINMAX(T)                                                                          \
-  inline T atomicMin(T* address, T val) {                                                                  \
-    return vera_emu::detail::atomic_update(address, [val](T old) { return val < old ? val : old; });       \
-  }                                                                                                        \
-  inline T atomicMax(T* address, T val) {                                                                  \
-    return vera_emu::detail::atomic_update(address, [val](T old) { return val > old ? val : old; });       \
+#define VERA_EMU_ATOMIC_MINMAX(T)                                                                    \
+  inline T atomicMin(T* address, T val) {                                                            \
+    return vera_emu::detail::atomic_update(address, [val](T old) { return val < old ? val : old; }); \
+  }                                                                                                  \
+  inline T atomicMax(T* address, T val) {                                                            \
+    return vera_emu::detail::atomic_update(address, [val](T old) { return val > old ? val : old; }); \
   }
 VERA_EMU_ATOMIC_MINMAX(int)
 VERA_EMU_ATOMIC_MINMAX(unsigned int)
@@ -110,12 +110,36 @@ inline float __fmul_rn(float x, float y) { return x * y; }
 inline float __fmaf_rn(float x, float y, float z) { return fmaf(x, y, z); }
 inline float __saturatef(float x) { return x >= 1.0f ? 1.0f : (x > 0.0f ? x : 0.0f); }  // NaN -> 0
 
-inline int __float_as_int(float x) { int i; std::memcpy(&i, &x, 4); return i; }
-inline unsigned int __float_as_uint(float x) { unsigned int i; std::memcpy(&i, &x, 4); return i; }
-inline float __int_as_float(int i) { float x; std::memcpy(&x, &i, 4); return x; }
-inline float __uint_as_float(unsigned int i) { float x; std::memcpy(&x, &i, 4); return x; }
-inline long long __double_as_longlong(double x) { long long i; std::memcpy(&i, &x, 8); return i; }
-inline double __longlong_as_double(long long i) { double x; std::memcpy(&x, &i, 8); return x; }
+inline int __float_as_int(float x) {
+  int i;
+  std::memcpy(&i, &x, 4);
+  return i;
+}
+inline unsigned int __float_as_uint(float x) {
+  unsigned int i;
+  std::memcpy(&i, &x, 4);
+  return i;
+}
+inline float __int_as_float(int i) {
+  float x;
+  std::memcpy(&x, &i, 4);
+  return x;
+}
+inline float __uint_as_float(unsigned int i) {
+  float x;
+  std::memcpy(&x, &i, 4);
+  return x;
+}
+inline long long __double_as_longlong(double x) {
+  long long i;
+  std::memcpy(&i, &x, 8);
+  return i;
+}
+inline double __longlong_as_double(long long i) {
+  double x;
+  std::memcpy(&x, &i, 8);
+  return x;
+}
 
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }

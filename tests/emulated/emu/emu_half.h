@@ -32,14 +32,14 @@ inline uint32_t shift_round_even(uint32_t value, uint32_t shift) {
 
 inline uint16_t float_to_half_bits(float f) {
   const uint32_t x = float_bits(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return 0x7fffu;                           // NaN
+  if (ax > 0x7f800000u) return 0x7fffu;                                 // NaN
   if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
-  if (ax >= 0x38800000u) {                                          // normal half (>= 2^-14); carries are fine
-    const uint32_t e = (ax >> 23) - 112u;                            // rebias 127 -> 15
+  if (ax >= 0x38800000u) {                                              // normal half (>= 2^-14); carries are fine
+    const uint32_t e = (ax >> 23) - 112u;                               // rebias 127 -> 15
     return static_cast<uint16_t>(sign | shift_round_even((e << 23) | (ax & 0x7fffffu), 13));
   }
   const uint32_t e = ax >> 23;
-  if (e < 102u) return static_cast<uint16_t>(sign);                 // below 2^-25: rounds to zero
+  if (e < 102u) return static_cast<uint16_t>(sign);  // below 2^-25: rounds to zero
   // Subnormal half: the value in units of 2^-24 is m * 2^(e - 126), with the implicit bit in m.
   const uint32_t m = (ax & 0x7fffffu) | 0x800000u;
   return static_cast<uint16_t>(sign | shift_round_even(m, 126u - e));  // may round up to the smallest normal
@@ -65,9 +65,7 @@ inline uint16_t float_to_bf16_bits(float f) {
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
-inline float bf16_bits_to_float(uint16_t b) {
-  return bits_float(uint32_t(b) << 16);
-}
+inline float bf16_bits_to_float(uint16_t b) { return bits_float(uint32_t(b) << 16); }
 
 }  // namespace vera_emu
 

@@ -2,8 +2,6 @@
 // taken from a process-wide pool, meeting at checked barriers. No torch, no CUDA.
 #include "emu/emu_runtime.h"
 
-#include "emu/emu_trace.h"
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -18,6 +16,8 @@
 #include <random>
 #include <thread>
 #include <vector>
+
+#include "emu/emu_trace.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -132,7 +132,8 @@ struct Launch {
   uint3 block_index(uint64_t i) const {
     uint64_t b = i;
     if (order == BlockOrder::kReverse) b = nblocks - 1 - i;
-    if (order == BlockOrder::kShuffle) b = uint64_t((unsigned __int128)(perm_a) * i % nblocks + perm_c) % nblocks;
+    if (order == BlockOrder::kShuffle)
+      b = uint64_t(static_cast<unsigned __int128>(perm_a) * i % nblocks + perm_c) % nblocks;
     const uint64_t gx = grid.x, gy = grid.y;
     return uint3{unsigned(b % gx), unsigned(b / gx % gy), unsigned(b / (gx * gy))};
   }
@@ -165,9 +166,7 @@ struct ThreadCtx {
 thread_local ThreadCtx* tls = nullptr;
 thread_local std::string tls_last_error;
 
-std::string where(uint3 block, uint3 thread) {
-  return "block " + coords(block) + " thread " + coords(thread);
-}
+std::string where(uint3 block, uint3 thread) { return "block " + coords(block) + " thread " + coords(thread); }
 
 uint3 thread_coords(const Launch& l, unsigned tid) {
   return uint3{tid % l.block.x, tid / l.block.x % l.block.y, tid / (l.block.x * l.block.y)};
@@ -186,9 +185,9 @@ void Barrier::arrive(Launch& launch, int who, uint64_t tag, bool wait, F&& on_co
     if (odd >= 0) {
       const uint3 b = blockIdx;
       launch.abort("barrier divergence in block " + coords(b) + ": thread " +
-                   coords(thread_coords(launch, first_tid_)) + " reached " + describe_tag(tags_[0]) +
-                   " while thread " + coords(thread_coords(launch, first_tid_ + odd)) + " reached " +
-                   describe_tag(tags_[odd]) + " (every thread of the " + scope_ +
+                   coords(thread_coords(launch, first_tid_)) + " reached " + describe_tag(tags_[0]) + " while thread " +
+                   coords(thread_coords(launch, first_tid_ + odd)) + " reached " + describe_tag(tags_[odd]) +
+                   " (every thread of the " + scope_ +
                    " must reach the same barriers; on the GPU this is undefined behaviour, often a hang)");
     } else {
       on_complete();
@@ -406,8 +405,16 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t shared_bytes, const void* ker
   l.order = BlockOrder(g_order.load());
   if (l.order == BlockOrder::kShuffle && l.nblocks > 1) {
     std::mt19937_64 rng(g_seed.load() ^ l.nblocks);
-    auto gcd = [](uint64_t a, uint64_t b) { while (b) { const uint64_t t = a % b; a = b; b = t; } return a; };
-    do l.perm_a = 1 + rng() % (l.nblocks - 1); while (gcd(l.perm_a, l.nblocks) != 1);
+    auto gcd = [](uint64_t a, uint64_t b) {
+      while (b) {
+        const uint64_t t = a % b;
+        a = b;
+        b = t;
+      }
+      return a;
+    };
+    do l.perm_a = 1 + rng() % (l.nblocks - 1);
+    while (gcd(l.perm_a, l.nblocks) != 1);
     l.perm_c = rng() % l.nblocks;
   }
   l.block_barrier.init(int(nthreads), 0, "block");
@@ -452,7 +459,7 @@ std::string template_argument_named(const char* pretty_function, const char* par
 uint64_t sampled_block(uint64_t j, uint64_t nblocks, uint64_t executed) {
   if (executed >= nblocks) return j;
   const uint64_t runs = std::min<uint64_t>(8, executed);
-  const uint64_t run = j * runs / executed;                    // runs of nearly equal length
+  const uint64_t run = j * runs / executed;                     // runs of nearly equal length
   const uint64_t first_j = (run * executed + runs - 1) / runs;  // the first j of this run
   return run * nblocks / runs + (j - first_j);
 }

@@ -43,7 +43,7 @@ void set_block_order(BlockOrder order, uint64_t seed = 0);
 // Why the last failed launch of this host thread failed (empty after a successful one).
 std::string last_launch_error();
 
-constexpr size_t kMaxDynamicShared = 227 * 1024;  // H100/H200 per-block opt-in limit
+constexpr size_t kMaxDynamicShared = 227 * 1024;     // H100/H200 per-block opt-in limit
 constexpr size_t kDefaultDynamicShared = 48 * 1024;  // without cudaFuncSetAttribute
 alignas(256) inline unsigned char dynamic_shared_arena[kMaxDynamicShared];
 

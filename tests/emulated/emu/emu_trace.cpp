@@ -163,8 +163,8 @@ std::string to_json(const LaunchTrace& t) {
   std::string kinds;
   for (int k = 0; k < 3; ++k)
     kinds += std::string(k ? ", " : "") + "\"" + kind_name(Kind(k)) + "\": " + json_counts(t.kinds[k]);
-  return "{\"kernel\": \"" + json_escape(t.kernel) + "\", \"grid\": " + dim(t.grid) + ", \"block\": " +
-         dim(t.block) + ", \"dynamic_shared_bytes\": " + std::to_string(t.shared_bytes) +
+  return "{\"kernel\": \"" + json_escape(t.kernel) + "\", \"grid\": " + dim(t.grid) + ", \"block\": " + dim(t.block) +
+         ", \"dynamic_shared_bytes\": " + std::to_string(t.shared_bytes) +
          ", \"blocks\": " + std::to_string(t.nblocks) + ", \"executed_blocks\": " + std::to_string(t.executed) +
          ", \"ok\": " + (t.ok ? "true" : "false") + ", " + kinds +
          ", \"unique_read_bytes_private\": " + std::to_string(read_private) +
@@ -246,8 +246,7 @@ void end_block(uint64_t block, unsigned nthreads) {
   LaunchTrace* t = g_current.get();
   if (t == nullptr) return;
   std::array<std::vector<uint64_t>, 2> sectors;
-  for (unsigned w = 0; w * 32 < nthreads; ++w)
-    add_warp(*t, block, w * 32, std::min(32u, nthreads - w * 32), sectors);
+  for (unsigned w = 0; w * 32 < nthreads; ++w) add_warp(*t, block, w * 32, std::min(32u, nthreads - w * 32), sectors);
   for (int k = 0; k < 2; ++k) {
     std::sort(sectors[k].begin(), sectors[k].end());
     t->block_sectors[k] += uint64_t(std::unique(sectors[k].begin(), sectors[k].end()) - sectors[k].begin());

@@ -39,8 +39,8 @@ uint64_t sample_blocks();         // blocks a launch of the current trace runs a
 namespace hooks {
 void begin_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                   uint64_t shared_bytes, uint64_t nblocks, uint64_t executed);
-void bind_thread(unsigned tid);                 // at the start of an emulated thread's work in a launch
-void on_barrier();                              // the calling thread passed a warp- or block-wide barrier
+void bind_thread(unsigned tid);                     // at the start of an emulated thread's work in a launch
+void on_barrier();                                  // the calling thread passed a warp- or block-wide barrier
 void end_block(uint64_t block, unsigned nthreads);  // single-threaded: every thread of the block is waiting
 void end_launch(bool ok);
 }  // namespace hooks

@@ -22,15 +22,15 @@ using cudaStream_t = CUstream_st*;
 enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 // One vector family: T1 (alignment of T), T2 (2 * sizeof(T)), T3 (alignment of T), T4 (4 * sizeof(T), at most 16).
-#define VERA_EMU_VECTOR_FAMILY(T, NAME)                                                                    \
-  struct NAME##1 { T x; };                                                                                \
-  struct alignas(2 * sizeof(T)) NAME##2 { T x, y; };                                                      \
-  struct NAME##3 { T x, y, z; };                                                                          \
-  struct alignas(4 * sizeof(T) < 16 ? 4 * sizeof(T) : 16) NAME##4 { T x, y, z, w; };                     \
-  inline NAME##1 make_##NAME##1(T x) { return NAME##1{x}; }                                               \
-  inline NAME##2 make_##NAME##2(T x, T y) { return NAME##2{x, y}; }                                       \
-  inline NAME##3 make_##NAME##3(T x, T y, T z) { return NAME##3{x, y, z}; }                               \
-  inline NAME##4 make_##NAME##4(T x, T y, T z, T w) { return NAME##4{x, y, z, w}; }
+#define VERA_EMU_VECTOR_FAMILY(T, NAME)                                              \
+  struct NAME##1 { T x; };                                                           \
+  struct alignas(2 * sizeof(T)) NAME##2 { T x, y; };                                 \
+  struct NAME##3 { T x, y, z; };                                                     \
+  struct alignas(4 * sizeof(T) < 16 ? 4 * sizeof(T) : 16) NAME##4 { T x, y, z, w; }; \
+  inline NAME##1 make_##NAME##1(T x) { return NAME##1 {x}; }                         \
+  inline NAME##2 make_##NAME##2(T x, T y) { return NAME##2 {x, y}; }                 \
+  inline NAME##3 make_##NAME##3(T x, T y, T z) { return NAME##3 {x, y, z}; }         \
+  inline NAME##4 make_##NAME##4(T x, T y, T z, T w) { return NAME##4 {x, y, z, w}; }
 
 VERA_EMU_VECTOR_FAMILY(signed char, char)
 VERA_EMU_VECTOR_FAMILY(unsigned char, uchar)

@@ -66,12 +66,8 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize) {
   return shuffle(WarpOp::kShflXor, mask, var, later_segment ? lane : src);
 }
 
-inline unsigned __ballot_sync(unsigned mask, int pred) {
-  return vera_emu::detail::warp_ballot(mask, pred != 0) & mask;
-}
-inline int __any_sync(unsigned mask, int pred) {
-  return (vera_emu::detail::warp_ballot(mask, pred != 0) & mask) != 0;
-}
+inline unsigned __ballot_sync(unsigned mask, int pred) { return vera_emu::detail::warp_ballot(mask, pred != 0) & mask; }
+inline int __any_sync(unsigned mask, int pred) { return (vera_emu::detail::warp_ballot(mask, pred != 0) & mask) != 0; }
 inline int __all_sync(unsigned mask, int pred) {
   const unsigned lanes = mask & vera_emu::detail::warp_lanes_mask();
   return (vera_emu::detail::warp_ballot(mask, pred != 0) & lanes) == lanes;

@@ -66,7 +66,7 @@ void set_block_order(const std::string& order, int64_t seed) {
   using vera_emu::BlockOrder;
   TORCH_CHECK(order == "forward" || order == "reverse" || order == "shuffle",
               "block order must be forward, reverse or shuffle, got ", order);
-  vera_emu::set_block_order(order == "forward" ? BlockOrder::kForward
+  vera_emu::set_block_order(order == "forward"   ? BlockOrder::kForward
                             : order == "reverse" ? BlockOrder::kReverse
                                                  : BlockOrder::kShuffle,
                             static_cast<uint64_t>(seed));
@@ -189,8 +189,9 @@ TORCH_LIBRARY(vera_emu, m) {
   m.def("col_dot_reduce_splits(int rows, int cols, int num_adapters) -> int", &col_dot_reduce_splits);
   m.def("row_dot(Tensor p, Tensor q) -> Tensor", &EmuPrims::row_dot);
   m.def("merge(Tensor(a!) weight, Tensor delta, float alpha, bool transposed, bool check_only) -> int", &merge);
-  m.def("decode(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor A, Tensor B, Tensor lambda_d, "
-        "Tensor lambda_b, Tensor? idx) -> (Tensor, Tensor)", &decode);
+  m.def(
+      "decode(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor A, Tensor B, Tensor lambda_d, " "Tensor lambda_b, Tensor? idx) -> (Tensor, Tensor)",
+      &decode);
 
   m.def("cpu_row_scale(Tensor input, Tensor lam, ScalarType dtype) -> Tensor", &CpuPrims::row_scale);
   m.def("cpu_col_scale(Tensor input, Tensor lam, Tensor? idx) -> Tensor", &CpuPrims::col_scale);
@@ -199,19 +200,24 @@ TORCH_LIBRARY(vera_emu, m) {
   m.def("cpu_row_dot(Tensor p, Tensor q) -> Tensor", &CpuPrims::row_dot);
   m.def("cpu_merge_apply(Tensor(a!) weight, Tensor delta, float alpha, bool transposed, bool safe) -> ()",
         &cpu_merge_apply);
-  m.def("cpu_decode(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor A, Tensor B, Tensor lambda_d, "
-        "Tensor lambda_b, Tensor? idx) -> (Tensor, Tensor)", &cpu_decode);
+  m.def(
+      "cpu_decode(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor A, Tensor B, Tensor lambda_d, " "Tensor lambda_b, Tensor? idx) -> (Tensor, Tensor)",
+      &cpu_decode);
   m.def("cpu_decode_max_rows() -> int", [] { return CpuPrims::kDecodeMaxRows; });
   m.def("decode_max_rows() -> int", [] { return int64_t(vera::cuda::kDecodeMaxRows); });
 
-  m.def("op_vera_forward(Tensor x, Tensor base_out, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, "
-        "Tensor? adapter_idx=None) -> (Tensor, Tensor)", &op_vera_forward);
-  m.def("op_vera_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor lambda_d, "
-        "Tensor lambda_b, Tensor? adapter_idx=None) -> (Tensor, Tensor)", &op_vera_linear_forward);
-  m.def("op_vera_backward(Tensor grad_out, Tensor u, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, "
-        "Tensor? adapter_idx, Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)", &op_vera_backward);
-  m.def("op_vera_merge_(Tensor(a!) weight, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, float alpha, "
-        "bool fan_in_fan_out, bool safe) -> ()", &op_vera_merge_);
+  m.def(
+      "op_vera_forward(Tensor x, Tensor base_out, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, " "Tensor? adapter_idx=None) -> (Tensor, Tensor)",
+      &op_vera_forward);
+  m.def(
+      "op_vera_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor lambda_d, " "Tensor lambda_b, Tensor? adapter_idx=None) -> (Tensor, Tensor)",
+      &op_vera_linear_forward);
+  m.def(
+      "op_vera_backward(Tensor grad_out, Tensor u, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, " "Tensor? adapter_idx, Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+      &op_vera_backward);
+  m.def(
+      "op_vera_merge_(Tensor(a!) weight, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, float alpha, " "bool fan_in_fan_out, bool safe) -> ()",
+      &op_vera_merge_);
 
   // Memory-traffic traces (emu/emu_trace.h): start, the number of launches recorded so far, stop (JSON).
   m.def("trace_start(int max_blocks=0) -> ()", &trace_start);

@@ -35,7 +35,10 @@ std::string warp_ops(int width) {
   auto seg = [w](int lane) { return lane & ~(w - 1); };
   auto up = [w](int lane, int d) { return (lane & (w - 1)) >= d ? lane - d : lane; };
   auto down = [w](int lane, int d) { return (lane & (w - 1)) + d < w ? lane + d : lane; };
-  auto bfly = [w, seg](int lane, int m) { const int s = lane ^ m; return seg(s) > seg(lane) ? lane : s; };
+  auto bfly = [w, seg](int lane, int m) {
+    const int s = lane ^ m;
+    return seg(s) > seg(lane) ? lane : s;
+  };
   auto down32 = [](int lane, int d) { return lane + d < 32 ? lane + d : lane; };  // the reductions use width 32
   for (int warp = 0; warp < 2; ++warp) {
     const int* v = in.data() + 32 * warp;
@@ -62,11 +65,18 @@ std::string warp_ops(int width) {
       const int* o = out.data() + (32 * warp + l) * kWarpOpsPerThread;
       const std::string at =
           "width " + std::to_string(w) + " warp " + std::to_string(warp) + " lane " + std::to_string(l);
-      const int want[kWarpOpsPerThread] = {v[seg(l) + (3 & (w - 1))], v[up(l, 2)], v[down(l, 5)], v[bfly(l, 9)],
-                                           tree[l], fly[l], int(ballot),
-                                           int(any_big) | int(all_nonneg) << 1 | int(all_gt5) << 2, v[bfly(l, 1)]};
-      const char* names[kWarpOpsPerThread] = {"shfl(3)", "shfl_up(2)", "shfl_down(5)", "shfl_xor(9)", "shfl_down tree",
-                                              "shfl_xor butterfly", "ballot", "any/all", "shfl_xor(double)"};
+      const int want[kWarpOpsPerThread] = {v[seg(l) + (3 & (w - 1))],
+                                           v[up(l, 2)],
+                                           v[down(l, 5)],
+                                           v[bfly(l, 9)],
+                                           tree[l],
+                                           fly[l],
+                                           int(ballot),
+                                           int(any_big) | int(all_nonneg) << 1 | int(all_gt5) << 2,
+                                           v[bfly(l, 1)]};
+      const char* names[kWarpOpsPerThread] = {"shfl(3)",     "shfl_up(2)",     "shfl_down(5)",
+                                              "shfl_xor(9)", "shfl_down tree", "shfl_xor butterfly",
+                                              "ballot",      "any/all",        "shfl_xor(double)"};
       for (int k = 0; k < kWarpOpsPerThread; ++k)
         if (auto e = expect_eq(o[k], want[k], at + " " + names[k]); !e.empty()) return e;
     }
@@ -159,8 +169,8 @@ std::string indexing_3d() {
   if (auto e = launch_error(launch_indexing_3d(coords.data(), ballot.data()), "indexing_3d"); !e.empty()) return e;
   for (unsigned id = 0; id < total; ++id) {
     const unsigned tid = id % 24, bid = id / 24;
-    const unsigned want = (tid % 4) | (tid / 4 % 3) << 4 | (tid / 12) << 8 | (bid % 3) << 12 | (bid / 3 % 2) << 16 |
-                          (bid / 6) << 20;
+    const unsigned want =
+        (tid % 4) | (tid / 4 % 3) << 4 | (tid / 12) << 8 | (bid % 3) << 12 | (bid / 3 % 2) << 16 | (bid / 6) << 20;
     if (auto e = expect_eq(coords[id], want, "coords of linear id " + std::to_string(id)); !e.empty()) return e;
     if (auto e = expect_eq(ballot[id], 0x00ffffffu, "ballot in a 24-thread warp"); !e.empty()) return e;
   }
@@ -170,8 +180,8 @@ std::string indexing_3d() {
 // Each misuse must fail the launch (cudaErrorLaunchFailure) with a message saying why.
 std::string refused(cudaError_t err, cudaError_t want, const std::string& needle, const char* what) {
   if (err != want)
-    return std::string(what) + ": expected \"" + cudaGetErrorString(want) + "\", got \"" +
-           cudaGetErrorString(err) + "\"";
+    return std::string(what) + ": expected \"" + cudaGetErrorString(want) + "\", got \"" + cudaGetErrorString(err) +
+           "\"";
   const std::string msg = vera_emu::last_launch_error();
   if (msg.find(needle) == std::string::npos)
     return std::string(what) + ": the message \"" + msg + "\" does not mention \"" + needle + "\"";

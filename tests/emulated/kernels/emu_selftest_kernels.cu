@@ -1,7 +1,6 @@
 // The kernels of emu_selftest_kernels.h.
-#include "kernels/emu_selftest_kernels.h"
-
 #include "cuda/kernel_prelude.h"
+#include "kernels/emu_selftest_kernels.h"
 
 namespace vera::testing {
 namespace {
@@ -76,14 +75,12 @@ __global__ void indexing_3d_kernel(unsigned* coords, unsigned* ballot) {
   const unsigned id = bid * (blockDim.x * blockDim.y * blockDim.z) + tid;
   __syncthreads();
   __syncwarp();
-  coords[id] = threadIdx.x | threadIdx.y << 4 | threadIdx.z << 8 | blockIdx.x << 12 | blockIdx.y << 16 |
-               blockIdx.z << 20;
+  coords[id] =
+      threadIdx.x | threadIdx.y << 4 | threadIdx.z << 8 | blockIdx.x << 12 | blockIdx.y << 16 | blockIdx.z << 20;
   ballot[id] = __ballot_sync(kFull, 1);
 }
 
-__global__ void partial_mask_kernel(int* out) {
-  out[threadIdx.x] = __shfl_sync(0x0000ffffu, int(threadIdx.x), 0);
-}
+__global__ void partial_mask_kernel(int* out) { out[threadIdx.x] = __shfl_sync(0x0000ffffu, int(threadIdx.x), 0); }
 
 __global__ void missing_lane_kernel(int* out) {
   out[threadIdx.x] = __shfl_xor_sync(kFull, int(threadIdx.x), 8);  // 24 lanes: 16..23 would read 24..31
@@ -112,7 +109,7 @@ cudaError_t launch_dynamic_shared(const float* in, float* out, unsigned* fresh_m
                                   size_t shared_bytes) {
   const unsigned blocks = static_cast<unsigned>((n + threads - 1) / threads);
   return launch_kernel<dynamic_shared_kernel>(dim3(blocks), dim3(threads), shared_bytes, nullptr, in, out,
-                       fresh_mismatch, n);
+                                              fresh_mismatch, n);
 }
 
 cudaError_t launch_big_dynamic_shared(float* out, bool opt_in) {

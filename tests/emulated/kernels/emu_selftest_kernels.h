@@ -41,9 +41,9 @@ cudaError_t launch_vector_loads(const float4* in4, float* out, const int4* src4,
 cudaError_t launch_indexing_3d(unsigned* coords, unsigned* ballot);
 
 // Misuses, each of which the emulator must turn into a launch error.
-cudaError_t launch_partial_mask(int* out);      // __shfl_sync with a half-warp mask in a full warp
-cudaError_t launch_missing_lane(int* out);      // a shuffle that reads a lane the (partial) warp lacks
-cudaError_t launch_warp_divergence(int* out);   // half the lanes shuffle, the others __syncwarp
+cudaError_t launch_partial_mask(int* out);     // __shfl_sync with a half-warp mask in a full warp
+cudaError_t launch_missing_lane(int* out);     // a shuffle that reads a lane the (partial) warp lacks
+cudaError_t launch_warp_divergence(int* out);  // half the lanes shuffle, the others __syncwarp
 cudaError_t launch_bad_block(int* out, unsigned x, unsigned y, unsigned z);
 
 }  // namespace vera::testing

@@ -1,7 +1,6 @@
 // The deliberately broken kernels of planted_faults.h. Each bug is marked BUG.
-#include "kernels/planted_faults.h"
-
 #include "cuda/kernel_prelude.h"
+#include "kernels/planted_faults.h"
 
 namespace vera::testing {
 namespace {
@@ -46,9 +45,7 @@ __global__ void planted_block_order_kernel(int* out) {
   if (threadIdx.x == 0) *out = int(blockIdx.x);  // BUG: every block writes the same location
 }
 
-unsigned blocks(int64_t n) {
-  return static_cast<unsigned>((n + kThreads - 1) / kThreads);
-}
+unsigned blocks(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
 }  // namespace
 

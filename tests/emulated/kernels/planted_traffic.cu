@@ -1,7 +1,6 @@
 // The deliberately wasteful kernels of planted_traffic.h. Each waste is marked WASTE.
-#include "kernels/planted_traffic.h"
-
 #include "cuda/global_access.cuh"
+#include "kernels/planted_traffic.h"
 
 namespace vera::testing {
 namespace {
@@ -21,7 +20,7 @@ __global__ void planted_coalesced_copy_kernel(const float* in, float* out, int64
 __global__ void planted_strided_copy_kernel(const float* in, float* out, int64_t rows, int64_t cols) {
   const int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (e >= rows * cols) return;
-  const int64_t i = e % rows, j = e / rows;             // WASTE: consecutive lanes walk down a column
+  const int64_t i = e % rows, j = e / rows;            // WASTE: consecutive lanes walk down a column
   store(out + i * cols + j, load(in + i * cols + j));  // (the writes are strided too)
 }
 
@@ -55,8 +54,8 @@ cudaError_t launch_planted_strided_copy(const float* in, float* out, int64_t row
 }
 
 cudaError_t launch_planted_double_read(const float* in, float* out, int64_t rows, int64_t cols) {
-  return launch_kernel<planted_double_read_kernel>(dim3(blocks(rows * 32)), dim3(kThreads), 0, nullptr, in, out,
-                                                   rows, cols);
+  return launch_kernel<planted_double_read_kernel>(dim3(blocks(rows * 32)), dim3(kThreads), 0, nullptr, in, out, rows,
+                                                   cols);
 }
 
 }  // namespace vera::testing

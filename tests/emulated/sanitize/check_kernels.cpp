@@ -79,9 +79,8 @@ struct Checker {
     const std::vector<int64_t> idx = random_idx(rng, s.rows, k);
     const std::vector<int64_t>* ip = with_idx ? &idx : nullptr;
     const std::string what = name("col_scale", t, s, with_idx ? " idx" : "");
-    if (!launched(launch_col_scale({in.data(), s.ld, lam.data(), ip ? idx.data() : nullptr, out.data(), s.rows,
-                                    s.cols, t},
-                                   nullptr),
+    if (!launched(launch_col_scale(
+                      {in.data(), s.ld, lam.data(), ip ? idx.data() : nullptr, out.data(), s.rows, s.cols, t}, nullptr),
                   what))
       return;
     col_scale_ref(in, lam, ip, want);
@@ -152,8 +151,8 @@ struct Checker {
     const std::string what = std::string("merge ") + dtype_name(t) + " " + std::to_string(out_f) + "x" +
                              std::to_string(in_f) + (transposed ? " fan_in_fan_out" : "") +
                              (check_only ? " check_only" : "") + (poison ? " inf" : "");
-    const MergeParams p{w.data(), transposed ? 1 : w.ld, transposed ? w.ld : 1, delta.data(), out_f, in_f, alpha,
-                        &flag, t};
+    const MergeParams p{w.data(), transposed ? 1 : w.ld, transposed ? w.ld : 1, delta.data(), out_f, in_f, alpha, &flag,
+                        t};
     if (!launched(launch_merge(p, check_only, nullptr), what)) return;
     Matrix want = before;
     bool finite = true;
@@ -188,10 +187,28 @@ struct Checker {
                              std::to_string(in_f) + " out " + std::to_string(out_f) + " r " + std::to_string(r) +
                              (with_weight ? " weight+bias" : " base") + (with_idx ? " idx" : "") +
                              (strided ? " strided" : "");
-    const DecodeParams p{x.data(), in_f, with_weight ? w.data() : nullptr, in_f, with_weight ? bias.data() : nullptr,
-                         with_weight ? nullptr : base.data(), base.ld, a.data(), a.ld, b.data(), b.ld, ld.data(),
-                         lb.data(), with_idx ? idx.data() : nullptr, u.data(), h.data(), y.data(), n, in_f,
-                         out_f, r, t};
+    const DecodeParams p{x.data(),
+                         in_f,
+                         with_weight ? w.data() : nullptr,
+                         in_f,
+                         with_weight ? bias.data() : nullptr,
+                         with_weight ? nullptr : base.data(),
+                         base.ld,
+                         a.data(),
+                         a.ld,
+                         b.data(),
+                         b.ld,
+                         ld.data(),
+                         lb.data(),
+                         with_idx ? idx.data() : nullptr,
+                         u.data(),
+                         h.data(),
+                         y.data(),
+                         n,
+                         in_f,
+                         out_f,
+                         r,
+                         t};
     if (!launched(launch_decode(p, nullptr), what)) return;
     const double eps = t == DType::F32 ? 0x1p-23 : t == DType::F16 ? 0x1p-10 : 0x1p-7;
     auto bad = [&](const char* name, int64_t i, int64_t j, double got, double want, double mag) {
@@ -262,11 +279,11 @@ int check_kernels(unsigned seed) {
     }
   }
   for (const DType t : kDtypes) {
-    c.decode(t, 1, 7, 5, 3, true, false, false);       // odd sizes: element-wise loads
-    c.decode(t, 3, 64, 40, 16, true, false, false);    // 16-byte loads in every dtype
-    c.decode(t, 5, 131, 37, 24, true, true, true);     // mixed adapters, strided projection slices
-    c.decode(t, 17, 64, 33, 8, false, true, false);    // base given instead of a weight
-    c.decode(t, 32, 40, 24, 12, true, true, false);    // the most rows
+    c.decode(t, 1, 7, 5, 3, true, false, false);     // odd sizes: element-wise loads
+    c.decode(t, 3, 64, 40, 16, true, false, false);  // 16-byte loads in every dtype
+    c.decode(t, 5, 131, 37, 24, true, true, true);   // mixed adapters, strided projection slices
+    c.decode(t, 17, 64, 33, 8, false, true, false);  // base given instead of a weight
+    c.decode(t, 32, 40, 24, 12, true, true, false);  // the most rows
   }
   std::printf("kernels: %d failure(s)\n", c.failures);
   return c.failures;

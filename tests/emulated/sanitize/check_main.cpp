@@ -1,5 +1,5 @@
-// The sanitizer check program: the emulated kernels (and csrc/cpu/claim_pool.cpp) with no torch and no python, built by run_sanitizers.sh
-// once with -fsanitize=address,undefined and once with -fsanitize=thread.
+// The sanitizer check program: the emulated kernels (and csrc/cpu/claim_pool.cpp) with no torch and no python, built by
+// run_sanitizers.sh once with -fsanitize=address,undefined and once with -fsanitize=thread.
 //
 //   emu_check clean        every VeRA kernel vs reference.h (traced), every emulation self-test, the CPU decode path's
 //                          work claiming from several threads; exit 0 when all pass

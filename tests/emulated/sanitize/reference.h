@@ -15,9 +15,7 @@ namespace vera::check {
 
 using cuda::DType;
 
-inline const char* dtype_name(DType t) {
-  return t == DType::F32 ? "f32" : t == DType::F16 ? "f16" : "bf16";
-}
+inline const char* dtype_name(DType t) { return t == DType::F32 ? "f32" : t == DType::F16 ? "f16" : "bf16"; }
 
 // A 2-D matrix (rows x cols, row stride ld >= cols) stored as dtype, with float access.
 struct Matrix {
@@ -28,7 +26,10 @@ struct Matrix {
 
   Matrix(DType t, int64_t r, int64_t c, int64_t stride) : dtype(t), rows(r), cols(c), ld(stride) {
     const size_t n = size_t(r == 0 ? 0 : (r - 1) * stride + c) + 1;  // +1: never a zero-sized buffer
-    if (t == DType::F32) f32.assign(n, 0.f); else bits.assign(n, 0);
+    if (t == DType::F32)
+      f32.assign(n, 0.f);
+    else
+      bits.assign(n, 0);
   }
   void* data() { return dtype == DType::F32 ? static_cast<void*>(f32.data()) : static_cast<void*>(bits.data()); }
 
@@ -40,8 +41,10 @@ struct Matrix {
   // Stores v rounded to the storage type (fp32 math, one rounding, like the kernels).
   void set(int64_t i, int64_t j, float v) {
     const int64_t e = i * ld + j;
-    if (dtype == DType::F32) f32[e] = v;
-    else bits[e] = dtype == DType::F16 ? vera_emu::float_to_half_bits(v) : vera_emu::float_to_bf16_bits(v);
+    if (dtype == DType::F32)
+      f32[e] = v;
+    else
+      bits[e] = dtype == DType::F16 ? vera_emu::float_to_half_bits(v) : vera_emu::float_to_bf16_bits(v);
   }
   void randomize(std::mt19937& rng) {
     std::uniform_real_distribution<float> u(-2.f, 2.f);
@@ -65,9 +68,7 @@ inline std::vector<int64_t> random_idx(std::mt19937& rng, int64_t rows, int64_t 
   return v;
 }
 
-inline int64_t adapter(const std::vector<int64_t>* idx, int64_t n) {
-  return idx ? (*idx)[n] : 0;
-}
+inline int64_t adapter(const std::vector<int64_t>* idx, int64_t n) { return idx ? (*idx)[n] : 0; }
 
 inline void row_scale_ref(const Matrix& in, const std::vector<float>& lam, Matrix& out) {
   for (int64_t i = 0; i < in.rows; ++i)

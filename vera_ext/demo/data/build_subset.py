@@ -41,7 +41,7 @@ def main(sdist_path):
         rng.shuffle(rows)
         start = 0
         for split, count in PER_CLASS.items():
-            for snippet_id, rating, snippet in rows[start:start + count]:
+            for snippet_id, rating, snippet in rows[start : start + count]:
                 print(f"{split}\t{label}\t{rating:.3f}\t{snippet_id}\t{snippet}")
             start += count
 
