@@ -1,6 +1,6 @@
 """What one op case does, traced in the emulated build: every launch of our kernels with its memory traffic
-(emu/emu_trace.h), and every other ATen call the op makes on the device (GEMMs, copies, element-wise ops, host
-syncs), in order.
+(tests/emulated/emu/emu_trace.h), and every other ATen call the op makes on the device (GEMMs, copies, element-wise
+ops, host syncs), in order.
 
 The op runs exactly as the CUDA build runs it (common/vera_impl.h over the kernel primitives), on CPU tensors at
 the case's full shapes. GEMMs are recorded but not computed (they return zeros: their cost is modelled, and
@@ -20,32 +20,12 @@ from .cases import EmulatedOps
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# ATen ops that launch nothing on a GPU: views, metadata and allocations without a fill.
-_FREE = {
-    "empty",
-    "empty_strided",
-    "empty_like",
-    "t",
-    "transpose",
-    "view",
-    "unsqueeze",
-    "squeeze",
-    "expand",
-    "select",
-    "slice",
-    "as_strided",
-    "detach",
-    "alias",
-    "_reshape_alias",
-    "lift_fresh",
-    "_unsafe_view",
-    "permute",
-    "reshape",
-    "unbind",
-    "split",
-    "narrow",
-    "resize_",
-}
+# ATen ops that launch nothing on a GPU: views, metadata and allocations without a fill (names without the in-place
+# suffix: they are compared with the op's name stripped of trailing underscores).
+_FREE = frozenset(
+    "empty empty_strided empty_like t transpose view unsqueeze squeeze expand select slice as_strided detach alias "
+    "_reshape_alias lift_fresh _unsafe_view permute reshape unbind split narrow resize".split()
+)
 _GEMMS = {"mm", "addmm"}  # what the orchestration calls (at::linear decomposes into them); others run for real
 
 
