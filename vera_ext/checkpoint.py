@@ -21,7 +21,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .config import VeraConfig
+from .atomic_files import StagedFiles, missing_dirs
+from .config import CONFIG_NAME, VeraConfig
 from .layer import VeraLinear
 from .modules_to_save import ModulesToSave
 from .plan import AdapterPlan, adapter_internals, plan_adapter
@@ -89,19 +90,39 @@ def save_pretrained(
         )
     if not is_main_process:
         return
-    for name in names:
-        out_dir = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
-        os.makedirs(out_dir, exist_ok=True)
-        # cloned: safetensors refuses aliased tensors (e.g. tied weights inside modules_to_save)
-        state = adapter_state_dict(vera_model, name)
-        tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
-        if safe_serialization:
-            from safetensors.torch import save_file
+    # Nothing is written in place: every file of every adapter goes to a temporary file beside its target (fsynced),
+    # and only when all are written are they renamed over the targets (os.replace), a failed rename putting back the
+    # files it had already replaced. A save that fails loses nothing: the previous files stay as they were, and no
+    # temporary file or newly made directory is left. (A crash between two renames can leave some files new and
+    # some old, each one whole.)
+    staged = StagedFiles()
+    created: list[str] = []
+    try:
+        for name in names:
+            out_dir = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            created += missing_dirs(out_dir)
+            os.makedirs(out_dir, exist_ok=True)
+            # cloned: safetensors refuses aliased tensors (e.g. tied weights inside modules_to_save)
+            state = adapter_state_dict(vera_model, name)
+            tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+            if safe_serialization:
+                from safetensors.torch import save_file
 
-            save_file(tensors, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
-        else:
-            torch.save(tensors, os.path.join(out_dir, LEGACY_WEIGHTS_NAME))
-        _config_to_write(vera_model, name).save_pretrained(out_dir)
+                staged.write(
+                    os.path.join(out_dir, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
+                )
+            else:
+                staged.write(os.path.join(out_dir, LEGACY_WEIGHTS_NAME), lambda tmp: torch.save(tensors, tmp))
+            staged.write_text(os.path.join(out_dir, CONFIG_NAME), _config_to_write(vera_model, name).json_text())
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        for directory in reversed(created):
+            try:
+                os.rmdir(directory)  # only if still empty
+            except OSError:
+                pass
+        raise
 
 
 def _config_to_write(vera_model, name: str) -> VeraConfig:

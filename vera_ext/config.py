@@ -9,6 +9,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from .atomic_files import StagedFiles
+
 __all__ = ["VeraConfig", "CONFIG_NAME", "TASK_TYPES"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -137,8 +139,16 @@ class VeraConfig:
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory must be a directory, got the file {save_directory}")
         os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            f.write(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        staged = StagedFiles()  # written beside and renamed into place: a failed write loses nothing
+        try:
+            staged.write_text(os.path.join(save_directory, CONFIG_NAME), self.json_text())
+            staged.commit()
+        finally:
+            staged.discard()
+
+    def json_text(self) -> str:
+        """The content of ``adapter_config.json``."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "VeraConfig":

@@ -12,6 +12,7 @@ from torch import nn
 
 from . import checkpoint
 from .config import VeraConfig
+from .hf_integration import is_transformers_model, peft_recognised_class
 from .layer import BASE_ADAPTER, VeraLinear
 from .mixed_batch import check_adapter_names, run_with_adapter_names
 from .modules_to_save import ModulesToSave
@@ -42,8 +43,16 @@ class VeraModel(nn.Module):
 
     prefix = "vera_lambda_"
 
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # A transformers model gets the PeftModel-recognised subclass (when PEFT is installed), so that Trainer and
+        # SFTTrainer save/resume/inspect it as an adapter model; see hf_integration.
+        model = args[0] if args else kwargs.get("model")
+        if cls is VeraModel and is_transformers_model(model):
+            cls = peft_recognised_class(VeraModel) or cls
+        return super().__new__(cls)
+
     def __init__(self, model: nn.Module, config: VeraConfig, adapter_name: str = "default"):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): PeftModel.__init__ (in the recognised subclass's MRO) must not run
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(model, VeraModel) or any(isinstance(m, (VeraLinear, ModulesToSave)) for m in model.modules()):
@@ -59,12 +68,20 @@ class VeraModel(nn.Module):
         except Exception:
             self.active_adapter = []
             raise
+        # The model holds each shared buffer once: the projection under vera_projection.*, not once per layer.
+        self.register_state_dict_post_hook(_drop_layer_projections)
+        self.register_load_state_dict_pre_hook(_add_layer_projections)
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x name
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", True)
+        if checkpointing:  # as PeftModel.__init__ does
+            _make_inputs_require_grad(model)
 
     # ----------------------------------------------------------------------------------------- bookkeeping
 
     def __getattr__(self, name: str) -> Any:
         try:
-            return super().__getattr__(name)
+            return nn.Module.__getattr__(self, name)  # not super(): skip PeftModel.__getattr__ in the subclass
         except AttributeError:
             if name == "model":
                 raise
@@ -92,7 +109,14 @@ class VeraModel(nn.Module):
         return {} if self.vera_projection is None else {n: self.vera_projection.vera_B for n in self.peft_config}
 
     def get_base_model(self) -> nn.Module:
+        """The wrapped model (with its VeRA layers), as ``PeftModel.get_base_model``."""
         return self.model
+
+    @property
+    def base_model(self) -> "VeraModel":
+        """PEFT's layout: ``peft_model.base_model`` is the tuner (here: this model), ``base_model.model`` the
+        wrapped model; state-dict keys ``base_model.model.<path>`` follow it."""
+        return self
 
     def _require_adapters(self, names: Sequence[str], what: str = "Adapter {} not found.") -> None:
         for name in names:
@@ -399,10 +423,28 @@ class VeraModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------- checkpoints
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters=None, **kwargs) -> None:
+    def save_pretrained(
+        self,
+        save_directory: Union[str, os.PathLike],
+        selected_adapters=None,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
+        **kwargs,
+    ) -> None:
         """Write PEFT's adapter directory: ``adapter_config.json`` + ``adapter_model.safetensors`` per adapter
-        (``"default"`` at the top, others in a sub-folder of their name)."""
-        checkpoint.save_pretrained(self, save_directory, selected_adapters=selected_adapters, **kwargs)
+        (``"default"`` at the top, others in a sub-folder of their name). Accepts PEFT's keywords as transformers'
+        Trainer passes them (``state_dict``, ``save_embedding_layers``, ...): the adapter is always read from the
+        live model; only the processes with ``is_main_process`` write."""
+        unknown = sorted(set(kwargs) - _PEFT_SAVE_KWARGS)
+        if unknown:
+            raise TypeError(f"save_pretrained() got unexpected keyword argument(s) {unknown}")
+        checkpoint.save_pretrained(
+            self,
+            save_directory,
+            selected_adapters=selected_adapters,
+            safe_serialization=safe_serialization,
+            is_main_process=is_main_process,
+        )
 
     @classmethod
     def from_pretrained(
@@ -420,11 +462,87 @@ class VeraModel(nn.Module):
         )
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False, **kwargs):
-        """Load an adapter directory as ``adapter_name`` (not made active). A refused load changes nothing."""
+        """Load an adapter directory as ``adapter_name`` (not made active). A refused load changes nothing.
+
+        As in PEFT, loading into an existing adapter (what Trainer does on ``resume_from_checkpoint`` and
+        ``load_best_model_at_end``) overwrites its weights in place, keeping its config, activity and trainability;
+        the checkpoint must hold exactly that adapter's tensors (same keys, shapes and projection)."""
+        if adapter_name in self.peft_config:
+            return self._load_into_existing(model_id, adapter_name)
         return checkpoint.load_adapter(self, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+
+    def _load_into_existing(self, model_id: Union[str, os.PathLike], adapter_name: str) -> None:
+        _, tensors = checkpoint.read_adapter_dir(model_id)
+        live = checkpoint.adapter_state_dict(self, adapter_name)
+        shared = {k for k in live if k.startswith("base_model.vera_")}
+        missing = sorted(set(live) - set(tensors) - shared)
+        extra = sorted(set(tensors) - set(live))
+        wrong = sorted(k for k in set(live) & set(tensors) if tuple(live[k].shape) != tuple(tensors[k].shape))
+        if missing or extra or wrong:
+            raise ValueError(
+                f"checkpoint {os.fspath(model_id)!r} does not hold adapter {adapter_name!r} of this model: missing "
+                f"{missing[:6]}, unexpected {extra[:6]}, wrong shape {wrong[:6]}"
+            )
+        for key in shared & set(tensors):
+            if not torch.equal(tensors[key].float(), live[key].detach().to("cpu", torch.float32)):
+                raise ValueError(
+                    f"checkpoint {os.fspath(model_id)!r} holds a vera_A/vera_B projection that differs from this "
+                    "model's shared projection"
+                )
+        with torch.no_grad():
+            for key, value in live.items():
+                if key not in shared:
+                    value.copy_(tensors[key])
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+
+# Keywords of peft.PeftModel.save_pretrained that transformers/TRL may pass; the adapter is read from the live model.
+_PEFT_SAVE_KWARGS = {
+    "state_dict",
+    "save_embedding_layers",
+    "path_initial_model_for_weight_conversion",
+    "convert_pissa_to_lora",
+}
+
+
+def _layer_projection_keys(vera_model: "VeraModel", prefix: str) -> list[str]:
+    return [
+        f"{prefix}model.{path}.vera_projection.{name}"
+        for path in vera_model.vera_layers()
+        for name in ("vera_A", "vera_B")
+    ]
+
+
+def _drop_layer_projections(module: "VeraModel", state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: each layer registers the shared projection too; keep only ``vera_projection.*``."""
+    if module.vera_projection is None:
+        return
+    for key in _layer_projection_keys(module, prefix):
+        state_dict.pop(key, None)
+
+
+def _add_layer_projections(module: "VeraModel", state_dict: dict, prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook: the per-layer entries of the shared projection are the top-level ones."""
+    if module.vera_projection is None:
+        return
+    for name in ("vera_A", "vera_B"):
+        value = state_dict.get(f"{prefix}vera_projection.{name}")
+        if value is None:
+            continue
+        for key in _layer_projection_keys(module, prefix):
+            if key.endswith(f".{name}"):
+                state_dict.setdefault(key, value)
+
+
+def _make_inputs_require_grad(model: nn.Module) -> None:
+    """PeftModel's preparation for gradient checkpointing (its ``_prepare_model_for_gradient_checkpointing``)."""
+    if any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+        return
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    elif hasattr(model, "get_input_embeddings"):
+        model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -177,10 +177,12 @@ def _save_adapter(ctx, A, B, lambda_d, lambda_b, adapter_idx, u, weight=None, x=
     ctx.save_for_backward(u, A, B, lambda_d, lambda_b, adapter_idx, weight, x)
 
 
-def _adapter_grads(ctx, grad_y, need_x, need_ld, need_lb):
+def _adapter_grads(saved, grad_y, need_x, need_ld, need_lb):
     """(grad_x, grad_lambda_d, grad_lambda_b), each None when not needed; grad_x includes grad_y @ weight when a
-    fused base weight was saved."""
-    u, A, B, lambda_d, lambda_b, adapter_idx, weight, _ = ctx.saved_tensors
+    fused base weight was saved. ``saved`` is ``ctx.saved_tensors``, unpacked once by the caller: each read of
+    ``ctx.saved_tensors`` unpacks again, which non-reentrant checkpointing refuses (CheckpointError) and which
+    repeats the unpack hook of ``saved_tensors_hooks`` (e.g. a device copy for ``save_on_cpu``)."""
+    u, A, B, lambda_d, lambda_b, adapter_idx, weight, _ = saved
     if not (need_x or need_ld or need_lb):
         return None, None, None
     gx, gld, glb = _ops.vera_backward(
@@ -199,7 +201,7 @@ def _backward_forward(ctx, grad_y, _grad_u):
         return (None,) * 7
     # (adapter_idx may be left out of needs_input_grad when it takes its default)
     need_x, need_base, _, _, need_ld, need_lb = ctx.needs_input_grad[:6]
-    grad_x, grad_ld, grad_lb = _adapter_grads(ctx, grad_y, need_x, need_ld, need_lb)
+    grad_x, grad_ld, grad_lb = _adapter_grads(ctx.saved_tensors, grad_y, need_x, need_ld, need_lb)
     return grad_x, grad_y if need_base else None, None, None, grad_ld, grad_lb, None
 
 
@@ -217,8 +219,9 @@ def _backward_linear(ctx, grad_y, _grad_u):
     if grad_y is None:
         return (None,) * 8
     need_x, need_w, need_bias, _, _, need_ld, need_lb = ctx.needs_input_grad[:7]
-    grad_x, grad_ld, grad_lb = _adapter_grads(ctx, grad_y, need_x, need_ld, need_lb)
-    x = ctx.saved_tensors[-1]
+    saved = ctx.saved_tensors  # read once (see _adapter_grads)
+    grad_x, grad_ld, grad_lb = _adapter_grads(saved, grad_y, need_x, need_ld, need_lb)
+    x = saved[-1]
     grad_w = grad_y.t().mm(x) if need_w else None
     grad_bias = grad_y.sum(0) if need_bias and ctx.has_bias else None
     return grad_x, grad_w, grad_bias, None, None, grad_ld, grad_lb, None
@@ -237,7 +240,7 @@ def _setup_delta(ctx, inputs, output):
 def _backward_delta(ctx, grad):
     # delta = diag(lambda_b) B diag(lambda_d) A, so with G = dL/d(delta) as (O, I):
     #   dlambda_d[k] = sum_i (B_hat^T G)[k, i] A[k, i]      dlambda_b[o] = sum_k (G A_hat^T)[o, k] B[o, k]
-    A, B, lambda_d, lambda_b = ctx.saved_tensors
+    A, B, lambda_d, lambda_b = ctx.saved_tensors  # (read once: see _adapter_grads)
     acc = lambda_d.dtype
     G = (grad.t() if ctx.fan_in_fan_out else grad).to(acc)
     A, B = A.to(acc), B.to(acc)
