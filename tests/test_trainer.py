@@ -89,6 +89,19 @@ def test_a_transformers_model_is_recognised_as_an_adapter_model():
     assert not isinstance(plain, PeftModel)
 
 
+def test_checkpointing_switches_reach_the_wrapped_model():
+    vm = vera(tiny_llama())
+    vm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert all(layer.gradient_checkpointing for layer in vm.model.model.layers)
+    vm.enable_input_require_grads()  # what TRL calls for checkpointing with a frozen embedding
+    vm.train()
+    out = vm(input_ids=torch.randint(0, VOCAB, (2, 6)), labels=torch.randint(0, VOCAB, (2, 6)))
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in vm.named_parameters() if "vera_lambda" in n)
+    vm.gradient_checkpointing_disable()
+    assert not any(layer.gradient_checkpointing for layer in vm.model.model.layers)
+
+
 def test_trainer_with_default_arguments_trains(tmp_path):
     vm = vera(tiny_llama())
     before = lambdas(vm)
