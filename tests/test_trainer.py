@@ -15,25 +15,13 @@ datasets = pytest.importorskip("datasets")
 
 from peft import PeftModel  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import vera_ext  # noqa: E402
+from vera_models import tiny_llama  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = 128
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=VOCAB,
-    )
-    return LlamaForCausalLM(config)
+VOCAB = 64  # tests/vera_models.tiny_llama's vocabulary
 
 
 def vera(model):
