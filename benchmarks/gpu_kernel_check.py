@@ -47,6 +47,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_cost.binary import kernel_key  # noqa: E402
+from vera_ext.bench.cli import positive_int  # noqa: E402
+from vera_ext.bench.timing import median_iqr  # noqa: E402
 from kernel_cost.cases import DTYPES, GROUPS, select  # noqa: E402
 from kernel_cost.h200 import H200  # noqa: E402
 
@@ -419,14 +421,6 @@ def child_main(cases, manifest_path: str) -> int:
 # Timing and torch.profiler
 
 
-def _median_iqr(values: List[float]):
-    """(median, interquartile range) of `values`; the IQR is 0 for fewer than two values."""
-    if len(values) < 2:
-        return values[0], 0.0
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return statistics.median(values), q3 - q1
-
-
 def time_op(case, ops, inputs, device: str, rounds: int, flush) -> tuple:
     """(median us, IQR us) of one call of the case's op over `rounds` calls after WARMUP calls. On CUDA each call
     is timed by CUDA events and preceded, outside the timed span, by `flush.zero_()` (L2 evicted; while the GPU
@@ -440,7 +434,7 @@ def time_op(case, ops, inputs, device: str, rounds: int, flush) -> tuple:
             t0 = time.perf_counter()
             case.run(ops, inputs)
             times.append((time.perf_counter() - t0) * 1e6)
-        return _median_iqr(times)
+        return median_iqr(times)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rounds)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(rounds)]
     for start, end in zip(starts, ends):
@@ -449,7 +443,7 @@ def time_op(case, ops, inputs, device: str, rounds: int, flush) -> tuple:
         case.run(ops, inputs)
         end.record()
     torch.cuda.synchronize()
-    return _median_iqr([start.elapsed_time(end) * 1e3 for start, end in zip(starts, ends)])
+    return median_iqr([start.elapsed_time(end) * 1e3 for start, end in zip(starts, ends)])
 
 
 def profiler_launches(case, ops, inputs, device: str, flush) -> List[dict]:
@@ -821,17 +815,6 @@ def environment(device: str, ncu: Optional[str]) -> dict:
     return env
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _dtypes(text: str) -> List[str]:
     """argparse type: a comma-separated list of kernel_cost.cases' dtypes."""
     names = [d for d in text.split(",") if d]
@@ -870,10 +853,10 @@ def parse_args(argv):
         help="ncu: counters from Nsight Compute (exit 1 if unavailable); events: CUDA events and "
         "torch.profiler only; auto (default): ncu, else events",
     )
-    parser.add_argument("--rounds", type=_positive, default=20, help="timed calls per case (default 20)")
+    parser.add_argument("--rounds", type=positive_int, default=20, help="timed calls per case (default 20)")
     parser.add_argument(
         "--ncu-timeout",
-        type=_positive,
+        type=positive_int,
         default=120,
         help="seconds the ncu run may take before it is killed (default 120)",
     )

@@ -167,7 +167,7 @@ def from_pretrained(
     if adapter_internals(model):
         raise ValueError("model already holds VeRA layers; use VeraModel.load_adapter to add another adapter")
     plan = plan_adapter(model, config, adapter_name)
-    _check_checkpoint(tensors, _expected_shapes(model, plan), plan, None, model_id)
+    _check_checkpoint(tensors, _expected_shapes(model, plan), config, None, model_id)
     vera_model = model_class(model, config, adapter_name)
     _fill(vera_model, adapter_name, tensors, load_projection=True)
     if not is_trainable:
@@ -180,7 +180,7 @@ def load_adapter(vera_model, model_id: PathLike, adapter_name: str, is_trainable
     config, tensors = read_adapter_dir(model_id)
     config.inference_mode = not is_trainable
     plan = vera_model.plan_adapter(adapter_name, config)
-    _check_checkpoint(tensors, _expected_shapes(vera_model.model, plan), plan, vera_model.vera_projection, model_id)
+    _check_checkpoint(tensors, _expected_shapes(vera_model.model, plan), config, vera_model.vera_projection, model_id)
     vera_model.apply_adapter_plan(plan, config)
     _fill(vera_model, adapter_name, tensors, load_projection=False)
     if is_trainable:  # PEFT makes a trainable loaded adapter's weights require grad even while inactive
@@ -188,6 +188,17 @@ def load_adapter(vera_model, model_id: PathLike, adapter_name: str, is_trainable
             param.requires_grad_(True)
     else:
         vera_model.eval()
+
+
+def reload_adapter(vera_model, model_id: PathLike, adapter_name: str) -> None:
+    """Overwrite the weights of the existing adapter ``adapter_name`` with those stored in ``model_id``, as PEFT's
+    ``load_adapter`` does for a name it has (what Trainer's resume and load_best_model_at_end call): its config,
+    activity and trainability stay. Checked like any load; changes nothing on error."""
+    _, tensors = read_adapter_dir(model_id)
+    expected = {key: tuple(t.shape) for key, t in adapter_state_dict(vera_model, adapter_name).items()}
+    config = vera_model.peft_config[adapter_name]
+    _check_checkpoint(tensors, expected, config, vera_model.vera_projection, model_id)
+    _fill(vera_model, adapter_name, tensors, load_projection=False)
 
 
 def _own_parameters(vera_model, adapter_name: str):
@@ -236,9 +247,8 @@ def _name_after_wrapping(name: str, new_targets: list[str]) -> str:
     return name
 
 
-def _check_checkpoint(tensors: dict, expected: dict, plan: AdapterPlan, projection, model_id) -> None:
+def _check_checkpoint(tensors: dict, expected: dict, config: VeraConfig, projection, model_id) -> None:
     where = f"checkpoint {os.fspath(model_id)!r}"
-    config = plan.config
     keys = set(tensors)
     if config.save_projection and not {VERA_A, VERA_B} <= keys:
         raise ValueError(

@@ -468,31 +468,8 @@ class VeraModel(nn.Module):
         ``load_best_model_at_end``) overwrites its weights in place, keeping its config, activity and trainability;
         the checkpoint must hold exactly that adapter's tensors (same keys, shapes and projection)."""
         if adapter_name in self.peft_config:
-            return self._load_into_existing(model_id, adapter_name)
+            return checkpoint.reload_adapter(self, model_id, adapter_name)
         return checkpoint.load_adapter(self, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
-
-    def _load_into_existing(self, model_id: Union[str, os.PathLike], adapter_name: str) -> None:
-        _, tensors = checkpoint.read_adapter_dir(model_id)
-        live = checkpoint.adapter_state_dict(self, adapter_name)
-        shared = {k for k in live if k.startswith("base_model.vera_")}
-        missing = sorted(set(live) - set(tensors) - shared)
-        extra = sorted(set(tensors) - set(live))
-        wrong = sorted(k for k in set(live) & set(tensors) if tuple(live[k].shape) != tuple(tensors[k].shape))
-        if missing or extra or wrong:
-            raise ValueError(
-                f"checkpoint {os.fspath(model_id)!r} does not hold adapter {adapter_name!r} of this model: missing "
-                f"{missing[:6]}, unexpected {extra[:6]}, wrong shape {wrong[:6]}"
-            )
-        for key in shared & set(tensors):
-            if not torch.equal(tensors[key].float(), live[key].detach().to("cpu", torch.float32)):
-                raise ValueError(
-                    f"checkpoint {os.fspath(model_id)!r} holds a vera_A/vera_B projection that differs from this "
-                    "model's shared projection"
-                )
-        with torch.no_grad():
-            for key, value in live.items():
-                if key not in shared:
-                    value.copy_(tensors[key])
 
 
 # --------------------------------------------------------------------------------------------------- helpers

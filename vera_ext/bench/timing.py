@@ -91,11 +91,15 @@ def time_interleaved(
                 before_each()
             sync(device)
             samples[name].append(_one_sample(fn, device, inner))
-    out = {}
-    for name, s in samples.items():
-        q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
-        out[name] = (statistics.median(s), q[2] - q[0])
-    return out
+    return {name: median_iqr(s) for name, s in samples.items()}
+
+
+def median_iqr(samples: list[float]) -> tuple[float, float]:
+    """(median, interquartile range) of ``samples``; the IQR is 0 for a single sample."""
+    if len(samples) < 2:
+        return samples[0], 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return statistics.median(samples), q3 - q1
 
 
 def _best_ms(fn: Callable[[], object], device: str, rounds: int, warmup: int = 2) -> float:
