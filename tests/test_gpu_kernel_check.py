@@ -359,8 +359,6 @@ def test_compare_matches_by_key_and_occurrence_and_sums_the_others():
 def test_compare_on_the_committed_report():
     """docs/kernel_report.json is kernel_report.py's output at the target shapes: the fields read here are there."""
     path = REPO / "docs" / "kernel_report.json"
-    if not path.exists():
-        pytest.skip("no docs/kernel_report.json in this checkout")
     rep = kc.load_report(str(path))
     launches = kc.assign_cases(kc.parse_ncu_csv(ncu_csv()), [])
     result = kc.compare(_cases("decode_n1"), rep, {"decode_n1": (30.0, 1.0)}, launches)
