@@ -121,6 +121,7 @@ def predict_case(case, events, facts, gpu):
     floor_us, floor_what = case.floor_us(gpu)
     predicted = sum(r["predicted_us"] for r in records)
     ideal = case.ideal_bytes()
+    dram_bytes = sum(r.get("dram_bytes", 0) for r in records)  # sync events move no bytes
     ours = [r for r in records if r["kind"] == "kernel"]
     return {
         "case": case.name,
@@ -133,8 +134,8 @@ def predict_case(case, events, facts, gpu):
         "ratio_to_floor": predicted / floor_us,
         "ideal_read_bytes": ideal["read"],
         "ideal_write_bytes": ideal["write"],
-        "dram_bytes": sum(r.get("dram_bytes", 0) for r in records),
-        "dram_over_ideal": sum(r.get("dram_bytes", 0) for r in records) / (ideal["read"] + ideal["write"]),
+        "dram_bytes": dram_bytes,
+        "dram_over_ideal": dram_bytes / (ideal["read"] + ideal["write"]),
         "our_kernels": {
             "launches": len(ours),
             "predicted_us": sum(r["predicted_us"] for r in ours),
