@@ -40,8 +40,10 @@ __global__ void scale_add_kernel(const ScaleAddParams p) {
     const int64_t n = e / p.cols, j = e - n * p.cols;
     const int64_t a = p.idx ? load(p.idx + n) : 0;
     const T b = load(base + n * p.base_row_stride + j);
-    const float scaled = a < 0 ? 0.f : load(p.lam + a * p.cols + j) * to_float(load(z + n * p.z_row_stride + j));
-    store(out + n * p.out_row_stride + j, a < 0 ? b : from_float<T>(to_float(b) + scaled));
+    const T value =
+        a < 0 ? b
+              : from_float<T>(to_float(b) + load(p.lam + a * p.cols + j) * to_float(load(z + n * p.z_row_stride + j)));
+    store(out + n * p.out_row_stride + j, value);
   }
 }
 
