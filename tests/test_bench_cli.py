@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vera_ext import __main__ as entry
 from vera_ext.bench import cases, cli, preset
 from vera_ext.bench.cases import CASES, case_cost
+from vera_ext.bench.model_cases import MODEL_CASES
 from vera_ext.bench.preset import PRESET_CASES, PRESETS, PresetRun, overhead_lines, target_lines
 from vera_ext.bench.report import Result, set_ratios
 from vera_ext.projection import generate_projection
@@ -123,7 +124,7 @@ def test_list_names_every_case_and_public_shape(capsys):
 def test_defaults_follow_the_device():
     parser = cli.make_parser()
     s = cli.parse_settings(parser, parser.parse_args(["--device", "cpu"]))
-    assert (s.shape.name, s.dtype, s.cases, s.rounds) == ("cpu-1024", torch.float32, CASES, 15)
+    assert (s.shape.name, s.dtype, s.cases, s.rounds) == ("cpu-1024", torch.float32, CASES + MODEL_CASES, 15)
     # the CPU targets (benchmarks/bench_cpu.py) are measured at these sizes: the CPU default must not drift
     assert (s.shape.in_f, s.shape.out_f, s.shape.r, s.shape.n_train, s.shape.n_decode) == (1024, 1024, 256, 2048, 1)
     q = cli.parse_settings(
@@ -138,7 +139,8 @@ def test_defaults_follow_the_device():
 
 def test_quick_run_writes_consistent_json_and_a_png(capsys, tmp_path):
     json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    assert cli.main(TINY + ["--json", str(json_path), "--plot", str(png_path)]) == 0
+    # the layer cases (the model cases, also in the default list: tests/test_bench_model.py)
+    assert cli.main(TINY + ["--case", ",".join(CASES), "--json", str(json_path), "--plot", str(png_path)]) == 0
     out = capsys.readouterr().out
     for case in CASES:
         assert case in out

@@ -48,6 +48,18 @@ from .cases import (
     merge_case,
     training_cases,
 )
+from .model_cases import (
+    DEFAULT_MODEL,
+    DEFAULT_TARGETS,
+    MODEL_CASE_HELP,
+    MODEL_CASES,
+    MODELS,
+    TARGET_SETS,
+    ModelCase,
+    ModelSpec,
+    check_model_available,
+)
+from .model_cases import model_cases as build_model_cases
 from .preset import PRESET_CASES, PRESET_HELP, PRESETS, Preset, PresetRun, refused
 from .report import (
     Output,
@@ -75,6 +87,8 @@ DTYPES = {
     "fp16": torch.float16,
 }
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
+#: Every case, and the default list: the model cases at --quick sizes add a second or two to --quick.
+ALL_CASES = CASES + MODEL_CASES
 
 
 @dataclass
@@ -88,6 +102,8 @@ class Settings:
     rounds: int = 15
     quick: bool = False
     preset: Optional[Preset] = None  # a plan (--preset): its sizes; ``shape`` is then its training shape
+    model: ModelSpec = MODELS[DEFAULT_MODEL]  # the model cases' model, sized
+    targets: Optional[str] = None  # the model cases' target set (None: each case's default)
 
     @property
     def dry_run(self) -> bool:
@@ -143,11 +159,12 @@ def build_cases(s: Settings):
         yield decode_mixed_case(Layers(s.shape, s.dtype, s.device, adapters=s.shape.adapters), s.shape.n_mixed)
     if "merge" in selected:  # last: merge+unmerge round-trips the weight, up to rounding
         yield merge_case(layers)
+    yield from build_model_cases(s.model, selected, s.targets, s.dtype, s.device)
 
 
 def measure_case(case: Case, s: Settings, ceilings: dict) -> list[Result]:
-    """Time (or read the memory of) one case; floors from ``ceilings`` (or the case's ``floor_impl``). Times are
-    per unit of the case's ``per_call`` (per layer of a stack)."""
+    """Time (or read the memory of) one case; floors from ``ceilings`` (or the case's ``floor_impl``), except for the
+    whole-model cases. Times are per unit of the case's ``per_call`` (per layer of a stack)."""
     shape = {"preset": s.shape.name, **case.shape}
     dt = _dtype_name(s.dtype)
     if case.metric == "memory":
@@ -170,6 +187,10 @@ def measure_case(case: Case, s: Settings, ceilings: dict) -> list[Result]:
         with case.mode(), nvtx_range(f"bench/{case.name}", s.device):
             timings = time_interleaved(case.fns, s.device, s.rounds, s.inner, s.warmup, case.before_each)
         timings = {k: (m / case.per_call, q / case.per_call) for k, (m, q) in timings.items()}
+        if isinstance(case, ModelCase):  # a whole-model case makes its own rows (no floors; model_cases.py)
+            rows = case.results(timings, dt, s.device)
+            set_ratios(rows)
+            return rows
         rows = []
         for k, (median, iqr) in timings.items():
             flops, moved = case.costs.get(k) or case_cost(case.name, case.shape, k != "base", s.dtype.itemsize)
@@ -239,8 +260,18 @@ def describe(s: Settings, ceilings: dict) -> str:
     return (
         f"vera_ext bench: {s.device} ({where}), {_dtype_name(s.dtype)}, {what}; {s.rounds} rounds"
         f"{' (quick)' if s.quick else ''}; torch {torch.__version__}, peft {peft_version}\n"
+        + (_describe_model(s) + "\n" if _model_selected(s) else "")
         + describe_ceilings(ceilings)
     )
+
+
+def _model_selected(s: Settings) -> bool:
+    return any(c in MODEL_CASES for c in s.cases)
+
+
+def _describe_model(s: Settings) -> str:
+    targets = s.targets or ", ".join(f"{c} {t}" for c, t in DEFAULT_TARGETS.items() if c in s.cases)
+    return f"{s.model.summary()}; targets {targets}"
 
 
 def plot_title(s: Settings) -> str:
@@ -248,6 +279,7 @@ def plot_title(s: Settings) -> str:
     return (
         f"vera_ext bench: {s.device}, {_dtype_name(s.dtype)}, {sh.name} (I={sh.in_f}, O={sh.out_f}, r={sh.r}, "
         f"train N={sh.n_train}, mixed N={sh.n_mixed} over M={sh.adapters})"
+        + (f"; model {s.model.name} (r={s.model.r})" if _model_selected(s) else "")
     )
 
 
@@ -280,7 +312,11 @@ def make_parser() -> argparse.ArgumentParser:
             f"  {n:<18} " + "\n                     ".join(textwrap.wrap(h, 90)) for n, h in PRESET_HELP.items()
         )
         + "\npreset cases (and train_fwd, train_fwd_bwd, saved_activations):\n"
-        + "\n".join(f"  {c:<18} {h}" for c, h in STACK_CASE_HELP.items()),
+        + "\n".join(f"  {c:<18} {h}" for c, h in STACK_CASE_HELP.items())
+        + "\nmodel cases (a whole transformers model; --model NAME, --targets qkvo|qv|all):\n"
+        + "\n".join(f"  {c:<18} {MODEL_CASE_HELP[c]}" for c in MODEL_CASES)
+        + "\nmodels (--model):\n"
+        + "\n".join(f"  {n:<18} {m.source}" for n, m in MODELS.items()),
     )
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
     p.add_argument(
@@ -292,7 +328,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--case",
         action="append",
         metavar="NAME[,NAME...]",
-        help="cases to run, comma-separated or repeated (default: all)",
+        help="cases to run, comma-separated or repeated (default: all cases and model cases listed below)",
     )
     p.add_argument(
         "--dtype",
@@ -305,8 +341,19 @@ def make_parser() -> argparse.ArgumentParser:
         help="timed samples per implementation (default: 15 on cpu, 30 on cuda, 5 with --quick)",
     )
     p.add_argument("--quick", action="store_true", help="small N, fewer adapters and rounds: a seconds-long run")
-    p.add_argument("--r", type=positive_int, help="override the preset's rank")
+    p.add_argument("--r", type=positive_int, help="override the rank (the shape preset's and the model cases')")
     p.add_argument("--n", type=positive_int, help="override the preset's training N (rows)")
+    p.add_argument(
+        "--model",
+        metavar="NAME",
+        help=f"the model cases' model: {', '.join(MODELS)} (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--targets",
+        choices=TARGET_SETS,
+        help="the modules the model cases adapt: qkvo (attention q, k, v, o), qv, or all (every linear layer but "
+        "the head); default: qkvo for model_train, qv for model_decode",
+    )
     p.add_argument(
         "--preset",
         choices=list(PRESETS),
@@ -335,7 +382,8 @@ def parse_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if shape_name not in SHAPES:
         listed = [n for n, s in SHAPES.items() if not s.hidden]
         parser.error(f"--shape: unknown preset {shape_name!r}; choose from {', '.join(listed)}")
-    cases = _selected_cases(parser, args.case, CASES)
+    cases = _selected_cases(parser, args.case, ALL_CASES)
+    cases, model = _model_settings(parser, args, cases)
     _check_outputs(parser, args)
     return Settings(
         device=device,
@@ -344,7 +392,31 @@ def parse_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         cases=tuple(cases),
         rounds=args.rounds or default_rounds(device, args.quick),
         quick=args.quick,
+        model=model,
+        targets=args.targets,
     )
+
+
+def _model_settings(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, cases: tuple[str, ...]
+) -> tuple[tuple[str, ...], ModelSpec]:
+    """The cases and the model cases' model (--model, sized by --quick and --r). --model and --targets need a model
+    case; what the model cases need must be installed, else a default list runs without them."""
+    name = args.model or DEFAULT_MODEL
+    if not any(c in MODEL_CASES for c in cases):
+        for flag, value in (("--model", args.model), ("--targets", args.targets)):
+            if value is not None:
+                parser.error(f"{flag}: only the model cases use it; add --case {','.join(MODEL_CASES)}")
+    elif name not in MODELS:
+        parser.error(f"--model: unknown model {name!r}; choose from {', '.join(MODELS)}")
+    else:
+        problem = check_model_available(MODELS[name])
+        if problem and args.case:
+            parser.error(f"--model {name}: {problem}")
+        if problem:  # the default list: the layer cases still run
+            print(f"python -m vera_ext bench: no model cases: {problem}", file=sys.stderr)
+            cases = tuple(c for c in cases if c not in MODEL_CASES)
+    return cases, MODELS[name].sized(args.quick, r=args.r)
 
 
 def _selected_cases(
@@ -371,6 +443,9 @@ def _preset_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     if problem:
         parser.error(problem)
     preset = PRESETS[args.preset][device]
+    for flag, value in (("--model", args.model), ("--targets", args.targets)):
+        if value is not None:
+            parser.error(f"{flag}: --preset {args.preset} runs no model case")
     cases = _selected_cases(parser, args.case, PRESET_CASES, f" of --preset {args.preset}")
     return Settings(
         device=device,
@@ -428,8 +503,9 @@ def main(argv=None) -> int:
 
 def run_cases(s: Settings, args: argparse.Namespace, say: Callable[[str], None]) -> int:
     """The standard cases: measure, print the table (through ``say``), write what was asked for; the exit status."""
-    timed_cases = sum(1 for c in s.cases if c != "saved_activations")
-    bar = _progress_bar(1 + len(s.cases) + (timed_cases if args.trace else 0), args.no_progress)
+    cases = len(s.cases) + ("model_decode" in s.cases) * (len(s.model.decode_batches) - 1)  # one case per batch
+    timed_cases = cases - ("saved_activations" in s.cases)
+    bar = _progress_bar(1 + cases + (timed_cases if args.trace else 0), args.no_progress)
     try:
         results, ceilings, traces = run_suite(s, bar, args.trace)
     finally:
