@@ -18,6 +18,23 @@ TORCH_LIBRARY(vera_ext, m) {
   // output_mask is false come back as empty tensors.
   m.def(
       "vera_backward(Tensor grad_out, Tensor u, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, " "Tensor? adapter_idx, Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The training form (docs/DESIGN.md §2.7): u = x @ A^T computed once for every layer that reads x with this A.
+  m.def("vera_project(Tensor x, Tensor A) -> Tensor");
+  // y = base_out + lambda_b * ((u * lambda_d) @ B^T) from a given u (N, r); its gradient goes to u, not through A.
+  m.def(
+      "vera_apply(Tensor u, Tensor base_out, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, " "Tensor? adapter_idx=None) -> Tensor");
+  // The same with the base layer fused in. merged says which passes of a training step run through W + delta_W:
+  // "none", "forward" (y = x @ (W + delta_W)^T + bias), "backward" (grad_x, formed there), "both" (formed in each),
+  // or "kept": formed in the forward and returned as the second output for the backward (once per step). The second
+  // output is empty otherwise.
+  m.def(
+      "vera_linear_apply(Tensor x, Tensor u, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor lambda_d, " "Tensor lambda_b, Tensor? adapter_idx=None, str merged=\"none\") -> (Tensor, Tensor)");
+  // (grad_x, grad_u, grad_lambda_d, grad_lambda_b) of the apply ops: grad_x = grad_out @ weight, the base term;
+  // the whole input gradient when weight is the W + delta_W a merged forward kept, or with add_delta, where it is
+  // grad_out @ (weight + delta_W) with delta_W formed here (grad_u is then not asked for). grad_u = dL/du.
+  // Entries whose output_mask is false come back empty.
+  m.def(
+      "vera_apply_backward(Tensor grad_out, Tensor u, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, " "Tensor? adapter_idx, Tensor? weight, bool add_delta, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   // delta_W = diag(lambda_b) B diag(lambda_d) A, (O, I), or (I, O) with fan_in_fan_out; computed in the op-math
   // dtype (fp32, fp64 for fp64), cast once.
   m.def(

@@ -132,7 +132,8 @@ def test_non_linear_base_and_mixed_batch_under_autocast():
 def test_model_under_autocast_matches_base_model_dtype_and_compiles():
     model = ours(mlp(), r=8, target_modules=["lin0", "lin1", "lin2"])
     randomize_lambdas(model)
-    x = torch.randn(3, 10)
+    # (more rows than the one-pass forward takes: eager then runs the training form a compiled graph always runs)
+    x = torch.randn(20, 10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with model.disable_adapter():
             base_dtype = model(x).dtype

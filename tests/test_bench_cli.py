@@ -192,7 +192,8 @@ def test_trace_names_our_ops_and_each_implementation(capsys, tmp_path):
     )
     out = capsys.readouterr().out
     expected_ops = {
-        "train_fwd_bwd": {"vera_ext::vera_linear_forward", "vera_ext::vera_backward"},
+        # (a training step: the training form, docs/DESIGN.md §2.7)
+        "train_fwd_bwd": {"vera_ext::vera_project", "vera_ext::vera_linear_apply", "vera_ext::vera_apply_backward"},
         "decode_mixed": {"vera_ext::vera_linear_forward"},
         "merge": {"vera_ext::vera_merge_"},
     }

@@ -48,6 +48,29 @@ def test_opcheck_backward_op(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_training_form_ops(device, requires_grad):
+    """vera_project, vera_apply, vera_linear_apply (every merged mode where it is allowed) and their backward."""
+    for x, base, A, B, ld, lb, idx in forward_cases(device):
+        for t in (x, base, ld, lb):
+            t.requires_grad_(requires_grad)
+        torch.library.opcheck(OPS.vera_project, (x, A))
+        u = (x @ A.T).detach().requires_grad_(requires_grad)
+        torch.library.opcheck(OPS.vera_apply, (u, base, A, B, ld, lb, idx))
+        weight = torch.randn(10, 12, device=device, dtype=x.dtype)
+        bias = torch.randn(10, device=device, dtype=x.dtype)
+        one_fp32 = idx is None and x.dtype == torch.float32
+        for merged in ("none", "forward", "backward", "both", "kept") if one_fp32 else ("none",):
+            torch.library.opcheck(OPS.vera_linear_apply, (x, u, weight, bias, A, B, ld, lb, idx, merged))
+        g = torch.randn_like(base)
+        for mask in ([True, True, True, True], [False, True, False, True], [True, False, True, False]):
+            torch.library.opcheck(OPS.vera_apply_backward, (g, u.detach(), A, B, ld, lb, idx, weight, False, mask))
+        if one_fp32:
+            mask = [True, False, True, True]
+            torch.library.opcheck(OPS.vera_apply_backward, (g, u.detach(), A, B, ld, lb, idx, weight, True, mask))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 def test_opcheck_delta_and_merge(device, fan_in_fan_out):
     _, _, A, B, ld, lb = make_case(1, 12, 10, 8, device)

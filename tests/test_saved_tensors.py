@@ -231,5 +231,7 @@ def test_llama_gradient_checkpointing(use_reentrant):
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     got = _llama_lambda_grads(model, ids)
     assert got.keys() == reference.keys()
+    # (checkpointing makes the embeddings' output need a gradient, which may switch a layer between W + dW and the
+    # unmerged form: docs/DESIGN.md §2.7; the two differ by fp32 rounding)
     for name, ref in reference.items():
-        torch.testing.assert_close(got[name], ref, rtol=1e-6, atol=0, msg=name)
+        torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-7, msg=name)

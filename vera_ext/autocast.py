@@ -29,6 +29,9 @@ AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
 CAST_ARGUMENTS = {
     "vera_forward": (0, 1, 2, 3),  # x, base_out, A, B
     "vera_linear_forward": (0, 1, 2, 3, 4),  # x, weight, bias, A, B
+    "vera_project": (0, 1),  # x, A
+    "vera_apply": (0, 1, 2, 3),  # u, base_out, A, B
+    "vera_linear_apply": (0, 1, 2, 3, 4, 5),  # x, u, weight, bias, A, B
 }
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import _C, ops, shared_input
 from .autocast import autocast_dtype, autocast_enabled
 from .batch_context import BATCH_ADAPTER_NAMES, batch_adapter_names
 from .precision import opmath_dtype
@@ -53,6 +53,10 @@ class VeraLinear(nn.Module):
     """
 
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
+    #: fp32/fp64 training: keep W + dW from the forward for the backward where that pays (ops.merged_weight_mode):
+    #: dW formed once per step and fewer products, at the price of an (out, in) fp32 tensor per layer saved for
+    #: the backward. Off by default (VeRA's point is memory); VeraModel.set_keep_merged_weight switches it.
+    keep_merged_weight: bool = False
     #: Per-sample adapter names set by VeraModel for one compiled mixed-batch call (see batch_adapter_names),
     #: None otherwise. Adapters this layer lacks run on the base layer alone.
     _batch_adapter_names: Optional[list[str]] = None
@@ -343,13 +347,16 @@ class VeraLinear(nn.Module):
             name, active = active[0], active[1:]
             # Under autocast the op casts x/weight/bias to the autocast dtype; A/B come from the cache already cast.
             A, B, ld, lb = self._adapter_operands(name, compute_dtype, x.device)
-            result = ops.vera_linear_forward(x, self.base_layer.weight, self.base_layer.bias, A, B, ld, lb)
+            w = self.base_layer
+            result = _fused(x, w.weight, w.bias, A, B, ld, lb, None, self.vera_projection, self.keep_merged_weight)
         else:
             result = self.base_layer(x, *args, **kwargs)
         for name in active:
             x_c = x if x.dtype == result.dtype else x.to(result.dtype)
             A, B, ld, lb = self._adapter_operands(name, autocast_dtype(result), result.device)
-            result = ops.vera_forward(self.vera_dropout[name](x_c), result, A, B, ld, lb)
+            drop = self.vera_dropout[name]
+            shared = None if self._dropout_active(name) else self.vera_projection  # (dropped x is its own)
+            result = _added(drop(x_c), result, A, B, ld, lb, None, shared)
         return _restore_dtype(result, previous_dtype)
 
     def _forward_single_fused(self, x: Tensor) -> Optional[Tensor]:
@@ -385,7 +392,9 @@ class VeraLinear(nn.Module):
         A, B = modules["vera_projection"].sliced(self.r[name], self.in_features, self.out_features, x.dtype, x.device)
         acc = opmath_dtype(x.dtype)
         lambda_b = _as(modules["vera_lambda_b"]._parameters[name], acc)
-        return ops.vera_linear_forward(x, weight, base._parameters["bias"], A, B, _as(lambda_d, acc), lambda_b)
+        bias = base._parameters["bias"]
+        projection = modules["vera_projection"]
+        return _fused(x, weight, bias, A, B, _as(lambda_d, acc), lambda_b, None, projection, self.keep_merged_weight)
 
     def _forward_mixed(self, x: Tensor, names: list[str], args, kwargs) -> Tensor:
         if self.merged:
@@ -428,7 +437,7 @@ class VeraLinear(nn.Module):
             A, B = self.vera_projection.sliced(r_max, self.in_features, self.out_features, compute_dtype, x.device)
             w = self.base_layer
             return _restore_dtype(
-                ops.vera_linear_forward(x, w.weight, w.bias, A, B, lambda_d, lambda_b, idx), previous_dtype
+                _fused(x, w.weight, w.bias, A, B, lambda_d, lambda_b, idx, self.vera_projection, False), previous_dtype
             )
         result = self.base_layer(x, *args, **kwargs)
         if x_d.dtype != result.dtype:
@@ -436,7 +445,10 @@ class VeraLinear(nn.Module):
         A, B = self.vera_projection.sliced(
             r_max, self.in_features, self.out_features, autocast_dtype(result), result.device
         )
-        return _restore_dtype(ops.vera_forward(x_d, result, A, B, lambda_d, lambda_b, idx), previous_dtype)
+        return _restore_dtype(
+            _added(x_d, result, A, B, lambda_d, lambda_b, idx, self.vera_projection if x_d is x else None),
+            previous_dtype,
+        )
 
     def _mixed_dropout(self, x: Tensor, names: list[str], rows_per_sample: int) -> Tensor:
         """Each sample gets its adapter's dropout (rows of "__base__" need none: their adapter term is 0)."""
@@ -452,6 +464,44 @@ class VeraLinear(nn.Module):
 
     def __repr__(self) -> str:
         return "vera." + super().__repr__()
+
+
+#: Rows up to which the forward ops take their fused one-pass path, per device type (csrc: kDecodeMaxRows).
+_DECODE_MAX_ROWS: dict[str, int] = _C.build_info()["decode_max_rows"]
+
+
+def _training_step(x: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> bool:
+    """Whether this call runs the training form (docs/DESIGN.md §2.7), with u computed once for every layer reading
+    x (shared_input): when it builds a graph for a backward and has more rows than the one-pass forward takes
+    (that path computes small batches in one fp32 pass, more precisely than the GEMMs, and sharing saves nothing
+    there); else the forward ops."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or lambda_d.requires_grad or lambda_b.requires_grad)):
+        return False
+    if torch.compiler.is_compiling():  # (no branch on sizes: each would be a guard, and a recompile at the line)
+        return True
+    return x.numel() > _DECODE_MAX_ROWS.get(x.device.type, 0) * x.shape[-1]
+
+
+def _fused(x, weight, bias, A, B, lambda_d, lambda_b, idx, shared: Optional[VeraProjection], keep: bool) -> Tensor:
+    """``F.linear(x, weight, bias)`` plus the adapter term: one of the two fused forms. ``shared``: the projection
+    A was sliced from, when u may be shared with the other layers reading x (None: a private x, e.g. dropped)."""
+    if not _training_step(x, lambda_d, lambda_b):
+        return ops.vera_linear_forward(x, weight, bias, A, B, lambda_d, lambda_b, idx)
+    u = ops.vera_project(x, A) if shared is None else shared_input.projected(x, A, shared)
+    data = autocast_dtype(x)
+    merged = "none"
+    # (W + dW only where rounding it adds no error, and not under torch.compile: see _training_step)
+    if idx is None and data == opmath_dtype(data) and not torch.compiler.is_compiling():
+        merged = ops.merged_weight_mode(u.shape[0], A.shape[1], B.shape[0], A.shape[0], x.requires_grad, keep)
+    return ops.vera_linear_apply(x, u, weight, bias, A, B, lambda_d, lambda_b, idx, merged)
+
+
+def _added(x, base_out, A, B, lambda_d, lambda_b, idx, shared: Optional[VeraProjection]) -> Tensor:
+    """``base_out`` plus the adapter term of x (dropout applied by the caller: a dropped x is not shared)."""
+    if not _training_step(x, lambda_d, lambda_b):
+        return ops.vera_forward(x, base_out, A, B, lambda_d, lambda_b, idx)
+    u = ops.vera_project(x, A) if shared is None else shared_input.projected(x, A, shared)
+    return ops.vera_apply(u, base_out, A, B, lambda_d, lambda_b, idx)
 
 
 def _check_rank(r) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, shared_input
 from .config import VeraConfig
 from .hf_integration import is_transformers_model, peft_recognised_class
 from .layer import BASE_ADAPTER, VeraLinear
@@ -315,6 +315,16 @@ class VeraModel(nn.Module):
         for p in self._adapter_parameters():
             p.requires_grad_(False)
 
+    def set_keep_merged_weight(self, enabled: bool = True) -> None:
+        """fp32/fp64 training: let every VeRA layer keep W + dW from its forward for its backward where that pays
+        (dW formed once per step, about 10 instead of 14 adapter products per q/k/v/o block at N >= in_features/3),
+        at the price of one (out, in) fp32 tensor per layer saved for the backward (VeraLinear.keep_merged_weight).
+        Off by default: it can take activation memory above LoRA's."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {enabled!r}")
+        for layer in self.vera_layers().values():
+            layer.keep_merged_weight = enabled
+
     def enable_adapter_layers(self) -> None:
         self._enable(True)
         self._activate(self.active_adapters)
@@ -385,6 +395,16 @@ class VeraModel(nn.Module):
 
     def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
         """Run the model. ``adapter_names``: one adapter per sample (``"__base__"``: none) for a mixed batch."""
+        if torch.compiler.is_compiling() and not _checkpointing(self.model):
+            # (eager shares u without a scope; a compiled forward needs one: see vera_ext.shared_input)
+            previous = shared_input.open_scope()
+            try:
+                return self._run(args, kwargs, adapter_names)
+            finally:
+                shared_input.close_scope(previous)
+        return self._run(args, kwargs, adapter_names)
+
+    def _run(self, args, kwargs, adapter_names):
         if adapter_names is None:
             return self.model(*args, **kwargs)
         names = check_adapter_names(self, adapter_names, args, kwargs)
@@ -510,6 +530,12 @@ def _add_layer_projections(module: "VeraModel", state_dict: dict, prefix: str, *
         for key in _layer_projection_keys(module, prefix):
             if key.endswith(f".{name}"):
                 state_dict.setdefault(key, value)
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model has activation checkpointing on (its 5.x and 4.x names)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
 
 
 def _make_inputs_require_grad(model: nn.Module) -> None:

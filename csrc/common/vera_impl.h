@@ -99,6 +99,20 @@ Tensor input_grad_from_gv(const Tensor& grad_out, const Tensor& gv, const Tensor
   return weight.has_value() ? at::mm(grad_out, *weight).addmm_(gh, a.A) : at::mm(gh, a.A);
 }
 
+// x (N, I), weight (O, I) and bias (O) of a fused nn.Linear.
+inline void check_linear_args(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
+  check_activation(x, "x");
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (out_features, in_features), got shape ", weight.sizes());
+  // (x is checked against weight, not the other way round: the caller's input is what is usually wrong)
+  TORCH_CHECK(x.size(1) == weight.size(1), "x must have in_features=", weight.size(1),
+              " as its last dimension (weight has shape ", weight.sizes(), "), got x of shape ", x.sizes());
+  check_like(weight, "weight", {weight.size(0), x.size(1)}, x, "x");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1, "bias must be 1-D (out_features,), got shape ", bias->sizes());
+    check_like(bias->unsqueeze(0), "bias", {1, weight.size(0)}, x, "x");
+  }
+}
+
 template <class P>
 std::tuple<Tensor, Tensor> vera_forward(const Tensor& x, const Tensor& base_out, const Tensor& A, const Tensor& B,
                                         const Tensor& lambda_d, const Tensor& lambda_b,
@@ -124,13 +138,7 @@ std::tuple<Tensor, Tensor> vera_linear_forward(const Tensor& x, const Tensor& we
                                                const Tensor& lambda_b, const OptTensor& adapter_idx_arg) {
   const OptTensor adapter_idx = contiguous_idx(adapter_idx_arg);
   const AdapterArgs a{A, B, lambda_d, lambda_b, adapter_idx};
-  check_activation(x, "x");
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (out_features, in_features), got shape ", weight.sizes());
-  check_like(weight, "weight", {weight.size(0), x.size(1)}, x, "x");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1, "bias must be 1-D (out_features,), got shape ", bias->sizes());
-    check_like(bias->unsqueeze(0), "bias", {1, weight.size(0)}, x, "x");
-  }
+  check_linear_args(x, weight, bias);
   check_adapter(a, x, "x", x.size(1), weight.size(0));
   if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
   if (use_decode<P>(x)) return P::decode_forward(x, weight, bias, c10::nullopt, a);
@@ -145,6 +153,61 @@ std::tuple<Tensor, Tensor> vera_linear_forward(const Tensor& x, const Tensor& we
   return {y, u};
 }
 
+// The adapter's gradients up to u, given grad_out (N, O) and the saved u (N, r): gh = dL/du (N, r) and both lambda
+// gradients, each formed only when asked for.
+struct AdapterGrads {
+  Tensor gh, grad_ld, grad_lb;
+};
+
+template <class P>
+AdapterGrads adapter_grads(const Tensor& grad_out, const Tensor& u, const AdapterArgs& a, bool need_gh, bool need_ld,
+                           bool need_lb) {
+  const OptTensor& idx = a.adapter_idx;
+  const Tensor ld = as_rows(a.lambda_d), lb = as_rows(a.lambda_b);
+  const int64_t rows = grad_out.size(0), r = a.lambda_d.size(-1);
+  AdapterGrads g;
+  if (use_rowwise(rows, r, idx.has_value())) {
+    // gv = (lambda_b[a(n)] * grad_out) @ B, the gradient w.r.t. h (N, r); z = h @ B^T for lambda_b.
+    Tensor gv;
+    if (need_gh || need_ld) gv = at::mm(P::col_scale(grad_out, lb, idx), a.B);
+    if (need_gh) g.gh = P::col_scale(gv, ld, idx);
+    if (need_ld) g.grad_ld = P::col_dot_reduce(gv, u, idx, ld.size(0));
+    if (need_lb) g.grad_lb = P::col_dot_reduce(grad_out, at::mm(P::col_scale(u, ld, idx), a.B.t()), idx, lb.size(0));
+    if (!idx.has_value()) {
+      if (g.grad_ld.defined()) g.grad_ld = g.grad_ld.view({r});
+      if (g.grad_lb.defined()) g.grad_lb = g.grad_lb.view({grad_out.size(1)});
+    }
+    return g;
+  }
+  // One adapter, dense: both lambda gradients come from the (O, r) GEMM q = grad_out^T u over the N rows,
+  //   dlambda_b[o] = sum_k B[o, k] lambda_d[k] q[o, k],   dlambda_d[k] = sum_o lambda_b[o] B[o, k] q[o, k],
+  // so no (N, O) or (N, r) gradient is formed for them. B_hat = diag(lambda_b) B serves dlambda_d and gh.
+  Tensor b_hat;
+  if (need_ld || need_gh) b_hat = P::row_scale(a.B, a.lambda_b, grad_out.scalar_type());
+  if (need_ld || need_lb) {
+    Tensor q = at::mm(grad_out.t(), u);
+    if (need_ld) g.grad_ld = P::col_dot_reduce(b_hat, q, c10::nullopt, 1).view({r});
+    if (need_lb) g.grad_lb = P::row_dot(P::col_scale(q, ld, c10::nullopt), a.B);
+  }
+  if (need_gh) g.gh = P::col_scale(at::mm(grad_out, b_hat), ld, c10::nullopt);
+  return g;
+}
+
+// Checks of the backward ops: grad_out (N, O), u (N, r), the adapter, and the weight grad_x is taken through.
+template <class P>
+void check_backward_args(const Tensor& grad_out, const Tensor& u, const AdapterArgs& a, const OptTensor& weight) {
+  check_activation(grad_out, "grad_out");
+  const int64_t rows = grad_out.size(0), r = a.lambda_d.size(-1);
+  TORCH_CHECK(u.dim() == 2, "u must be 2-D (rows, r), got shape ", u.sizes());
+  check_like(u, "u", {rows, u.size(1)}, grad_out, "grad_out");
+  check_adapter(a, grad_out, "grad_out", a.A.dim() == 2 ? a.A.size(1) : -1, grad_out.size(1));
+  TORCH_CHECK(u.size(1) == r, "u must have shape (rows, r=", r, "), got shape ", u.sizes());
+  if (weight.has_value()) check_like(*weight, "weight", {grad_out.size(1), a.A.size(1)}, grad_out, "grad_out");
+  if (a.adapter_idx.has_value()) P::check_adapter_idx(*a.adapter_idx, num_adapters(a));
+}
+
+inline Tensor or_empty(const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); }
+
 template <class P>
 std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad_out, const Tensor& u, const Tensor& A,
                                                  const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
@@ -152,56 +215,114 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad_out, const T
                                                  std::array<bool, 3> output_mask) {
   const OptTensor adapter_idx = contiguous_idx(adapter_idx_arg);
   const AdapterArgs a{A, B, lambda_d, lambda_b, adapter_idx};
-  check_activation(grad_out, "grad_out");
+  check_backward_args<P>(grad_out, u, a, weight);
   const int64_t rows = grad_out.size(0), r = lambda_d.size(-1);
-  TORCH_CHECK(u.dim() == 2, "u must be 2-D (rows, r), got shape ", u.sizes());
-  check_like(u, "u", {rows, u.size(1)}, grad_out, "grad_out");
-  check_adapter(a, grad_out, "grad_out", A.dim() == 2 ? A.size(1) : -1, grad_out.size(1));
-  TORCH_CHECK(u.size(1) == r, "u must have shape (rows, r=", r, "), got shape ", u.sizes());
-  if (weight.has_value()) check_like(*weight, "weight", {grad_out.size(1), A.size(1)}, grad_out, "grad_out");
-  if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
-
-  const Tensor ld = as_rows(lambda_d), lb = as_rows(lambda_b);
-  Tensor grad_x, grad_ld, grad_lb;
-
-  if (use_rowwise(rows, r, adapter_idx.has_value())) {
-    // gv = (lambda_b[a(n)] * grad_out) @ B, the gradient w.r.t. h (N, r); z = h @ B^T for lambda_b.
-    Tensor gv;
-    if (output_mask[0] || output_mask[1]) gv = at::mm(P::col_scale(grad_out, lb, adapter_idx), B);
-    if (output_mask[0]) grad_x = input_grad_from_gv<P>(grad_out, gv, ld, a, weight);
-    if (output_mask[1]) grad_ld = P::col_dot_reduce(gv, u, adapter_idx, ld.size(0));
-    if (output_mask[2]) {
-      grad_lb = P::col_dot_reduce(grad_out, at::mm(P::col_scale(u, ld, adapter_idx), B.t()), adapter_idx, lb.size(0));
-    }
-    if (!adapter_idx.has_value()) {
-      if (grad_ld.defined()) grad_ld = grad_ld.view({r});
-      if (grad_lb.defined()) grad_lb = grad_lb.view({grad_out.size(1)});
-    }
-  } else {
-    // One adapter, dense: both lambda gradients come from the (O, r) GEMM q = grad_out^T u over the N rows,
-    //   dlambda_b[o] = sum_k B[o, k] lambda_d[k] q[o, k],   dlambda_d[k] = sum_o lambda_b[o] B[o, k] q[o, k],
-    // so no (N, O) or (N, r) gradient is formed for them.
-    const bool merged_grad_x =
-        output_mask[0] && weight.has_value() && use_merged_backward(rows, A.size(1), grad_out.size(1), r, a);
-    // B_hat = diag(lambda_b) B, formed once for dlambda_d and the unmerged grad_x (q has grad_out's dtype).
-    Tensor b_hat;
-    if (output_mask[1] || (output_mask[0] && !merged_grad_x)) {
-      b_hat = P::row_scale(B, lambda_b, grad_out.scalar_type());
-    }
-    if (output_mask[1] || output_mask[2]) {
-      Tensor q = at::mm(grad_out.t(), u);
-      if (output_mask[1]) grad_ld = P::col_dot_reduce(b_hat, q, c10::nullopt, 1).view({r});
-      if (output_mask[2]) grad_lb = P::row_dot(P::col_scale(q, ld, c10::nullopt), B);
-    }
-    if (merged_grad_x) {
-      grad_x = at::mm(grad_out, merged_weight<P>(a, *weight));
-    } else if (output_mask[0]) {
-      grad_x = input_grad_from_gv<P>(grad_out, at::mm(grad_out, b_hat), ld, a, weight);
-    }
+  // grad_x through W + delta_W (one GEMM) instead of grad_out @ W + gh @ A, where that pays (merged_weight_allowed).
+  const bool merged_grad_x = output_mask[0] && weight.has_value() && !use_rowwise(rows, r, adapter_idx.has_value()) &&
+                             use_merged_backward(rows, A.size(1), grad_out.size(1), r, a);
+  const bool need_gh = output_mask[0] && !merged_grad_x;
+  AdapterGrads g = adapter_grads<P>(grad_out, u, a, need_gh, output_mask[1], output_mask[2]);
+  Tensor grad_x;
+  if (merged_grad_x) {
+    grad_x = at::mm(grad_out, merged_weight<P>(a, *weight));
+  } else if (output_mask[0]) {
+    grad_x = weight.has_value() ? at::mm(grad_out, *weight).addmm_(g.gh, A) : at::mm(g.gh, A);
   }
-  auto empty = [&] { return at::empty({0}, grad_out.options()); };
-  return {grad_x.defined() ? grad_x : empty(), grad_ld.defined() ? grad_ld : empty(),
-          grad_lb.defined() ? grad_lb : empty()};
+  return {or_empty(grad_x, grad_out), or_empty(g.grad_ld, grad_out), or_empty(g.grad_lb, grad_out)};
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// The training form (docs/DESIGN.md §2.7): u = x A^T is an input, computed once (vera_project) for every layer that
+// reads the same x with the same A. Its gradient leaves the apply ops as grad_u, and autograd sums it over those
+// layers before the one grad_u @ A of vera_project's backward.
+
+template <class P>
+Tensor vera_project(const Tensor& x, const Tensor& A) {
+  check_activation(x, "x");
+  TORCH_CHECK(A.dim() == 2 && A.size(1) == x.size(1), "A must have shape (r, in_features=", x.size(1),
+              ") (slice the shared projection as vera_A[:r, :in_features]), got shape ", A.sizes());
+  check_like(A, "A", A.sizes(), x, "x");
+  return at::mm(x, A.t());
+}
+
+// u (N, r) as an apply op's input: 2-D, one row per row of ref, r columns, ref's dtype and device.
+inline void check_u(const Tensor& u, const Tensor& ref, const char* ref_name, int64_t r) {
+  TORCH_CHECK(u.dim() == 2, "u must be 2-D (rows, r), got shape ", u.sizes());
+  check_like(u, "u", {ref.size(0), r}, ref, ref_name);
+}
+
+template <class P>
+Tensor vera_apply(const Tensor& u, const Tensor& base_out, const Tensor& A, const Tensor& B, const Tensor& lambda_d,
+                  const Tensor& lambda_b, const OptTensor& adapter_idx_arg) {
+  const OptTensor adapter_idx = contiguous_idx(adapter_idx_arg);
+  const AdapterArgs a{A, B, lambda_d, lambda_b, adapter_idx};
+  check_activation(base_out, "base_out");
+  check_adapter(a, base_out, "base_out", A.dim() == 2 ? A.size(1) : -1, base_out.size(1));
+  check_u(u, base_out, "base_out", lambda_d.size(-1));
+  if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
+  Tensor h = P::col_scale(u, as_rows(lambda_d), adapter_idx);
+  return adapter_output<P>(h, a, base_out, /*base_is_ours=*/false);
+}
+
+// merged (docs/DESIGN.md §2.7): the forward runs through W + delta_W for "forward", "both" and "kept", and "kept"
+// returns it for the backward to reuse (delta_W formed once per step); the second output is empty otherwise. The
+// backward's share ("backward", "both") is vera_apply_backward's add_delta. The caller chooses
+// (vera_ext/ops.py: merged_weight_mode).
+template <class P>
+std::tuple<Tensor, Tensor> vera_linear_apply(const Tensor& x, const Tensor& u, const Tensor& weight,
+                                             const OptTensor& bias, const Tensor& A, const Tensor& B,
+                                             const Tensor& lambda_d, const Tensor& lambda_b,
+                                             const OptTensor& adapter_idx_arg, c10::string_view merged) {
+  const OptTensor adapter_idx = contiguous_idx(adapter_idx_arg);
+  const AdapterArgs a{A, B, lambda_d, lambda_b, adapter_idx};
+  const bool in_forward = merged == "forward" || merged == "both" || merged == "kept";
+  TORCH_CHECK(in_forward || merged == "none" || merged == "backward",
+              "merged must be \"none\", \"forward\", \"backward\", \"both\" or \"kept\", got \"", merged, "\"");
+  check_linear_args(x, weight, bias);
+  check_adapter(a, x, "x", x.size(1), weight.size(0));
+  check_u(u, x, "x", lambda_d.size(-1));
+  if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
+  if (merged != "none") {
+    TORCH_CHECK(
+        merged_weight_allowed(a, x), "merged=\"", merged,
+        "\" needs one adapter (no adapter_idx) and float32 " "or float64 data (rounding W + delta_W to a lower precision would add error), got x of dtype ",
+        x.scalar_type(), adapter_idx.has_value() ? " with adapter_idx" : "");
+  }
+  if (in_forward) {
+    Tensor w_merged = merged_weight<P>(a, weight);
+    Tensor y = at::linear(x, w_merged, bias);
+    return {y, merged == "kept" ? w_merged : at::empty({0}, x.options())};
+  }
+  Tensor base = at::linear(x, weight, bias);
+  Tensor h = P::col_scale(u, as_rows(lambda_d), adapter_idx);
+  return {adapter_output<P>(h, a, base, /*base_is_ours=*/true), at::empty({0}, x.options())};
+}
+
+// (grad_x, grad_u, grad_lambda_d, grad_lambda_b) of the apply ops. grad_x = grad_out @ weight, the base term, or the
+// whole input gradient through W + delta_W: weight is the one a merged forward kept, or add_delta forms it here.
+template <class P>
+std::tuple<Tensor, Tensor, Tensor, Tensor> vera_apply_backward(const Tensor& grad_out, const Tensor& u, const Tensor& A,
+                                                               const Tensor& B, const Tensor& lambda_d,
+                                                               const Tensor& lambda_b, const OptTensor& adapter_idx_arg,
+                                                               const OptTensor& weight, bool add_delta,
+                                                               std::array<bool, 4> output_mask) {
+  const OptTensor adapter_idx = contiguous_idx(adapter_idx_arg);
+  const AdapterArgs a{A, B, lambda_d, lambda_b, adapter_idx};
+  check_backward_args<P>(grad_out, u, a, weight);
+  TORCH_CHECK(!output_mask[0] || weight.has_value(), "output_mask[0] (grad_x) needs weight");
+  if (add_delta) {
+    TORCH_CHECK(
+        weight.has_value() && !output_mask[1],
+        "add_delta takes the whole input gradient through weight + delta_W: it needs weight and leaves " "grad_u (output_mask[1]) out");
+    TORCH_CHECK(merged_weight_allowed(a, grad_out),
+                "add_delta needs one adapter (no adapter_idx) and float32 or " "float64 data, got grad_out of dtype ",
+                grad_out.scalar_type());
+  }
+  Tensor grad_x;
+  if (output_mask[0]) grad_x = at::mm(grad_out, add_delta ? merged_weight<P>(a, *weight) : *weight);
+  AdapterGrads g = adapter_grads<P>(grad_out, u, a, output_mask[1], output_mask[2], output_mask[3]);
+  return {or_empty(grad_x, grad_out), or_empty(g.gh, grad_out), or_empty(g.grad_ld, grad_out),
+          or_empty(g.grad_lb, grad_out)};
 }
 
 inline void check_merge_args(const AdapterArgs& a) {

@@ -153,6 +153,27 @@ std::tuple<Tensor, Tensor, Tensor> op_vera_backward(const Tensor& grad_out, cons
   return vera::vera_backward<EmuPrims>(grad_out, u, A, B, lambda_d, lambda_b, idx, weight, output_mask);
 }
 
+Tensor op_vera_apply(const Tensor& u, const Tensor& base_out, const Tensor& A, const Tensor& B, const Tensor& lambda_d,
+                     const Tensor& lambda_b, const OptTensor& idx) {
+  return vera::vera_apply<EmuPrims>(u, base_out, A, B, lambda_d, lambda_b, idx);
+}
+
+std::tuple<Tensor, Tensor> op_vera_linear_apply(const Tensor& x, const Tensor& u, const Tensor& weight,
+                                                const OptTensor& bias, const Tensor& A, const Tensor& B,
+                                                const Tensor& lambda_d, const Tensor& lambda_b, const OptTensor& idx,
+                                                c10::string_view merged) {
+  return vera::vera_linear_apply<EmuPrims>(x, u, weight, bias, A, B, lambda_d, lambda_b, idx, merged);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> op_vera_apply_backward(const Tensor& grad_out, const Tensor& u,
+                                                                  const Tensor& A, const Tensor& B,
+                                                                  const Tensor& lambda_d, const Tensor& lambda_b,
+                                                                  const OptTensor& idx, const OptTensor& weight,
+                                                                  bool add_delta, std::array<bool, 4> output_mask) {
+  return vera::vera_apply_backward<EmuPrims>(grad_out, u, A, B, lambda_d, lambda_b, idx, weight, add_delta,
+                                             output_mask);
+}
+
 void op_vera_merge_(Tensor weight, const Tensor& A, const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
                     double alpha, bool fan_in_fan_out, bool safe) {
   vera::vera_merge_<EmuPrims>(weight, A, B, lambda_d, lambda_b, alpha, fan_in_fan_out, safe);
@@ -215,6 +236,15 @@ TORCH_LIBRARY(vera_emu, m) {
   m.def(
       "op_vera_backward(Tensor grad_out, Tensor u, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, " "Tensor? adapter_idx, Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
       &op_vera_backward);
+  m.def(
+      "op_vera_apply(Tensor u, Tensor base_out, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, " "Tensor? adapter_idx=None) -> Tensor",
+      &op_vera_apply);
+  m.def(
+      "op_vera_linear_apply(Tensor x, Tensor u, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor lambda_d, " "Tensor lambda_b, Tensor? adapter_idx=None, str merged=\"none\") -> (Tensor, Tensor)",
+      &op_vera_linear_apply);
+  m.def(
+      "op_vera_apply_backward(Tensor grad_out, Tensor u, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, " "Tensor? adapter_idx, Tensor? weight, bool add_delta, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+      &op_vera_apply_backward);
   m.def(
       "op_vera_merge_(Tensor(a!) weight, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, float alpha, " "bool fan_in_fan_out, bool safe) -> ()",
       &op_vera_merge_);
