@@ -168,7 +168,9 @@ def test_safe_merge_refuses_broken_adapter_and_keeps_everything():
 def test_wrong_input_features_keep_adapter():
     layer = make_layer()
     snap = snapshot(layer)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(
+        RuntimeError, match=r"x must have in_features=12 as its last dimension, got x of shape \(3, 11\)"
+    ):
         layer(torch.randn(3, 11))
     assert_unchanged(layer, snap)
 

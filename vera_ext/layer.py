@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import _C, ops, shared_input
 from .autocast import autocast_dtype, autocast_enabled
-from .batch_context import BATCH_ADAPTER_NAMES, batch_adapter_names
+from .batch_context import batch_adapter_names
 from .precision import opmath_dtype
 from .projection import VeraProjection
 from .targets import in_out_features, is_conv1d
@@ -38,6 +38,20 @@ def _base_device(base: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+class _ForwardPlan(NamedTuple):
+    """VeraLinear.forward's decisions for one state (docs/DESIGN.md §6): ``kind`` "disabled" (base layer alone,
+    unmerging first), "base" (merged or no active adapter) or "adapters": ``fused`` the adapter the fused op takes
+    with the base GEMM (None: the base layer runs on its own), then each of ``added`` (name, projection to share u
+    through or None) added to the result."""
+
+    key: Optional[tuple]
+    kind: str
+    compute_dtype: Optional[torch.dtype] = None
+    fused: Optional[str] = None
+    added: tuple = ()
+    dropout_modes: tuple = ()  # (dropout module, its training flag when planned): a change re-plans
+
+
 class VeraLinear(nn.Module):
     """VeRA (arXiv 2310.11454) around ``base_layer``: ``y = base(x) + lambda_b * (B_l (lambda_d * (A_l dropout(x))))``.
 
@@ -60,6 +74,7 @@ class VeraLinear(nn.Module):
     #: Per-sample adapter names set by VeraModel for one compiled mixed-batch call (see batch_adapter_names),
     #: None otherwise. Adapters this layer lacks run on the base layer alone.
     _batch_adapter_names: Optional[list[str]] = None
+    _plan: Optional[_ForwardPlan] = None  # the last forward plan (dropped when adapters change)
 
     def __init__(
         self,
@@ -128,6 +143,7 @@ class VeraLinear(nn.Module):
         lambda_d = nn.Parameter(torch.empty(r, device=device))
         init = {"d_initial": d_initial, "init_weights": init_weights, "round_to": None}
         _initialize_lambdas(lambda_b, lambda_d, init)
+        self._plan = None
         self.r[adapter_name] = int(r)
         self._lambda_init[adapter_name] = init
         self.vera_lambda_b[adapter_name] = lambda_b
@@ -188,6 +204,7 @@ class VeraLinear(nn.Module):
         self._require_known([adapter_name])
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before deleting it")
+        self._plan = None
         for store in (self.vera_lambda_b, self.vera_lambda_d, self.vera_dropout):
             del store[adapter_name]
         del self.r[adapter_name]
@@ -231,7 +248,8 @@ class VeraLinear(nn.Module):
         return self.base_layer.weight
 
     def _adapter_operands(self, name: str, dtype: torch.dtype, device: torch.device):
-        A, B = self.vera_projection.sliced(self.r[name], self.in_features, self.out_features, dtype, device)
+        projection = self._modules["vera_projection"]
+        A, B = projection.sliced(self.r[name], self.in_features, self.out_features, dtype, device)
         acc = opmath_dtype(dtype)
         # ParameterDict stores each entry under its key; reading _parameters directly skips ~2 us of lookup per
         # lambda on the decode path.
@@ -299,14 +317,13 @@ class VeraLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def _fusable(self, x: Tensor, compute_dtype: torch.dtype, args, kwargs) -> bool:
+    def _fusable(self, compute_dtype: torch.dtype, has_args: bool) -> bool:
         """Whether the fused linear op can stand in for base_layer(x); ``compute_dtype`` is autocast_dtype(x)."""
         base = self.base_layer
         return (
             type(base) is nn.Linear
             and not self.fan_in_fan_out
-            and not args
-            and not kwargs
+            and not has_args
             and not base._forward_hooks
             and not base._forward_pre_hooks
             # (under autocast both are cast to the autocast dtype, as nn.Linear's own GEMM does)
@@ -317,84 +334,88 @@ class VeraLinear(nn.Module):
         drop = self.vera_dropout[name]
         return isinstance(drop, nn.Dropout) and drop.p > 0 and drop.training
 
+    def _check_input(self, x) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"x must be a Tensor of shape (..., in_features={self.in_features}), got {type(x).__name__}"
+            )
+        if x.dim() == 0 or x.shape[-1] != self.in_features:  # (RuntimeError, as nn.Linear and PEFT raise)
+            raise RuntimeError(
+                f"x must have in_features={self.in_features} as its last dimension, got x of shape {tuple(x.shape)}"
+            )
+
+    def _plan_key(self, x: Tensor, has_args: bool) -> tuple:
+        """Everything the forward's decisions depend on, besides the adapters (a change to those drops the plan)."""
+        base = self._modules["base_layer"]
+        device_type = x.device.type
+        return (
+            self._disable_adapters,
+            bool(self.merged_adapters),
+            self._active_adapter,
+            self.training,
+            x.dtype,
+            x.device,
+            torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else None,
+            has_args,
+            base,
+            bool(base._forward_hooks or base._forward_pre_hooks),
+        )
+
+    def _forward_plan(self, x: Tensor, has_args: bool) -> "_ForwardPlan":
+        """What forward does for this call: computed once and reused while adapters, modes, dtypes, devices, hooks
+        and autocast stay as they were (the key), or traced afresh under torch.compile."""
+        if torch.compiler.is_compiling():
+            return self._make_plan(None, x, has_args)
+        key = self._plan_key(x, has_args)
+        plan = self._plan
+        if plan is None or plan.key != key or (plan.dropout_modes and _dropout_mode_changed(plan)):
+            plan = self._plan = self._make_plan(key, x, has_args)
+        return plan
+
+    def _make_plan(self, key, x: Tensor, has_args: bool) -> "_ForwardPlan":
+        if self._disable_adapters:
+            return _ForwardPlan(key, "disabled")
+        active = [n for n in self._active_adapter if n in self.vera_lambda_d]
+        if self.merged or not active:
+            return _ForwardPlan(key, "base")
+        drops = [self.vera_dropout[n] for n in active]
+        dropout_modes = tuple((d, d.training) for d in drops if isinstance(d, nn.Dropout) and d.p > 0)
+        compute_dtype = autocast_dtype(x)
+        fused = None
+        if self._fusable(compute_dtype, has_args) and not self._dropout_active(active[0]):
+            fused, active = active[0], active[1:]
+        added = tuple((n, None if self._dropout_active(n) else self.vera_projection) for n in active)
+        return _ForwardPlan(key, "adapters", compute_dtype, fused, added, dropout_modes)
+
     def forward(self, x: Tensor, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs) -> Tensor:
         """``x``: (..., in_features). ``adapter_names``: one adapter name per sample (``x.shape[0]``; for a 1-D x
         one name), ``"__base__"`` for none: the whole mixed batch runs in one pass."""
-        if adapter_names is None and not args and not kwargs:
-            y = self._forward_single_fused(x)
-            if y is not None:
-                return y
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+        self._check_input(x)
         if adapter_names is None:
             batch_names = batch_adapter_names(self)
-            if batch_names is not None:
+            if batch_names is not None and not self._disable_adapters:
                 adapter_names = [n if n in self.vera_lambda_d else BASE_ADAPTER for n in batch_names]
-        if adapter_names is not None:
+        if adapter_names is not None and not self._disable_adapters:
             return self._forward_mixed(x, list(adapter_names), args, kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = [n for n in self._active_adapter if n in self.vera_lambda_d]
-        if not active:
+        plan = self._forward_plan(x, bool(args or kwargs))
+        if plan.kind != "adapters":
+            if plan.kind == "disabled" and self.merged:
+                self.unmerge()
             return self.base_layer(x, *args, **kwargs)
 
         previous_dtype = x.dtype
-        result = None
-        compute_dtype = autocast_dtype(x)
-        if self._fusable(x, compute_dtype, args, kwargs) and not self._dropout_active(active[0]):
-            name, active = active[0], active[1:]
+        if plan.fused is not None:
             # Under autocast the op casts x/weight/bias to the autocast dtype; A/B come from the cache already cast.
-            A, B, ld, lb = self._adapter_operands(name, compute_dtype, x.device)
-            w = self.base_layer
-            result = _fused(x, w.weight, w.bias, A, B, ld, lb, None, self.vera_projection, self.keep_merged_weight)
+            A, B, ld, lb = self._adapter_operands(plan.fused, plan.compute_dtype, x.device)
+            w, projection = self._modules["base_layer"]._parameters, self._modules["vera_projection"]
+            result = _fused(x, w["weight"], w["bias"], A, B, ld, lb, None, projection, self.keep_merged_weight)
         else:
             result = self.base_layer(x, *args, **kwargs)
-        for name in active:
+        for name, shared in plan.added:  # (shared: None for an adapter whose dropout gives it its own x)
             x_c = x if x.dtype == result.dtype else x.to(result.dtype)
             A, B, ld, lb = self._adapter_operands(name, autocast_dtype(result), result.device)
-            drop = self.vera_dropout[name]
-            shared = None if self._dropout_active(name) else self.vera_projection  # (dropped x is its own)
-            result = _added(drop(x_c), result, A, B, ld, lb, None, shared)
+            result = _added(self.vera_dropout[name](x_c), result, A, B, ld, lb, None, shared)
         return _restore_dtype(result, previous_dtype)
-
-    def _forward_single_fused(self, x: Tensor) -> Optional[Tensor]:
-        """The general forward's most common case in few Python steps: at decode sizes the op takes tens of
-        microseconds and the general path's checks and lookups cost another ~15, so they matter. Applies when the
-        call is eager, one adapter is active and unmerged, no mixed batch is in progress, the base is a plain
-        ``nn.Linear`` without hooks, the adapter's dropout is inactive, autocast is off and x has the weight's dtype;
-        returns None otherwise, and the general path decides. For every input it takes, the general path would
-        run the same op on the same operands (tests/test_layer_fast_path.py checks that both agree)."""
-        if (
-            self._disable_adapters
-            or self.merged_adapters
-            or len(self._active_adapter) != 1
-            or self.fan_in_fan_out
-            or torch.compiler.is_compiling()
-            or BATCH_ADAPTER_NAMES.get() is not None
-        ):
-            return None
-        modules = self._modules  # (direct reads: nn.Module.__getattr__ costs ~0.5 us per submodule)
-        base = modules["base_layer"]
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
-            return None
-        name = self._active_adapter[0]
-        lambda_d = modules["vera_lambda_d"]._parameters.get(name)
-        if lambda_d is None:
-            return None
-        drop = modules["vera_dropout"]._modules[name]
-        if drop.training and isinstance(drop, nn.Dropout) and drop.p > 0:
-            return None
-        weight = base._parameters["weight"]
-        if x.dtype != weight.dtype or autocast_enabled(x.device.type):
-            return None
-        A, B = modules["vera_projection"].sliced(self.r[name], self.in_features, self.out_features, x.dtype, x.device)
-        acc = opmath_dtype(x.dtype)
-        lambda_b = _as(modules["vera_lambda_b"]._parameters[name], acc)
-        bias = base._parameters["bias"]
-        projection = modules["vera_projection"]
-        return _fused(x, weight, bias, A, B, _as(lambda_d, acc), lambda_b, None, projection, self.keep_merged_weight)
 
     def _forward_mixed(self, x: Tensor, names: list[str], args, kwargs) -> Tensor:
         if self.merged:
@@ -433,7 +454,7 @@ class VeraLinear(nn.Module):
         x_d = self._mixed_dropout(x, names, rows_per_sample)
 
         compute_dtype = autocast_dtype(x)
-        if self._fusable(x, compute_dtype, args, kwargs) and x_d is x:
+        if self._fusable(compute_dtype, bool(args or kwargs)) and x_d is x:
             A, B = self.vera_projection.sliced(r_max, self.in_features, self.out_features, compute_dtype, x.device)
             w = self.base_layer
             return _restore_dtype(
@@ -502,6 +523,11 @@ def _added(x, base_out, A, B, lambda_d, lambda_b, idx, shared: Optional[VeraProj
         return ops.vera_forward(x, base_out, A, B, lambda_d, lambda_b, idx)
     u = ops.vera_project(x, A) if shared is None else shared_input.projected(x, A, shared)
     return ops.vera_apply(u, base_out, A, B, lambda_d, lambda_b, idx)
+
+
+def _dropout_mode_changed(plan: _ForwardPlan) -> bool:
+    # (a dropout module switched on its own, without the layer's train()/eval())
+    return any(drop.training != mode for drop, mode in plan.dropout_modes)
 
 
 def _check_rank(r) -> None:
