@@ -224,3 +224,4 @@ def test_u_is_not_carried_over_to_the_next_step():
         torch.testing.assert_close(x.grad, fresh.grad)
         x.grad = None
     assert counter.forward == 6  # one u per input and step: shared by q and k, never reused from a step before
+    assert len(shared_input._EAGER[x]) == 1  # and what the earlier steps left is gone

@@ -63,6 +63,8 @@ def projected(x: Tensor, A: Tensor, projection: nn.Module) -> Tensor:
         for entry_key, u in entries:
             if entry_key[0] is projection and entry_key[1:] == key[1:]:
                 return u
+        # (an input held across steps: drop what earlier steps or versions left, so the list stays short)
+        entries[:] = [e for e in entries if e[0][4:] == key[4:]]
     else:
         entries = _EAGER[x] = []
     u = ops.vera_project(x, A)
