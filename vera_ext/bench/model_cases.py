@@ -245,8 +245,9 @@ def same_lambdas(ours: nn.Module, peft: nn.Module, seed: int = SEED + 1) -> None
 
 
 def require_output_grad(model: nn.Module, paths: list[str]) -> None:
-    """The ``frozen`` implementation: a forward hook on each module at ``paths`` makes its output require grad (a
-    leaf: nothing upstream of it is differentiated), so that backward reaches exactly those outputs."""
+    """The ``frozen`` implementation: a forward hook on each module at ``paths`` makes its output require grad when
+    it does not yet (the first layer's: it becomes a leaf, nothing upstream of it is differentiated; later layers'
+    outputs already require grad through the residual stream), so that backward reaches exactly those outputs."""
 
     def hook(_module, _inputs, output):
         if not output.requires_grad:
