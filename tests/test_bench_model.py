@@ -19,7 +19,7 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 QUICK = ["--device", "cpu", "--quick", "--no-progress", "--rounds", "2"]
-TRAIN_IMPLS = {"frozen", "peft_vera", "peft_lora_r32", "peft_lora_r16", "vera_ext"}
+TRAIN_IMPLS = {"frozen", "peft_vera", "peft_lora_r32", "peft_lora_r16", "vera_ext", "vera_ext_keep"}  # (fp32)
 DECODE_IMPLS = {"base", "peft_vera", "vera_ext"}
 
 

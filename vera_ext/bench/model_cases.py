@@ -24,8 +24,10 @@ every linear layer but the output head, as PEFT defines it). Default: qkvo for m
   stops there; its cost over a plain backward is one gradient reference stored per hooked output. Letting the
   embeddings' output require grad instead would add the first layer's input gradients of q, k and v, GEMMs the
   adapters never run), ``peft_vera``, ``peft_lora_r32``, ``peft_lora_r16`` (PEFT's LoRA, its defaults, on the same
-  targets) and ``vera_ext``. Per implementation: the median step and IQR, tokens/s, the activation bytes saved for
-  backward (``saved_bytes``), the overhead over ``frozen`` (step - frozen step) and that overhead over
+  targets), ``vera_ext`` and, for fp32/fp64 models, ``vera_ext_keep`` (the same after
+  ``set_keep_merged_weight(True)``: W + dW kept from the forward for the backward, docs/DESIGN.md §2.7, which trades
+  activation memory for fewer products). Per implementation: the median step and IQR, tokens/s, the activation
+  bytes saved for backward (``saved_bytes``), the overhead over ``frozen`` (step - frozen step) and that overhead over
   peft_vera's, and the step over peft_lora_r32's. Before timing, vera_ext and peft_vera must give the same loss
   and outputs (``check_same_function``; a ValueError otherwise: the case never compares different functions).
 - ``model_decode``: one decoded token per sequence, at batch 1 and 16, eval mode under ``torch.inference_mode``:
@@ -383,6 +385,9 @@ def train_case(spec: ModelSpec, target_set: str, dtype: torch.dtype, device: str
     models = {"frozen": frozen, "peft_vera": peft}
     models.update({f"peft_lora_r{r}": peft_lora(base, r, targets) for r in LORA_RANKS})
     models["vera_ext"] = ours
+    if dtype in (torch.float32, torch.float64):  # (the W + dW paths exist only where rounding it adds no error)
+        models["vera_ext_keep"] = copy.deepcopy(ours)
+        models["vera_ext_keep"].set_keep_merged_weight(True)
     del base
     ids = _token_ids(ours, spec.batch, spec.seq, SEED, device)
     forward = _train_forward(spec)
