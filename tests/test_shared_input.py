@@ -188,7 +188,7 @@ def test_mixed_batch_shares_and_equals_per_adapter_runs(monkeypatch):
 
     model.add_adapter("other", VeraConfig(r=8, target_modules=QKVO, init_weights=False))
     randomize_lambdas(model)
-    ids = token_ids(batch=2, seq=12)  # (24 rows: above the one-pass forward's 16)
+    ids = token_ids(batch=2, seq=12)  # (24 rows: above the one-pass forward's limit)
     names = ["default", "other"]
     counter = ASideGemms(model.vera_projection.vera_A)
     with counter:
