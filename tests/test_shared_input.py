@@ -182,6 +182,40 @@ def test_compiled_forward_computes_u_once_per_group():
     assert seen == [2 * model.config.num_hidden_layers]
 
 
+class CheckpointedSiblings(torch.nn.Module):
+    """q, k and v reading one input inside torch.utils.checkpoint: a model that checkpoints on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(32, 32) for _ in range(3))
+
+    def block(self, x):
+        return torch.tanh(self.q(x)) * self.k(x) + self.v(x)
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+def test_compiled_model_that_checkpoints_itself_runs_unshared_and_equals_eager():
+    """Dynamo refuses side effects inside a checkpointed region, and only a transformers model says whether it
+    checkpoints: a compiled VeraModel of any other model opens no sharing scope, so it compiles (each layer with its
+    own u) and equals eager, which shares."""
+    torch.manual_seed(0)
+    model = ours(CheckpointedSiblings(), r=8, target_modules=["q", "k", "v"], init_weights=False)
+    randomize_lambdas(model)
+    x = torch.randn(24, 32, requires_grad=True)
+    eager = model(x)
+    eager.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    got.square().sum().backward()
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
+    for n, g in want.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_mixed_batch_shares_and_equals_per_adapter_runs(monkeypatch):
     model = ours(tiny_llama(), r=8, target_modules=QKVO, init_weights=False)
     from vera_ext.config import VeraConfig

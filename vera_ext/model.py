@@ -395,7 +395,7 @@ class VeraModel(nn.Module):
 
     def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
         """Run the model. ``adapter_names``: one adapter per sample (``"__base__"``: none) for a mixed batch."""
-        if torch.compiler.is_compiling() and not _checkpointing(self.model):
+        if torch.compiler.is_compiling() and _may_share_under_compile(self.model):
             # (eager shares u without a scope; a compiled forward needs one: see vera_ext.shared_input)
             previous = shared_input.open_scope()
             try:
@@ -532,10 +532,13 @@ def _add_layer_projections(module: "VeraModel", state_dict: dict, prefix: str, *
                 state_dict.setdefault(key, value)
 
 
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether a transformers model has activation checkpointing on (its 5.x and 4.x names)."""
+def _may_share_under_compile(model: nn.Module) -> bool:
+    """Whether a compiled forward of ``model`` may open the shared-input scope: Dynamo refuses side effects inside
+    a checkpointed region, and only a transformers model says whether it checkpoints (its 5.x and 4.x flags)."""
+    if not is_transformers_model(model):
+        return False
     flag = getattr(model, "is_activation_checkpointing", None)
-    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
+    return not (getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
 
 
 def _make_inputs_require_grad(model: nn.Module) -> None:

@@ -196,6 +196,20 @@ def _check_devices(ref_name: str, ref: Tensor, **operands) -> None:
             raise RuntimeError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
 
 
+def _check_backward_devices(grad_out, u, A, B, lambda_d, lambda_b, adapter_idx, weight) -> None:
+    _check_devices(
+        "grad_out",
+        grad_out,
+        u=u,
+        A=A,
+        B=B,
+        lambda_d=lambda_d,
+        lambda_b=lambda_b,
+        adapter_idx=adapter_idx,
+        weight=weight,
+    )
+
+
 @torch.library.register_fake("vera_ext::vera_forward")
 def _(x, base_out, A, B, lambda_d, lambda_b, adapter_idx=None):
     _check_devices("x", x, base_out=base_out, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b, adapter_idx=adapter_idx)
@@ -212,17 +226,7 @@ def _(x, weight, bias, A, B, lambda_d, lambda_b, adapter_idx=None):
 
 @torch.library.register_fake("vera_ext::vera_backward")
 def _(grad_out, u, A, B, lambda_d, lambda_b, adapter_idx, weight, output_mask):
-    _check_devices(
-        "grad_out",
-        grad_out,
-        u=u,
-        A=A,
-        B=B,
-        lambda_d=lambda_d,
-        lambda_b=lambda_b,
-        adapter_idx=adapter_idx,
-        weight=weight,
-    )
+    _check_backward_devices(grad_out, u, A, B, lambda_d, lambda_b, adapter_idx, weight)
     grad_x = grad_out.new_empty(grad_out.shape[0], A.shape[1]) if output_mask[0] else grad_out.new_empty(0)
     grad_ld = lambda_d.new_empty(lambda_d.shape) if output_mask[1] else grad_out.new_empty(0)
     grad_lb = lambda_b.new_empty(lambda_b.shape) if output_mask[2] else grad_out.new_empty(0)
@@ -252,17 +256,7 @@ def _(x, u, weight, bias, A, B, lambda_d, lambda_b, adapter_idx=None, merged="no
 
 @torch.library.register_fake("vera_ext::vera_apply_backward")
 def _(grad_out, u, A, B, lambda_d, lambda_b, adapter_idx, weight, add_delta, output_mask):
-    _check_devices(
-        "grad_out",
-        grad_out,
-        u=u,
-        A=A,
-        B=B,
-        lambda_d=lambda_d,
-        lambda_b=lambda_b,
-        adapter_idx=adapter_idx,
-        weight=weight,
-    )
+    _check_backward_devices(grad_out, u, A, B, lambda_d, lambda_b, adapter_idx, weight)
 
     def empty():  # (a fresh one per output: outputs must not alias, as the real op's do not)
         return grad_out.new_empty(0)

@@ -16,9 +16,9 @@ Where the memo lives:
   gets its u computed again, as every other implementation computes it, rather than carried over between steps.
 * ``torch.compile``: the weak table cannot be traced, so sharing needs a scope that :class:`~vera_ext.model.VeraModel`
   opens around its forward (:func:`open_scope` / :func:`close_scope`, a dict that lives for one call). Dynamo
-  refuses side effects inside a checkpointed region, so the scope is not opened when the model has gradient
-  checkpointing on; without a scope each layer computes its own ``u`` (AOTAutograd's CSE still merges the forward
-  copies, not the backward GEMMs).
+  refuses side effects inside a checkpointed region, so the scope is opened only around a transformers model
+  without activation checkpointing (the only kind that says whether it checkpoints); without a scope each layer
+  computes its own ``u`` (AOTAutograd's CSE still merges the forward copies, not the backward GEMMs).
 """
 
 from __future__ import annotations

@@ -57,9 +57,9 @@ from torch import nn
 
 from ..config import VeraConfig
 from ..model import get_vera_model
-from ..projection import VeraProjection
 from .cases import Case, rel_diff
 from .report import Result
+from .timing import saved_bytes
 
 MODEL_CASES = ("model_train", "model_decode")
 MODEL_CASE_HELP = {
@@ -264,29 +264,6 @@ def trainable_params(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-
-
-def saved_bytes(model: nn.Module, run: Callable[[], object]) -> int:
-    """Bytes autograd saves for backward while ``run()`` (one forward of ``model``) executes: every distinct storage
-    saved, counted once at its full size however many tensors or views of it are saved, excluding the storages of
-    ``model``'s parameters and buffers and of vera_ext's cached casts of its projection (fixed-size state, not
-    activations). Empty tensors count nothing."""
-    fixed = list(model.parameters()) + list(model.buffers())
-    for module in model.modules():
-        if isinstance(module, VeraProjection):
-            fixed += module.cached_tensors()
-    excluded = {t.untyped_storage().data_ptr() for t in fixed}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded and t.numel() > 0:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return sum(seen.values())
 
 
 def check_same(got: torch.Tensor, want: torch.Tensor, what: str) -> float:

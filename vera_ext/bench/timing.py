@@ -132,22 +132,29 @@ def floor_ms(flops: int, bytes_moved: int, ceilings: dict) -> float:
     return max(flops / ceilings["gemm_flops_per_s"], bytes_moved / ceilings["copy_bytes_per_s"]) * 1e3
 
 
-def saved_activation_bytes(layer: nn.Module, x: torch.Tensor, **forward_kwargs) -> int:
-    """Bytes autograd saves for backward in one forward, excluding parameters, buffers and the projection's cached
-    casts (none of which grow with N); tensors sharing storage are counted once."""
-    frozen_tensors = list(layer.parameters()) + list(layer.buffers())
-    for module in layer.modules():
+def saved_bytes(model: nn.Module, run: Callable[[], object]) -> int:
+    """Bytes autograd saves for backward while ``run()`` (one forward of ``model``) executes: every distinct storage
+    saved, counted once at its full size however many tensors or views of it are saved, excluding the storages of
+    ``model``'s parameters and buffers and of vera_ext's cached casts of its projection (fixed-size state, not
+    activations). Empty tensors count nothing."""
+    fixed = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():
         if isinstance(module, VeraProjection):
-            frozen_tensors += module.cached_tensors()
-    frozen = {t.untyped_storage().data_ptr() for t in frozen_tensors}
+            fixed += module.cached_tensors()
+    excluded = {t.untyped_storage().data_ptr() for t in fixed}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in frozen and t.numel() > 0:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        if ptr not in excluded and t.numel() > 0:
+            seen[ptr] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x, **forward_kwargs)
+        run()
     return sum(seen.values())
+
+
+def saved_activation_bytes(layer: nn.Module, x: torch.Tensor, **forward_kwargs) -> int:
+    """:func:`saved_bytes` of one forward of ``layer`` on ``x``."""
+    return saved_bytes(layer, lambda: layer(x, **forward_kwargs))
