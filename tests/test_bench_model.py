@@ -201,3 +201,16 @@ def test_a_bf16_model_is_compared_through_fp32_copies(capsys, tmp_path):
     assert {r["dtype"] for r in records} == {"bfloat16"}
     ours = [r["extra"] for r in records if r["implementation"] == "vera_ext"]
     assert ours[0]["rel_diff_vs_peft_vera_loss"] < 1e-5 and ours[1]["rel_diff_vs_peft_vera_logits"] < 1e-5
+
+
+def test_overhead_is_the_median_of_paired_samples():
+    """A load change between rounds moves both samples of a round: the paired difference ignores it, the difference
+    of the medians does not."""
+    case = mc.ModelCase("model_train", {}, {}, tokens=1, reference="frozen")
+    samples = {"frozen": [10.0, 30.0, 30.0], "peft_vera": [14.0, 34.0, 34.0], "vera_ext": [12.0, 12.0, 32.0]}
+    timings = {k: (sorted(v)[1], 0.0) for k, v in samples.items()}
+    rows = {r.implementation: r for r in case.results(timings, "float32", "cpu", samples)}
+    assert rows["vera_ext"].extra["overhead_ms"] == 2.0  # medians alone would say 12 - 30 = -18
+    assert rows["vera_ext"].extra["overhead_x_peft_vera"] == 0.5
+    unpaired = {r.implementation: r for r in case.results(timings, "float32", "cpu")}
+    assert unpaired["vera_ext"].extra["overhead_ms"] == -18.0

@@ -184,11 +184,13 @@ def measure_case(case: Case, s: Settings, ceilings: dict) -> list[Result]:
             for k, v in case.saved_bytes.items()
         ]
     else:
+        samples: dict[str, list[float]] = {}  # (a model case's overheads are taken over paired samples)
+        paired = {"samples_out": samples} if isinstance(case, ModelCase) else {}
         with case.mode(), nvtx_range(f"bench/{case.name}", s.device):
-            timings = time_interleaved(case.fns, s.device, s.rounds, s.inner, s.warmup, case.before_each)
+            timings = time_interleaved(case.fns, s.device, s.rounds, s.inner, s.warmup, case.before_each, **paired)
         timings = {k: (m / case.per_call, q / case.per_call) for k, (m, q) in timings.items()}
         if isinstance(case, ModelCase):  # a whole-model case makes its own rows (no floors; model_cases.py)
-            rows = case.results(timings, dt, s.device)
+            rows = case.results(timings, dt, s.device, samples)
             set_ratios(rows)
             return rows
         rows = []

@@ -48,6 +48,7 @@ have none.
 from __future__ import annotations
 
 import copy
+import statistics
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Optional
@@ -301,16 +302,27 @@ class ModelCase(Case):
     saved: dict[str, int] = field(default_factory=dict)
     reference: str = "base"
 
-    def results(self, timings: dict[str, tuple[float, float]], dtype: str, device: str) -> list[Result]:
-        """One row per implementation, ``extra`` holding ``tokens_per_s``, ``overhead_ms`` (median - the
-        reference's median), ``overhead_x_peft_vera`` (that over peft_vera's overhead; None where that is not
-        positive) and, with a peft_lora_r32 row, ``x_peft_lora_r32`` (median over its median)."""
+    def results(
+        self, timings: dict[str, tuple[float, float]], dtype: str, device: str, samples: Optional[dict] = None
+    ) -> list[Result]:
+        """One row per implementation, ``extra`` holding ``tokens_per_s``, ``overhead_ms``, ``overhead_x_peft_vera``
+        (that over peft_vera's overhead; None where that is not positive) and, with a peft_lora_r32 row,
+        ``x_peft_lora_r32`` (median over its median). The overhead is the median over rounds of (this sample - the
+        reference's sample of the same round) when ``samples`` (``time_interleaved``'s, ms per call, round order)
+        are given: paired samples, a few seconds apart, cancel the load changes of a shared machine that the
+        difference of two medians keeps; else the difference of the medians."""
         ref = timings[self.reference][0]
-        vera_overhead = timings["peft_vera"][0] - ref if "peft_vera" in timings else None
+
+        def overhead_of(k: str) -> float:
+            if samples and k in samples and self.reference in samples:
+                return statistics.median(a - b for a, b in zip(samples[k], samples[self.reference]))
+            return timings[k][0] - ref
+
+        vera_overhead = overhead_of("peft_vera") if "peft_vera" in timings else None
         lora = timings["peft_lora_r32"][0] if "peft_lora_r32" in timings else None
         rows = []
         for k, (median, iqr) in timings.items():
-            overhead = None if k == self.reference else median - ref
+            overhead = None if k == self.reference else overhead_of(k)
             extra = {
                 **self.extra.get(k, {}),
                 "tokens_per_s": self.tokens / (median * 1e-3),

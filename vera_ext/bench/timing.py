@@ -56,8 +56,10 @@ def time_interleaved(
     inner: Optional[int] = None,
     warmup: int = 3,
     before_each: Optional[Callable[[], object]] = None,
+    samples_out: Optional[dict[str, list[float]]] = None,
 ) -> dict[str, tuple[float, float]]:
-    """``{name: (median ms, IQR ms)}`` per call for each fn, all run in the same rounds.
+    """``{name: (median ms, IQR ms)}`` per call for each fn, all run in the same rounds. ``samples_out``, when
+    given, receives every fn's samples (ms per call) in round order, for statistics over paired samples.
 
     ``inner`` calls make one sample (None: enough that the fastest fn's sample lasts a few ms on the CPU, 0.5 ms
     on CUDA, judged from its last warm-up call). Every fn is warmed up ``max(1, warmup)`` times first (allocator,
@@ -91,6 +93,8 @@ def time_interleaved(
                 before_each()
             sync(device)
             samples[name].append(_one_sample(fn, device, inner))
+    if samples_out is not None:
+        samples_out.update(samples)
     return {name: median_iqr(s) for name, s in samples.items()}
 
 
