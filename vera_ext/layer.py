@@ -41,8 +41,8 @@ def _base_device(base: nn.Module) -> torch.device:
 class _ForwardPlan(NamedTuple):
     """VeraLinear.forward's decisions for one state (docs/DESIGN.md §6): ``kind`` "disabled" (base layer alone,
     unmerging first), "base" (merged or no active adapter) or "adapters": ``fused`` the adapter the fused op takes
-    with the base GEMM (None: the base layer runs on its own), then each of ``added`` (name, projection to share u
-    through or None) added to the result."""
+    with the base GEMM (None: the base layer runs on its own), then each of ``added`` (name, whether its u may be
+    shared with the other layers reading x: not when its dropout gives it its own x) added to the result."""
 
     key: Optional[tuple]
     kind: str
@@ -384,7 +384,7 @@ class VeraLinear(nn.Module):
         fused = None
         if self._fusable(compute_dtype, has_args) and not self._dropout_active(active[0]):
             fused, active = active[0], active[1:]
-        added = tuple((n, None if self._dropout_active(n) else self.vera_projection) for n in active)
+        added = tuple((n, not self._dropout_active(n)) for n in active)
         return _ForwardPlan(key, "adapters", compute_dtype, fused, added, dropout_modes)
 
     def forward(self, x: Tensor, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs) -> Tensor:
@@ -411,9 +411,10 @@ class VeraLinear(nn.Module):
             result = _fused(x, w["weight"], w["bias"], A, B, ld, lb, None, projection, self.keep_merged_weight)
         else:
             result = self.base_layer(x, *args, **kwargs)
-        for name, shared in plan.added:  # (shared: None for an adapter whose dropout gives it its own x)
+        for name, share in plan.added:
             x_c = x if x.dtype == result.dtype else x.to(result.dtype)
             A, B, ld, lb = self._adapter_operands(name, autocast_dtype(result), result.device)
+            shared = self._modules["vera_projection"] if share else None
             result = _added(self.vera_dropout[name](x_c), result, A, B, ld, lb, None, shared)
         return _restore_dtype(result, previous_dtype)
 

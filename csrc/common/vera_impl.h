@@ -91,14 +91,6 @@ Tensor merged_weight(const AdapterArgs& a, const Tensor& weight) {
   return delta_weight_opmath<P>(a).add_(weight);
 }
 
-// grad_x from gv, the gradient w.r.t. h: (lambda_d * gv) @ A, plus grad_out @ W for the fused linear op.
-template <class P>
-Tensor input_grad_from_gv(const Tensor& grad_out, const Tensor& gv, const Tensor& ld, const AdapterArgs& a,
-                          const OptTensor& weight) {
-  Tensor gh = P::col_scale(gv, ld, a.adapter_idx);  // gradient w.r.t. u
-  return weight.has_value() ? at::mm(grad_out, *weight).addmm_(gh, a.A) : at::mm(gh, a.A);
-}
-
 // x (N, I), weight (O, I) and bias (O) of a fused nn.Linear.
 inline void check_linear_args(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
   check_activation(x, "x");
