@@ -509,7 +509,7 @@ def _fused(x, weight, bias, A, B, lambda_d, lambda_b, idx, shared: Optional[Vera
     A was sliced from, when u may be shared with the other layers reading x (None: a private x, e.g. dropped)."""
     if not _training_step(x, lambda_d, lambda_b):
         return ops.vera_linear_forward(x, weight, bias, A, B, lambda_d, lambda_b, idx)
-    u = ops.vera_project(x, A) if shared is None else shared_input.projected(x, A, shared)
+    u = shared_input.projected(x, A, shared)
     data = autocast_dtype(x)
     merged = "none"
     # (W + dW only where rounding it adds no error, and not under torch.compile: see _training_step)
@@ -522,7 +522,7 @@ def _added(x, base_out, A, B, lambda_d, lambda_b, idx, shared: Optional[VeraProj
     """``base_out`` plus the adapter term of x (dropout applied by the caller: a dropped x is not shared)."""
     if not _training_step(x, lambda_d, lambda_b):
         return ops.vera_forward(x, base_out, A, B, lambda_d, lambda_b, idx)
-    u = ops.vera_project(x, A) if shared is None else shared_input.projected(x, A, shared)
+    u = shared_input.projected(x, A, shared)
     return ops.vera_apply(u, base_out, A, B, lambda_d, lambda_b, idx)
 
 

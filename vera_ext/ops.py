@@ -379,10 +379,11 @@ def backward_count() -> int:
     return _BACKWARDS[0]
 
 
-def _apply_grads(ctx, grad_y, weight, add_delta, need_x, need_u, need_ld, need_lb):
-    """(grad_x, grad_u, grad_lambda_d, grad_lambda_b) of the apply ops, each None when not needed."""
+def _apply_grads(adapter, grad_y, weight, add_delta, need_x, need_u, need_ld, need_lb):
+    """(grad_x, grad_u, grad_lambda_d, grad_lambda_b) of the apply ops, each None when not needed. ``adapter``: the
+    saved (u, A, B, lambda_d, lambda_b, adapter_idx)."""
     _BACKWARDS[0] += 1
-    u, A, B, lambda_d, lambda_b, adapter_idx = ctx.adapter
+    u, A, B, lambda_d, lambda_b, adapter_idx = adapter
     mask = [need_x, need_u, need_ld, need_lb]
     if not any(mask):
         return None, None, None, None
@@ -401,8 +402,8 @@ def _backward_apply(ctx, grad_y):
     if grad_y is None:
         return (None,) * 7
     need_u, need_base, _, _, need_ld, need_lb = ctx.needs_input_grad[:6]
-    ctx.adapter = ctx.saved_tensors  # (read once: see _adapter_grads)
-    _, grad_u, grad_ld, grad_lb = _apply_grads(ctx, grad_y, None, False, False, need_u, need_ld, need_lb)
+    saved = ctx.saved_tensors  # (read once: see _adapter_grads)
+    _, grad_u, grad_ld, grad_lb = _apply_grads(saved, grad_y, None, False, False, need_u, need_ld, need_lb)
     return grad_u, grad_y if need_base else None, None, None, grad_ld, grad_lb, None
 
 
@@ -426,12 +427,12 @@ def _backward_linear_apply(ctx, grad_y, _grad_kept):
         return (None,) * 10
     need_x, need_u, need_w, need_bias, _, _, need_ld, need_lb = ctx.needs_input_grad[:8]
     saved = ctx.saved_tensors  # (read once: see _adapter_grads)
-    ctx.adapter, grad_weight, x = saved[:6], saved[6], saved[7]
+    adapter, grad_weight, x = saved[:6], saved[6], saved[7]
     # Through W + dW, grad_out @ (W + dW) is the whole input gradient, the part through u included (u = x @ A.T),
     # so u gets none; a u whose x needs no gradient still gets its own.
     merged = ctx.merged in ("kept", "backward", "both") and need_x
     add_delta = merged and ctx.merged != "kept"
-    grads = _apply_grads(ctx, grad_y, grad_weight, add_delta, need_x, need_u and not merged, need_ld, need_lb)
+    grads = _apply_grads(adapter, grad_y, grad_weight, add_delta, need_x, need_u and not merged, need_ld, need_lb)
     grad_x, grad_u, grad_ld, grad_lb = grads
     grad_w = grad_y.t().mm(x) if need_w else None
     grad_bias = grad_y.sum(0) if need_bias and ctx.has_bias else None

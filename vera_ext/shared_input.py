@@ -51,10 +51,13 @@ def close_scope(previous: Optional[dict]) -> None:
     _SCOPE = previous
 
 
-def projected(x: Tensor, A: Tensor, projection: nn.Module) -> Tensor:
+def projected(x: Tensor, A: Tensor, projection: Optional[nn.Module]) -> Tensor:
     """``vera_project(x, A)`` (N, r), computed once for every caller with this x and the same slice of the same
     shared projection (A = ``projection``'s ``vera_A[:r, :in_features]`` in one dtype: equal slices taken for layers
-    of different out_features are different tensor objects, so the slice is named by its owner, shape and dtype)."""
+    of different out_features are different tensor objects, so the slice is named by its owner, shape and dtype).
+    ``projection`` None: an x of the caller's own (e.g. after its dropout), never shared."""
+    if projection is None:
+        return ops.vera_project(x, A)
     if torch.compiler.is_compiling():
         return _projected_in_scope(x, A, projection)
     key = (projection, A.shape, A.dtype, A._version, x._version, torch.is_grad_enabled(), ops.backward_count())
