@@ -2,7 +2,8 @@
 
 Knobs (environment variables):
   VERA_EXT_CUDA          auto (default) | 1 (require the CUDA part, fail if it cannot be built) | 0 (skip it)
-  TORCH_CUDA_ARCH_LIST   e.g. "9.0" or "8.0;9.0+PTX"; default: the visible GPU's arch, else "8.0;9.0"
+  TORCH_CUDA_ARCH_LIST   e.g. "9.0" or "8.0;9.0+PTX"; default: the visible GPU's arch, else "8.0;9.0", with PTX
+                         for the newest arch added (+PTX) so that a newer GPU can JIT-compile the kernels
   MAX_JOBS               parallel compile jobs (read by torch's ninja build)
   VERA_EXT_DEBUG=1       -O0 -g host code, -G device code, no NDEBUG
   CUDA_HOME              the CUDA toolkit; default /usr/local/cuda when it exists, else torch's guess
@@ -98,19 +99,38 @@ def cuda_decision():
     return True, cuda_home, f"nvcc in {cuda_home} and torch built for CUDA {torch.version.cuda}"
 
 
+def with_ptx(archs):
+    """The arch list with PTX embedded for its newest arch ("8.0;9.0" -> "8.0;9.0+PTX"): the driver of a GPU newer
+    than every listed arch JIT-compiles that PTX, where SASS alone would leave it with no kernel image."""
+    entries = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+    if not entries or any(a.endswith("+PTX") for a in entries):
+        return archs
+    newest = max(entries, key=lambda a: tuple(int(p) for p in re.findall(r"\d+", a)))
+    return ";".join(a + "+PTX" if a == newest else a for a in entries)
+
+
+def describe_archs(archs):
+    """'SASS for sm_80, sm_90; PTX for compute_90' for the build line."""
+    entries = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+    sass = ", ".join("sm_" + a.replace("+PTX", "").replace(".", "") for a in entries)
+    ptx = ", ".join("compute_" + a.replace("+PTX", "").replace(".", "") for a in entries if a.endswith("+PTX"))
+    return f"SASS for {sass}; PTX for {ptx or 'none (no +PTX: GPUs newer than these archs cannot run the kernels)'}"
+
+
 def arch_list():
-    """TORCH_CUDA_ARCH_LIST if set; else the visible GPU's arch (only to pick a default, never to decide
-    whether CUDA is built); else a short list covering A100 and H100/H200."""
+    """TORCH_CUDA_ARCH_LIST if set (as given); else the visible GPU's arch (only to pick a default, never to decide
+    whether CUDA is built); else a short list covering A100 and H100/H200. Both defaults embed PTX for the newest
+    arch (with_ptx)."""
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if archs:
         return archs, "TORCH_CUDA_ARCH_LIST"
     try:
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
-            return f"{major}.{minor}", "the visible GPU"
+            return with_ptx(f"{major}.{minor}"), "the visible GPU"
     except Exception:  # a broken driver must not break a CPU build
         pass
-    return DEFAULT_ARCHS, "default"
+    return with_ptx(DEFAULT_ARCHS), "default"
 
 
 def nvcc_release(cuda_home):
@@ -154,7 +174,7 @@ def make_extension():
         kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": nvcc_flags}
         ext_cls = cpp_ext.CUDAExtension
         log(
-            f"building CPU+CUDA for archs {archs} (from {arch_source}); CUDA because {reason}"
+            f"building CPU+CUDA for archs {archs} (from {arch_source}: {describe_archs(archs)}); CUDA because {reason}"
             f"{'; debug build' if debug else ''}"
         )
     else:

@@ -201,3 +201,28 @@ def test_sdist_ships_sources_docs_tests_and_benchmarks(tmp_path):
     assert any(f.startswith("docs/") for f in shipped) and any(f.startswith("benchmarks/") for f in shipped)
     stray = [f for f in shipped if f.endswith((".so", ".o", ".pyc")) or f == "vera_ext/_build_config.py"]
     assert not stray, f"build outputs in the sdist: {stray}"
+
+
+def _setup_functions(*names):
+    """Functions of setup.py, compiled alone (importing setup.py would run the build)."""
+    import ast
+    import re
+
+    with open(os.path.join(REPO, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    module = ast.Module(
+        body=[n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names], type_ignores=[]
+    )
+    namespace = {"re": re}
+    exec(compile(module, "setup.py", "exec"), namespace)
+    return [namespace[n] for n in names]
+
+
+def test_default_archs_embed_ptx_for_the_newest_arch():
+    with_ptx, describe = _setup_functions("with_ptx", "describe_archs")
+    assert with_ptx("8.0;9.0") == "8.0;9.0+PTX"
+    assert with_ptx("9.0;8.6") == "9.0+PTX;8.6"
+    assert with_ptx("10.0") == "10.0+PTX"
+    assert with_ptx("8.0+PTX;9.0") == "8.0+PTX;9.0"  # the user's own choice of PTX is kept
+    assert describe("8.0;9.0+PTX") == "SASS for sm_80, sm_90; PTX for compute_90"
+    assert "no +PTX" in describe("9.0")
