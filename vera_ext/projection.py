@@ -33,6 +33,13 @@ def generate_projection(r: int, max_in_features: int, max_out_features: int, prn
     return vera_A, vera_B
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream. A cast made then lives in the graph's
+    private memory pool, which later replays overwrite: it is used for that call but never cached. (Checked only on
+    a cache miss, so the forward of a captured model, warmed up first as graphs require, never pays for it.)"""
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class VeraProjection(nn.Module):
     """Holds the shared buffers ``vera_A`` (R, I_max) and ``vera_B`` (O_max, R).
 
@@ -137,7 +144,8 @@ class VeraProjection(nn.Module):
         return self._cache
 
     def cast(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(A, B) in ``dtype`` on ``device``, cast once and cached."""
+        """(A, B) in ``dtype`` on ``device``, cast once and cached (not while a CUDA graph is being captured: see
+        ``_capturing``)."""
         A, B = self.vera_A, self.vera_B
         if A.dtype == dtype and A.device == device and B.dtype == dtype and B.device == device:
             return A, B
@@ -145,9 +153,12 @@ class VeraProjection(nn.Module):
             return A.to(device, dtype), B.to(device, dtype)
         cache = self._valid_cache()
         key = (dtype, device)
-        if key not in cache:
-            cache[key] = (A.to(device, dtype), B.to(device, dtype))
-        return cache[key]
+        hit = cache.get(key)
+        if hit is None:
+            hit = (A.to(device, dtype), B.to(device, dtype))
+            if not _capturing(device):
+                cache[key] = hit
+        return hit
 
     def sliced(self, r: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device):
         """The layer's views ``A[:r, :in_features]`` and ``B[:out_features, :r]`` (no copies), cached: the
@@ -160,7 +171,9 @@ class VeraProjection(nn.Module):
         hit = cache.get(key)
         if hit is None:
             A, B = self.cast(dtype, device)
-            hit = cache[key] = (A[:r, :in_features], B[:out_features, :r])
+            hit = (A[:r, :in_features], B[:out_features, :r])
+            if not _capturing(device):
+                cache[key] = hit
         return hit
 
     def cached_tensors(self) -> list[Tensor]:

@@ -94,6 +94,9 @@ class _Recorder(TorchDispatchMode):
             c, (a, b) = None, args[:2]
         m, k, n = a.shape[0], a.shape[1], b.shape[1]
         e = a.element_size()
+        # mm.dtype(a, b, out_dtype): a 16-bit GEMM that writes its fp32 accumulator
+        out_dtype = kwargs.get("out_dtype", args[2] if base == "mm" and len(args) > 2 else a.dtype)
+        out_e = torch.empty((), dtype=out_dtype).element_size()
         event = {
             "kind": "gemm",
             "op": str(func),
@@ -104,12 +107,12 @@ class _Recorder(TorchDispatchMode):
             "dtype": str(a.dtype).replace("torch.", ""),
             "flops": 2 * m * n * k,
             "read_bytes": (m * k + k * n) * e + (_nbytes(c) if c is not None else 0),
-            "write_bytes": m * n * e,
+            "write_bytes": m * n * out_e,
         }
         self.events.append(event)
         if base == "addmm_":
             return c
-        return torch.zeros(m, n, dtype=a.dtype)
+        return torch.zeros(m, n, dtype=out_dtype)
 
 
 def trace_case(emu, case, max_blocks=64, seed=0):

@@ -2,11 +2,16 @@
 // (on the tensors' device and current stream, beta=1 accumulation where it saves a pass); the scaling, gathers
 // and reductions around them are the backend's own loops or kernels, supplied as `Prims`:
 //
-//   row_scale(in (R, C), lam (R), dtype)       -> out (R, C) = lam[i] * in[i, j]; dtype = in's or opmath
+//   row_scale(in (R, C), lam (R), dtype, col_lam? (C))
+//                                              -> out (R, C) = lam[i] * in[i, j] (* col_lam[j]); dtype = in's or opmath
 //   col_scale(in (N, C), lam (K, C), idx?)     -> out (N, C) = in[n, j] * lam[a(n), j]   (0 where a(n) < 0)
-//   scale_add(out, base, z, lam (K, C), idx?)     out[n, j] = base[n, j] + lam[a(n), j] * z[n, j]
-//   col_dot_reduce(p, q (N, C), idx?, K)       -> (K, C) opmath, sum over rows n with a(n) = k of p * q
-//   row_dot(p, q (R, C))                       -> (R) opmath, sum over j of p[i, j] * q[i, j]
+//   scale_add(out, base, z opmath, lam (K, C), idx?)   out[n, j] = base[n, j] + lam[a(n), j] * z[n, j]
+//   col_dot_reduce(p, q opmath (N, C), idx?, K) -> (K, C) opmath, sum over rows n with a(n) = k of p * q
+//   mm_opmath(a, b)                            -> a @ b with the result in op math: a low-precision GEMM's fp32
+//                                                 accumulator kept instead of rounded
+//   lambda_grads(q opmath (O, r), B, lambda_d, lambda_b)
+//                                              -> (grad_lambda_d (r), grad_lambda_b (O)) of one adapter, from
+//                                                 q = grad_out^T u read once
 //   merge_apply(W, delta (O, I) opmath, alpha, transposed, safe)   W (+)= alpha * delta, one rounding
 //   check_adapter_idx(idx, K)                           every entry in [-1, K) (the CUDA backend skips the check
 //                                                       while a CUDA graph is captured: it would synchronize)
@@ -29,11 +34,6 @@ namespace vera {
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
 
-// Two ways to apply lambda_b. "Dense" forms B_hat = diag(lambda_b) B (O x r) once and adds h @ B_hat^T with a
-// single beta=1 GEMM: no (N, O) temporary. "Rowwise" computes z = h @ B^T and adds lambda_b[a(n)] * z[n]: needed
-// when rows use different adapters, and cheaper when N < r (B_hat costs O*r, z costs N*O).
-inline bool use_rowwise(int64_t rows, int64_t r, bool has_idx) { return has_idx || rows < r; }
-
 // Small N (decode, serving): each backend's decode_forward computes the whole layer in one fused pass, reading each
 // weight row once for all rows of x instead of paying a GEMM call per product.
 template <class P>
@@ -47,18 +47,41 @@ inline OptTensor contiguous_idx(const OptTensor& idx) { return idx.has_value() ?
 // lambda as (num_adapters, C): a single adapter's vector becomes one row.
 inline Tensor as_rows(const Tensor& lam) { return lam.dim() == 1 ? lam.unsqueeze(0) : lam; }
 
+// One adapter's whole (O, r) operand M = diag(lambda_b) B diag(lambda_d), in `dtype`: built once per call (O*r
+// products), it turns the adapter into a single GEMM with u, y += u M^T and grad_u = grad_out M, with no (N, O) or
+// (N, r) temporary and no per-row scaling pass (docs/DESIGN.md §2.1, §5: M is rounded once, like a weight).
 template <class P>
-Tensor adapter_output(const Tensor& h, const AdapterArgs& a, const Tensor& base, bool base_is_ours) {
-  // base + lambda_b * (h @ B^T); writes into base when we own it (a fresh base-layer output).
-  if (use_rowwise(h.size(0), h.size(1), a.adapter_idx.has_value())) {
-    Tensor z = at::mm(h, a.B.t());
+Tensor folded_adapter(const AdapterArgs& a, at::ScalarType dtype) {
+  return P::row_scale(a.B, a.lambda_b, dtype, a.lambda_d);
+}
+
+template <class P>
+Tensor adapter_output(const Tensor& u, const AdapterArgs& a, const Tensor& base, bool base_is_ours) {
+  // base + lambda_b * ((u * lambda_d) @ B^T); accumulates into base when we own it (a fresh base-layer output).
+  if (a.adapter_idx.has_value()) {
+    // Rows use different adapters: h = u * lambda_d[a(n)] (rounded like u), z = h @ B^T kept in fp32, and lambda_b
+    // applied to z before the one rounding of y.
+    Tensor z = P::mm_opmath(P::col_scale(u, as_rows(a.lambda_d), a.adapter_idx), a.B.t());
     Tensor out = base_is_ours ? base : at::empty_like(base, at::MemoryFormat::Contiguous);
     P::scale_add(out, base, z, as_rows(a.lambda_b), a.adapter_idx);
     return out;
   }
-  Tensor b_hat = P::row_scale(a.B, a.lambda_b, h.scalar_type());
-  if (base_is_ours) return base.addmm_(h, b_hat.t());
-  return at::addmm(base, h, b_hat.t());
+  Tensor m = folded_adapter<P>(a, u.scalar_type());
+  if (base_is_ours) return base.addmm_(u, m.t());
+  return at::addmm(base, u, m.t());
+}
+
+// x W^T + bias + the adapter term, for the fused linear ops. One adapter: the K = r product u M^T (+ bias) is formed
+// first and the base GEMM (K = in_features, compute-bound) accumulates onto it with beta = 1, so reading the (N, O)
+// addend costs nothing next to that GEMM's arithmetic; the other order would add an (N, O) read and write to the
+// memory-bound K = r GEMM.
+template <class P>
+Tensor linear_plus_adapter(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& u,
+                           const AdapterArgs& a) {
+  if (a.adapter_idx.has_value()) return adapter_output<P>(u, a, at::linear(x, weight, bias), /*base_is_ours=*/true);
+  const Tensor m_t = folded_adapter<P>(a, u.scalar_type()).t();
+  Tensor y = bias.has_value() ? at::addmm(*bias, u, m_t) : at::mm(u, m_t);
+  return y.addmm_(x, weight.t());
 }
 
 // delta_W (O, I) in the op-math dtype (fp32; fp64 for an fp64 projection).
@@ -119,9 +142,7 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x, const Tensor& base_out,
   if (use_decode<P>(x)) return P::decode_forward(x, c10::nullopt, c10::nullopt, base_out, a);
 
   Tensor u = at::mm(x, A.t());
-  Tensor h = P::col_scale(u, as_rows(lambda_d), adapter_idx);
-  Tensor y = adapter_output<P>(h, a, base_out, /*base_is_ours=*/false);
-  return {y, u};
+  return {adapter_output<P>(u, a, base_out, /*base_is_ours=*/false), u};
 }
 
 template <class P>
@@ -139,10 +160,7 @@ std::tuple<Tensor, Tensor> vera_linear_forward(const Tensor& x, const Tensor& we
   if (use_merged_forward(x.size(0), weight.size(1), lambda_d.size(-1), a)) {
     return {at::linear(x, merged_weight<P>(a, weight), bias), u};
   }
-  Tensor base = at::linear(x, weight, bias);
-  Tensor h = P::col_scale(u, as_rows(lambda_d), adapter_idx);
-  Tensor y = adapter_output<P>(h, a, base, /*base_is_ours=*/true);
-  return {y, u};
+  return {linear_plus_adapter<P>(x, weight, bias, u, a), u};
 }
 
 // The adapter's gradients up to u, given grad_out (N, O) and the saved u (N, r): gh = dL/du (N, r) and both lambda
@@ -156,32 +174,28 @@ AdapterGrads adapter_grads(const Tensor& grad_out, const Tensor& u, const Adapte
                            bool need_lb) {
   const OptTensor& idx = a.adapter_idx;
   const Tensor ld = as_rows(a.lambda_d), lb = as_rows(a.lambda_b);
-  const int64_t rows = grad_out.size(0), r = a.lambda_d.size(-1);
+  const at::ScalarType dtype = grad_out.scalar_type();
   AdapterGrads g;
-  if (use_rowwise(rows, r, idx.has_value())) {
-    // gv = (lambda_b[a(n)] * grad_out) @ B, the gradient w.r.t. h (N, r); z = h @ B^T for lambda_b.
+  if (idx.has_value()) {
+    // Rows use different adapters. gv = (lambda_b[a(n)] * grad_out) @ B is dL/dh (N, r) and z = h @ B^T, both kept
+    // in fp32 for the per-adapter column sums of the lambda gradients.
     Tensor gv;
-    if (need_gh || need_ld) gv = at::mm(P::col_scale(grad_out, lb, idx), a.B);
-    if (need_gh) g.gh = P::col_scale(gv, ld, idx);
-    if (need_ld) g.grad_ld = P::col_dot_reduce(gv, u, idx, ld.size(0));
-    if (need_lb) g.grad_lb = P::col_dot_reduce(grad_out, at::mm(P::col_scale(u, ld, idx), a.B.t()), idx, lb.size(0));
-    if (!idx.has_value()) {
-      if (g.grad_ld.defined()) g.grad_ld = g.grad_ld.view({r});
-      if (g.grad_lb.defined()) g.grad_lb = g.grad_lb.view({grad_out.size(1)});
-    }
+    if (need_gh || need_ld) gv = P::mm_opmath(P::col_scale(grad_out, lb, idx), a.B);
+    if (need_gh) g.gh = P::col_scale(gv, ld, idx).to(dtype);
+    if (need_ld) g.grad_ld = P::col_dot_reduce(u, gv, idx, ld.size(0));
+    if (need_lb)
+      g.grad_lb = P::col_dot_reduce(grad_out, P::mm_opmath(P::col_scale(u, ld, idx), a.B.t()), idx, lb.size(0));
     return g;
   }
-  // One adapter, dense: both lambda gradients come from the (O, r) GEMM q = grad_out^T u over the N rows,
-  //   dlambda_b[o] = sum_k B[o, k] lambda_d[k] q[o, k],   dlambda_d[k] = sum_o lambda_b[o] B[o, k] q[o, k],
-  // so no (N, O) or (N, r) gradient is formed for them. B_hat = diag(lambda_b) B serves dlambda_d and gh.
-  Tensor b_hat;
-  if (need_ld || need_gh) b_hat = P::row_scale(a.B, a.lambda_b, grad_out.scalar_type());
+  // One adapter: both lambda gradients come from the (O, r) GEMM q = grad_out^T u over the N rows, kept in fp32,
+  //   dlambda_b[o] = sum_k lambda_d[k] B[o, k] q[o, k],   dlambda_d[k] = sum_o lambda_b[o] B[o, k] q[o, k],
+  // in one pass over q; dL/du = grad_out M with the folded M. No (N, O) or (N, r) temporary either way.
   if (need_ld || need_lb) {
-    Tensor q = at::mm(grad_out.t(), u);
-    if (need_ld) g.grad_ld = P::col_dot_reduce(b_hat, q, c10::nullopt, 1).view({r});
-    if (need_lb) g.grad_lb = P::row_dot(P::col_scale(q, ld, c10::nullopt), a.B);
+    std::tie(g.grad_ld, g.grad_lb) = P::lambda_grads(P::mm_opmath(grad_out.t(), u), a.B, a.lambda_d, a.lambda_b);
+    if (!need_ld) g.grad_ld = Tensor();  // both come from one pass; only the requested ones are returned
+    if (!need_lb) g.grad_lb = Tensor();
   }
-  if (need_gh) g.gh = P::col_scale(at::mm(grad_out, b_hat), ld, c10::nullopt);
+  if (need_gh) g.gh = at::mm(grad_out, folded_adapter<P>(a, dtype));
   return g;
 }
 
@@ -210,15 +224,16 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad_out, const T
   check_backward_args<P>(grad_out, u, a, weight);
   const int64_t rows = grad_out.size(0), r = lambda_d.size(-1);
   // grad_x through W + delta_W (one GEMM) instead of grad_out @ W + gh @ A, where that pays (merged_weight_allowed).
-  const bool merged_grad_x = output_mask[0] && weight.has_value() && !use_rowwise(rows, r, adapter_idx.has_value()) &&
-                             use_merged_backward(rows, A.size(1), grad_out.size(1), r, a);
+  const bool merged_grad_x =
+      output_mask[0] && weight.has_value() && use_merged_backward(rows, A.size(1), grad_out.size(1), r, a);
   const bool need_gh = output_mask[0] && !merged_grad_x;
   AdapterGrads g = adapter_grads<P>(grad_out, u, a, need_gh, output_mask[1], output_mask[2]);
   Tensor grad_x;
   if (merged_grad_x) {
     grad_x = at::mm(grad_out, merged_weight<P>(a, *weight));
   } else if (output_mask[0]) {
-    grad_x = weight.has_value() ? at::mm(grad_out, *weight).addmm_(g.gh, A) : at::mm(g.gh, A);
+    // beta = 1 on the compute-bound GEMM (K = out_features), not on the K = r one (see linear_plus_adapter)
+    grad_x = weight.has_value() ? at::mm(g.gh, A).addmm_(grad_out, *weight) : at::mm(g.gh, A);
   }
   return {or_empty(grad_x, grad_out), or_empty(g.grad_ld, grad_out), or_empty(g.grad_lb, grad_out)};
 }
@@ -252,8 +267,7 @@ Tensor vera_apply(const Tensor& u, const Tensor& base_out, const Tensor& A, cons
   check_adapter(a, base_out, "base_out", A.dim() == 2 ? A.size(1) : -1, base_out.size(1));
   check_u(u, base_out, "base_out", lambda_d.size(-1));
   if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
-  Tensor h = P::col_scale(u, as_rows(lambda_d), adapter_idx);
-  return adapter_output<P>(h, a, base_out, /*base_is_ours=*/false);
+  return adapter_output<P>(u, a, base_out, /*base_is_ours=*/false);
 }
 
 // merged (docs/DESIGN.md §2.7): the forward runs through W + delta_W for "forward", "both" and "kept", and "kept"
@@ -285,9 +299,7 @@ std::tuple<Tensor, Tensor> vera_linear_apply(const Tensor& x, const Tensor& u, c
     Tensor y = at::linear(x, w_merged, bias);
     return {y, merged == "kept" ? w_merged : at::empty({0}, x.options())};
   }
-  Tensor base = at::linear(x, weight, bias);
-  Tensor h = P::col_scale(u, as_rows(lambda_d), adapter_idx);
-  return {adapter_output<P>(h, a, base, /*base_is_ours=*/true), at::empty({0}, x.options())};
+  return {linear_plus_adapter<P>(x, weight, bias, u, a), at::empty({0}, x.options())};
 }
 
 // (grad_x, grad_u, grad_lambda_d, grad_lambda_b) of the apply ops. grad_x = grad_out @ weight, the base term, or the
@@ -319,6 +331,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vera_apply_backward(const Tensor& gra
 
 inline void check_merge_args(const AdapterArgs& a) {
   TORCH_CHECK(a.A.dim() == 2, "A must be 2-D (r, in_features), got shape ", a.A.sizes());
+  TORCH_CHECK(
+      a.A.scalar_type() != at::kDouble || a.A.device().is_cpu(),
+      "A may be float64 only on the CPU (the CUDA kernels are float32, float16 and bfloat16), got A of dtype " "float64 on ",
+      a.A.device());
   TORCH_CHECK(a.B.dim() == 2, "B must be 2-D (out_features, r), got shape ", a.B.sizes());
   // B and the lambdas are checked against a stand-in activation of A's device and dtype.
   Tensor probe = at::empty({0, a.A.size(1)}, a.A.options());
@@ -347,6 +363,10 @@ void vera_merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor&
   const at::ScalarType wt = weight.scalar_type();
   TORCH_CHECK(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16 || wt == at::kDouble,
               "weight must be float32, float16, bfloat16 or float64, got ", wt);
+  TORCH_CHECK(
+      wt != at::kDouble || weight.device().is_cpu(),
+      "weight may be float64 only on the CPU (the CUDA merge kernel is float32, float16 and bfloat16), got " "weight of dtype float64 on ",
+      weight.device());
   const std::array<int64_t, 2> expected =
       fan_in_fan_out ? std::array<int64_t, 2>{in_f, out_f} : std::array<int64_t, 2>{out_f, in_f};
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == expected[0] && weight.size(1) == expected[1],

@@ -3,7 +3,8 @@
 // more than the data. Here every row of A, W and B is read once, for all rows of x, split by rows over the calling
 // thread and whichever helper threads are free (run_claimed: unlike a parallel_for, it never waits for a descheduled
 // worker, which on a busy machine cost milliseconds per call):
-//   pass 1 (over r):  u[n, k] = A_k . x_n,   h[n, k] = u[n, k] * lambda_d[a(n), k]   (h kept in fp32)
+//   pass 1 (over r):  u[n, k] = A_k . x_n,   h[n, k] = u[n, k] * lambda_d[a(n), k]   (each rounded to x's dtype,
+//                     as the GEMM path rounds u and M or h: a row's precision does not depend on N; DESIGN.md §5)
 //   pass 2 (over O):  y[n, o] = (W_o . x_n + bias_o  or  base[n, o]) + lambda_b[a(n), o] * (B_o . h_n)
 // Each output is rounded once. The dot products are compiled for AVX-512, AVX2/FMA and the baseline; the loader
 // picks the best one the CPU has.
@@ -179,7 +180,8 @@ std::tuple<Tensor, Tensor> Prims::decode_forward(const Tensor& x, const c10::opt
           const scalar_t uk = static_cast<scalar_t>(dot[(k - k0) * n + row]);
           const int64_t ad = idx ? idx[row] : 0;
           up[row * r + k] = uk;
-          hp[row * r + k] = ad < 0 ? acc_t(0) : static_cast<acc_t>(uk) * ldp[ad * r + k];
+          hp[row * r + k] =
+              ad < 0 ? acc_t(0) : static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(uk) * ldp[ad * r + k]));
         }
       }
     });

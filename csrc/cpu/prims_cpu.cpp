@@ -35,34 +35,43 @@ const int64_t* idx_ptr(const c10::optional<Tensor>& idx) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 template <typename in_t, typename out_t>
-void row_scale_loop(const in_t* in, int64_t ld_in, const at::opmath_type<in_t>* lam, out_t* out, int64_t rows,
-                    int64_t cols) {
+void row_scale_loop(const in_t* in, int64_t ld_in, const at::opmath_type<in_t>* lam,
+                    const at::opmath_type<in_t>* col_lam, out_t* out, int64_t rows, int64_t cols) {
   using acc_t = at::opmath_type<in_t>;
   at::parallel_for(0, rows, grain_for(cols), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const acc_t s = lam[i];
       const in_t* src = in + i * ld_in;
       out_t* dst = out + i * cols;
-      for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<out_t>(s * static_cast<acc_t>(src[j]));
+      if (col_lam) {
+        for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<out_t>(s * static_cast<acc_t>(src[j]) * col_lam[j]);
+      } else {
+        for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<out_t>(s * static_cast<acc_t>(src[j]));
+      }
     }
   });
 }
 
 }  // namespace
 
-Tensor Prims::row_scale(const Tensor& in_, const Tensor& lam_, at::ScalarType dtype) {
+Tensor Prims::row_scale(const Tensor& in_, const Tensor& lam_, at::ScalarType dtype,
+                        const c10::optional<Tensor>& col_lam_) {
   const Tensor in = rows_contiguous(in_);
   const Tensor lam = lam_.contiguous();
+  const Tensor col_lam = col_lam_.has_value() ? col_lam_->contiguous() : Tensor();
   const at::ScalarType acc = opmath_dtype(in.scalar_type());
   TORCH_INTERNAL_ASSERT(dtype == in.scalar_type() || dtype == acc, "row_scale: output dtype must be in's or opmath");
   Tensor out = at::empty(in.sizes(), in.options().dtype(dtype));
   VERA_DISPATCH_FLOAT(in.scalar_type(), "vera_row_scale", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* lp = lam.const_data_ptr<acc_t>();
+    const acc_t* cp = col_lam.defined() ? col_lam.const_data_ptr<acc_t>() : nullptr;
     if (dtype == acc) {
-      row_scale_loop(in.const_data_ptr<scalar_t>(), in.stride(0), lp, out.data_ptr<acc_t>(), in.size(0), in.size(1));
+      row_scale_loop(in.const_data_ptr<scalar_t>(), in.stride(0), lp, cp, out.data_ptr<acc_t>(), in.size(0),
+                     in.size(1));
     } else {
-      row_scale_loop(in.const_data_ptr<scalar_t>(), in.stride(0), lp, out.data_ptr<scalar_t>(), in.size(0), in.size(1));
+      row_scale_loop(in.const_data_ptr<scalar_t>(), in.stride(0), lp, cp, out.data_ptr<scalar_t>(), in.size(0),
+                     in.size(1));
     }
   });
   return out;
@@ -101,12 +110,13 @@ void Prims::scale_add(Tensor& out, const Tensor& base_, const Tensor& z_, const 
                       const c10::optional<Tensor>& idx) {
   const Tensor base = rows_contiguous(base_), z = rows_contiguous(z_), lam = lam_.contiguous();
   TORCH_INTERNAL_ASSERT(out.stride(1) == 1 || out.size(1) <= 1);
+  TORCH_INTERNAL_ASSERT(z.scalar_type() == opmath_dtype(out.scalar_type()), "scale_add: z must be in op math");
   const int64_t rows = out.size(0), cols = out.size(1);
   const int64_t* ip = idx_ptr(idx);
   VERA_DISPATCH_FLOAT(out.scalar_type(), "vera_scale_add", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* bp = base.const_data_ptr<scalar_t>();
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const acc_t* zp = z.const_data_ptr<acc_t>();
     const acc_t* lp = lam.const_data_ptr<acc_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t ldb = base.stride(0), ldz = z.stride(0), ldo = out.stride(0);
@@ -119,10 +129,9 @@ void Prims::scale_add(Tensor& out, const Tensor& base_, const Tensor& z_, const 
           if (o != b) std::copy(b, b + cols, o);
           continue;
         }
-        const scalar_t* zr = zp + n * ldz;
+        const acc_t* zr = zp + n * ldz;
         const acc_t* l = lp + a * cols;
-        for (int64_t j = 0; j < cols; ++j)
-          o[j] = static_cast<scalar_t>(static_cast<acc_t>(b[j]) + l[j] * static_cast<acc_t>(zr[j]));
+        for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<scalar_t>(static_cast<acc_t>(b[j]) + l[j] * zr[j]);
       }
     });
   });
@@ -131,13 +140,14 @@ void Prims::scale_add(Tensor& out, const Tensor& base_, const Tensor& z_, const 
 Tensor Prims::col_dot_reduce(const Tensor& p_, const Tensor& q_, const c10::optional<Tensor>& idx,
                              int64_t num_adapters) {
   const Tensor p = rows_contiguous(p_), q = rows_contiguous(q_);
+  TORCH_INTERNAL_ASSERT(q.scalar_type() == opmath_dtype(p.scalar_type()), "col_dot_reduce: q must be in op math");
   const int64_t rows = p.size(0), cols = p.size(1);
   Tensor out = at::zeros({num_adapters, cols}, p.options().dtype(opmath_dtype(p.scalar_type())));
   const int64_t* ip = idx_ptr(idx);
   VERA_DISPATCH_FLOAT(p.scalar_type(), "vera_col_dot_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pp = p.const_data_ptr<scalar_t>();
-    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const acc_t* qp = q.const_data_ptr<acc_t>();
     acc_t* acc0 = out.data_ptr<acc_t>();
     const int64_t ldp = p.stride(0), ldq = q.stride(0);
     // Threads own column ranges and walk every row in order: each sum has one fixed order.
@@ -146,43 +156,47 @@ Tensor Prims::col_dot_reduce(const Tensor& p_, const Tensor& q_, const c10::opti
         const int64_t a = adapter_of(ip, n);
         if (a < 0) continue;
         const scalar_t* pr = pp + n * ldp;
-        const scalar_t* qr = qp + n * ldq;
+        const acc_t* qr = qp + n * ldq;
         acc_t* acc = acc0 + a * cols;
-        for (int64_t j = c0; j < c1; ++j) acc[j] += static_cast<acc_t>(pr[j]) * static_cast<acc_t>(qr[j]);
+        for (int64_t j = c0; j < c1; ++j) acc[j] += static_cast<acc_t>(pr[j]) * qr[j];
       }
     });
   });
   return out;
 }
 
-Tensor Prims::row_dot(const Tensor& p_, const Tensor& q_) {
-  const Tensor p = rows_contiguous(p_), q = rows_contiguous(q_);
-  TORCH_INTERNAL_ASSERT(p.scalar_type() == q.scalar_type() && p.sizes() == q.sizes());
-  const int64_t rows = p.size(0), cols = p.size(1);
-  Tensor out = at::empty({rows}, p.options().dtype(opmath_dtype(p.scalar_type())));
-  VERA_DISPATCH_FLOAT(p.scalar_type(), "vera_row_dot", [&] {
+std::tuple<Tensor, Tensor> Prims::lambda_grads(const Tensor& q_, const Tensor& B_, const Tensor& lambda_d_,
+                                               const Tensor& lambda_b_) {
+  const Tensor q = q_.contiguous(), B = rows_contiguous(B_), ld = lambda_d_.contiguous(), lb = lambda_b_.contiguous();
+  TORCH_INTERNAL_ASSERT(q.scalar_type() == opmath_dtype(B.scalar_type()) && q.sizes() == B.sizes());
+  const int64_t out_f = q.size(0), r = q.size(1);
+  Tensor grad_ld = at::zeros({r}, q.options()), grad_lb = at::empty({out_f}, q.options());
+  VERA_DISPATCH_FLOAT(B.scalar_type(), "vera_lambda_grads", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* pp = p.const_data_ptr<scalar_t>();
-    const scalar_t* qp = q.const_data_ptr<scalar_t>();
-    acc_t* op = out.data_ptr<acc_t>();
-    const int64_t ldp = p.stride(0), ldq = q.stride(0);
-    at::parallel_for(0, rows, grain_for(cols), [&](int64_t begin, int64_t end) {
-      constexpr int kLanes = 8;  // independent partial sums, so the loop vectorizes without reassociation
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* pr = pp + i * ldp;
-        const scalar_t* qr = qp + i * ldq;
-        acc_t part[kLanes] = {};
-        int64_t j = 0;
-        for (; j + kLanes <= cols; j += kLanes)
-          for (int l = 0; l < kLanes; ++l) part[l] += static_cast<acc_t>(pr[j + l]) * static_cast<acc_t>(qr[j + l]);
+    const acc_t* qp = q.const_data_ptr<acc_t>();
+    const scalar_t* bp = B.const_data_ptr<scalar_t>();
+    const acc_t* ldp = ld.const_data_ptr<acc_t>();
+    const acc_t* lbp = lb.const_data_ptr<acc_t>();
+    acc_t* gld = grad_ld.data_ptr<acc_t>();
+    acc_t* glb = grad_lb.data_ptr<acc_t>();
+    const int64_t ldb = B.stride(0);
+    // grad_lb: rows split across threads, each row summed in column order.
+    at::parallel_for(0, out_f, grain_for(r), [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o) {
         acc_t s = 0;
-        for (int l = 0; l < kLanes; ++l) s += part[l];
-        for (; j < cols; ++j) s += static_cast<acc_t>(pr[j]) * static_cast<acc_t>(qr[j]);
-        op[i] = s;
+        for (int64_t k = 0; k < r; ++k) s += ldp[k] * (static_cast<acc_t>(bp[o * ldb + k]) * qp[o * r + k]);
+        glb[o] = s;
+      }
+    });
+    // grad_ld: columns split across threads, each walking the rows in order (one fixed order per sum).
+    at::parallel_for(0, r, 16, [&](int64_t k0, int64_t k1) {
+      for (int64_t o = 0; o < out_f; ++o) {
+        const acc_t l = lbp[o];
+        for (int64_t k = k0; k < k1; ++k) gld[k] += l * (static_cast<acc_t>(bp[o * ldb + k]) * qp[o * r + k]);
       }
     });
   });
-  return out;
+  return {grad_ld, grad_lb};
 }
 
 void Prims::merge_apply(Tensor& weight, const Tensor& delta_, double alpha, bool transposed, bool safe) {

@@ -19,13 +19,20 @@ struct Prims {
   static std::tuple<at::Tensor, at::Tensor> decode_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                                                            const c10::optional<at::Tensor>& bias,
                                                            const c10::optional<at::Tensor>& base, const AdapterArgs& a);
-  static at::Tensor row_scale(const at::Tensor& in, const at::Tensor& lam, at::ScalarType dtype);
+  // a @ b in op math: ATen's CPU GEMM has no wider output, so the operands are widened first.
+  static at::Tensor mm_opmath(const at::Tensor& a, const at::Tensor& b) {
+    const at::ScalarType acc = opmath_dtype(a.scalar_type());
+    return at::mm(a.to(acc), b.to(acc));
+  }
+  static at::Tensor row_scale(const at::Tensor& in, const at::Tensor& lam, at::ScalarType dtype,
+                              const c10::optional<at::Tensor>& col_lam = c10::nullopt);
   static at::Tensor col_scale(const at::Tensor& in, const at::Tensor& lam, const c10::optional<at::Tensor>& idx);
   static void scale_add(at::Tensor& out, const at::Tensor& base, const at::Tensor& z, const at::Tensor& lam,
                         const c10::optional<at::Tensor>& idx);
   static at::Tensor col_dot_reduce(const at::Tensor& p, const at::Tensor& q, const c10::optional<at::Tensor>& idx,
                                    int64_t num_adapters);
-  static at::Tensor row_dot(const at::Tensor& p, const at::Tensor& q);
+  static std::tuple<at::Tensor, at::Tensor> lambda_grads(const at::Tensor& q, const at::Tensor& B,
+                                                         const at::Tensor& lambda_d, const at::Tensor& lambda_b);
   static void merge_apply(at::Tensor& weight, const at::Tensor& delta, double alpha, bool transposed, bool safe);
   static void check_adapter_idx(const at::Tensor& idx, int64_t num_adapters);
 };

@@ -1,5 +1,6 @@
-// Element-wise VeRA steps: B_hat = diag(lambda) B (row_scale), h = u * lambda_d[a(n)] (col_scale) and the
-// gather-scale-add epilogue y = base + lambda_b[a(n)] * z (scale_add). Grid-stride loops, 64-bit indices.
+// Element-wise VeRA steps: the folded adapter matrix diag(lambda_b) B diag(lambda_d) (row_scale with both lambdas),
+// h = u * lambda_d[a(n)] (col_scale) and the gather-scale-add epilogue y = base + lambda_b[a(n)] * z with z the fp32
+// output of the GEMM (scale_add). Grid-stride loops, 64-bit indices.
 #include "cuda/dtype.cuh"
 #include "cuda/launchers.h"
 
@@ -13,7 +14,9 @@ __global__ void row_scale_kernel(const RowScaleParams p) {
   const int64_t total = p.rows * p.cols;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = e / p.cols, j = e - i * p.cols;
-    store(out + e, from_float<Tout>(load(p.lam + i) * to_float(load(in + i * p.in_row_stride + j))));
+    float v = load(p.lam + i) * to_float(load(in + i * p.in_row_stride + j));
+    if (p.col_lam) v *= load(p.col_lam + j);
+    store(out + e, from_float<Tout>(v));
   }
 }
 
@@ -33,7 +36,6 @@ __global__ void col_scale_kernel(const ColScaleParams p) {
 template <typename T>
 __global__ void scale_add_kernel(const ScaleAddParams p) {
   const T* base = static_cast<const T*>(p.base);
-  const T* z = static_cast<const T*>(p.z);
   T* out = static_cast<T*>(p.out);
   const int64_t total = p.rows * p.cols;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
@@ -41,8 +43,7 @@ __global__ void scale_add_kernel(const ScaleAddParams p) {
     const int64_t a = p.idx ? load(p.idx + n) : 0;
     const T b = load(base + n * p.base_row_stride + j);
     const T value =
-        a < 0 ? b
-              : from_float<T>(to_float(b) + load(p.lam + a * p.cols + j) * to_float(load(z + n * p.z_row_stride + j)));
+        a < 0 ? b : from_float<T>(to_float(b) + load(p.lam + a * p.cols + j) * load(p.z + n * p.z_row_stride + j));
     store(out + n * p.out_row_stride + j, value);
   }
 }

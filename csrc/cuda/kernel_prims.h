@@ -42,13 +42,28 @@ struct KernelPrims {
   // Up to this many rows, forward runs the fused decode kernels (decode_kernels.cu).
   static constexpr int64_t kDecodeMaxRows = vera::cuda::kDecodeMaxRows;
 
-  static Tensor row_scale(const Tensor& in_, const Tensor& lam_, at::ScalarType dtype) {
+  // a @ b in fp32 from fp16/bf16 operands: cuBLAS writes its fp32 accumulator (ATen's mm.dtype), so nothing is
+  // rounded to the data dtype and the operands are not widened first.
+  static Tensor mm_opmath(const Tensor& a, const Tensor& b) {
+    if (a.scalar_type() == at::kFloat) return at::mm(a, b);
+    return at::mm(a, b, at::kFloat);
+  }
+
+  static Tensor row_scale(const Tensor& in_, const Tensor& lam_, at::ScalarType dtype,
+                          const OptTensor& col_lam_ = c10::nullopt) {
     const typename L::Guard guard(in_.device());
     const Tensor in = rows_contiguous(in_), lam = lam_.contiguous();
+    const Tensor col_lam = col_lam_.has_value() ? col_lam_->contiguous() : Tensor();
     Tensor out = at::empty(in.sizes(), in.options().dtype(dtype));
-    const RowScaleParams p{
-        in.const_data_ptr(), in.stride(0), lam.const_data_ptr<float>(),        out.data_ptr(),
-        in.size(0),          in.size(1),   detail::dtype_of(in.scalar_type()), detail::dtype_of(dtype)};
+    const RowScaleParams p{in.const_data_ptr(),
+                           in.stride(0),
+                           lam.const_data_ptr<float>(),
+                           col_lam.defined() ? col_lam.const_data_ptr<float>() : nullptr,
+                           out.data_ptr(),
+                           in.size(0),
+                           in.size(1),
+                           detail::dtype_of(in.scalar_type()),
+                           detail::dtype_of(dtype)};
     L::check(launch_row_scale(p, L::stream()), "row_scale");
     return out;
   }
@@ -68,9 +83,10 @@ struct KernelPrims {
     const typename L::Guard guard(out.device());
     TORCH_CHECK(out.stride(1) == 1 || out.size(1) <= 1, "scale_add: out must have contiguous rows");
     const Tensor base = rows_contiguous(base_), z = rows_contiguous(z_), lam = lam_.contiguous();
+    TORCH_INTERNAL_ASSERT(z.scalar_type() == at::kFloat, "scale_add: z must be the fp32 output of the GEMM");
     const ScaleAddParams p{base.const_data_ptr(),
                            base.stride(0),
-                           z.const_data_ptr(),
+                           z.const_data_ptr<float>(),
                            z.stride(0),
                            lam.const_data_ptr<float>(),
                            detail::idx_ptr(idx),
@@ -87,16 +103,27 @@ struct KernelPrims {
                                int64_t splits = 0) {
     const typename L::Guard guard(p_.device());
     const Tensor p = rows_contiguous(p_), q = rows_contiguous(q_);
+    TORCH_INTERNAL_ASSERT(q.scalar_type() == at::kFloat, "col_dot_reduce: q must be fp32");
     const int64_t rows = p.size(0), cols = p.size(1);
     TORCH_CHECK(num_adapters <= 65535, "vera_ext CUDA: at most 65535 adapters in one mixed batch, got ", num_adapters);
+    // Rows grouped by adapter on the device (no host read): a stable sort keeps each adapter's rows ascending, and
+    // bounds[k] = the first position holding adapter k or a later one. Rows without adapter (-1) sort first and
+    // fall in no segment.
+    Tensor order, bounds;
+    if (idx.has_value()) {
+      Tensor sorted;
+      std::tie(sorted, order) = at::sort(*idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+      bounds = at::searchsorted(sorted, at::arange(num_adapters + 1, idx->options()));
+    }
     const int s = splits > 0 ? static_cast<int>(splits) : col_dot_reduce_splits(rows, cols, num_adapters);
     Tensor out = at::empty({num_adapters, cols}, p.options().dtype(at::kFloat));
     Tensor workspace = at::empty({s > 1 ? s * num_adapters * cols : 0}, out.options());
     const ColDotReduceParams params{p.const_data_ptr(),
                                     p.stride(0),
-                                    q.const_data_ptr(),
+                                    q.const_data_ptr<float>(),
                                     q.stride(0),
-                                    detail::idx_ptr(idx),
+                                    order.defined() ? order.const_data_ptr<int64_t>() : nullptr,
+                                    bounds.defined() ? bounds.const_data_ptr<int64_t>() : nullptr,
                                     workspace.data_ptr<float>(),
                                     out.data_ptr<float>(),
                                     rows,
@@ -108,16 +135,35 @@ struct KernelPrims {
     return out;
   }
 
-  static Tensor row_dot(const Tensor& p_, const Tensor& q_) {
-    const typename L::Guard guard(p_.device());
-    const Tensor p = rows_contiguous(p_), q = rows_contiguous(q_);
-    TORCH_INTERNAL_ASSERT(p.scalar_type() == q.scalar_type() && p.sizes() == q.sizes());
-    Tensor out = at::empty({p.size(0)}, p.options().dtype(at::kFloat));
-    const RowDotParams params{
-        p.const_data_ptr(),    p.stride(0), q.const_data_ptr(), q.stride(0),
-        out.data_ptr<float>(), p.size(0),   p.size(1),          detail::dtype_of(p.scalar_type())};
-    L::check(launch_row_dot(params, L::stream()), "row_dot");
-    return out;
+  // (grad_lambda_d (r), grad_lambda_b (out_f)) of one adapter from q = grad_out^T u (out_f, r) in fp32.
+  static std::tuple<Tensor, Tensor> lambda_grads(const Tensor& q_, const Tensor& B_, const Tensor& lambda_d_,
+                                                 const Tensor& lambda_b_) {
+    const typename L::Guard guard(q_.device());
+    const Tensor q = q_.contiguous(), B = rows_contiguous(B_);
+    const Tensor ld = lambda_d_.contiguous(), lb = lambda_b_.contiguous();
+    TORCH_INTERNAL_ASSERT(q.scalar_type() == at::kFloat && q.sizes() == B.sizes());
+    const int64_t out_f = q.size(0), r = q.size(1);
+    int col_chunks = 0, row_chunks = 0;
+    lambda_grads_chunks(out_f, r, &col_chunks, &row_chunks);
+    const auto opts = q.options();
+    Tensor ws_b = at::empty({col_chunks * out_f}, opts), ws_d = at::empty({row_chunks * r}, opts);
+    Tensor grad_ld = at::empty({r}, opts), grad_lb = at::empty({out_f}, opts);
+    const LambdaGradsParams p{q.const_data_ptr<float>(),
+                              B.const_data_ptr(),
+                              B.stride(0),
+                              ld.const_data_ptr<float>(),
+                              lb.const_data_ptr<float>(),
+                              ws_b.data_ptr<float>(),
+                              ws_d.data_ptr<float>(),
+                              grad_ld.data_ptr<float>(),
+                              grad_lb.data_ptr<float>(),
+                              out_f,
+                              r,
+                              col_chunks,
+                              row_chunks,
+                              detail::dtype_of(B.scalar_type())};
+    L::check(launch_lambda_grads(p, L::stream()), "lambda_grads");
+    return {grad_ld, grad_lb};
   }
 
   // One pass of the merge kernel over weight; returns the non-finite flag (raised only by check_only).
@@ -186,10 +232,17 @@ struct KernelPrims {
   }
 
   static void check_adapter_idx(const Tensor& idx, int64_t num_adapters) {
-    // Reading the range back synchronizes (once: min and max come back together); under CUDA-graph capture that is
-    // impossible, and the caller, which built the indices, is trusted.
-    if (idx.numel() == 0 || L::capturing()) return;
-    const auto [lo, hi] = at::aminmax(idx);
+    if (idx.numel() == 0) return;
+    if (L::capturing()) {
+      // Reading the range back would synchronize, which a CUDA graph capture forbids. The check runs on the device
+      // instead: a failed device assert stops the stream before any kernel reads a lambda row out of bounds, and
+      // the error surfaces at the next synchronization (of the capture or of each replay).
+      at::_assert_async(
+          at::logical_and(idx.ge(-1), idx.lt(num_adapters)).all(),
+          "vera_ext: adapter_idx holds a value outside [-1, num_adapters) (checked on the device " "during CUDA graph capture)");
+      return;
+    }
+    const auto [lo, hi] = at::aminmax(idx);  // one read-back: min and max come back together
     const Tensor range = at::stack({lo, hi}).cpu();
     const int64_t lo_v = range[0].item<int64_t>(), hi_v = range[1].item<int64_t>();
     TORCH_CHECK(lo_v >= -1 && hi_v < num_adapters, "adapter_idx holds values in [", lo_v, ", ", hi_v,

@@ -16,7 +16,8 @@ cudaError_t launch_row_scale(const RowScaleParams& p, cudaStream_t stream);
 cudaError_t launch_col_scale(const ColScaleParams& p, cudaStream_t stream);
 cudaError_t launch_scale_add(const ScaleAddParams& p, cudaStream_t stream);
 cudaError_t launch_col_dot_reduce(const ColDotReduceParams& p, cudaStream_t stream);
-cudaError_t launch_row_dot(const RowDotParams& p, cudaStream_t stream);
+// Both lambda gradients of one adapter (partial and finish kernels); chunks from lambda_grads_chunks.
+cudaError_t launch_lambda_grads(const LambdaGradsParams& p, cudaStream_t stream);
 // check_only = true: the finiteness pass of a safe merge; false: the write pass.
 cudaError_t launch_merge(const MergeParams& p, bool check_only, cudaStream_t stream);
 // Both passes of the fused small-N forward (p.n <= kDecodeMaxRows).
@@ -24,5 +25,7 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream);
 
 // How many row chunks launch_col_dot_reduce uses for these sizes (the caller sizes the workspace).
 int col_dot_reduce_splits(int64_t rows, int64_t cols, int64_t num_adapters);
+// The chunk counts of launch_lambda_grads (the caller sizes the workspaces: col_chunks * out_f, row_chunks * r).
+void lambda_grads_chunks(int64_t out_f, int64_t r, int* col_chunks, int* row_chunks);
 
 }  // namespace vera::cuda

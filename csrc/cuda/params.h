@@ -9,11 +9,13 @@ namespace vera::cuda {
 
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
-// out[i, j] = lam[i] * in[i, j]; out (rows, cols) contiguous, in out_dtype (== in_dtype or F32).
+// out[i, j] = lam[i] * in[i, j] * col_lam[j] (col_lam nullable: 1); out (rows, cols) contiguous, in out_dtype
+// (== in_dtype or F32). With both lambdas this folds diag(lambda_b) B diag(lambda_d) into one operand.
 struct RowScaleParams {
   const void* in;
   int64_t in_row_stride;
-  const float* lam;
+  const float* lam;      // (rows)
+  const float* col_lam;  // (cols) or null
   void* out;
   int64_t rows, cols;
   DType in_dtype, out_dtype;
@@ -30,11 +32,11 @@ struct ColScaleParams {
   DType dtype;
 };
 
-// out[n, j] = base[n, j] + lam[a(n), j] * z[n, j]; out may alias base.
+// out[n, j] = base[n, j] + lam[a(n), j] * z[n, j]; out may alias base. z is fp32 (the GEMM's unrounded output).
 struct ScaleAddParams {
   const void* base;
   int64_t base_row_stride;
-  const void* z;
+  const float* z;
   int64_t z_row_stride;
   const float* lam;
   const int64_t* idx;  // nullable
@@ -44,29 +46,41 @@ struct ScaleAddParams {
   DType dtype;
 };
 
-// out[k, j] = sum over rows n with a(n) = k of p[n, j] * q[n, j], fp32, in a fixed order. The rows are cut into
-// `splits` contiguous chunks whose partial sums (workspace, splits x num_adapters x cols) are added in order.
+// out[k, j] = sum over rows n with a(n) = k of p[n, j] * q[n, j], fp32, in a fixed order; p in `dtype`, q fp32 (a
+// GEMM's unrounded output). Rows come grouped by adapter: adapter k's rows are order[bounds[k]] ..
+// order[bounds[k + 1] - 1], ascending (a stable sort of the indices), so a block reads only its adapter's rows
+// (without an index: order null, bounds null, every row is adapter 0's). Each segment is cut into `splits`
+// contiguous chunks whose partial sums (workspace, splits x num_adapters x cols) are added in order.
 struct ColDotReduceParams {
   const void* p;
   int64_t p_row_stride;
-  const void* q;
+  const float* q;
   int64_t q_row_stride;
-  const int64_t* idx;  // nullable
-  float* workspace;    // splits * num_adapters * cols floats (unused when splits == 1)
-  float* out;          // (num_adapters, cols)
+  const int64_t* order;   // (rows) row numbers grouped by adapter, or null
+  const int64_t* bounds;  // (num_adapters + 1) segment starts into order, or null
+  float* workspace;       // splits * num_adapters * cols floats (unused when splits == 1)
+  float* out;             // (num_adapters, cols)
   int64_t rows, cols, num_adapters;
   int splits;
   DType dtype;
 };
 
-// out[i] = sum_j p[i, j] * q[i, j], fp32.
-struct RowDotParams {
-  const void* p;
-  int64_t p_row_stride;
-  const void* q;
-  int64_t q_row_stride;
-  float* out;
-  int64_t rows, cols;
+// Both lambda gradients of one adapter from q = grad_out^T u (out_f, r), fp32, read once:
+//   grad_lb[o] = sum_k lambda_d[k] B[o, k] q[o, k],   grad_ld[k] = sum_o lambda_b[o] B[o, k] q[o, k].
+// Blocks take (column chunk x, row chunk y); their partial sums (ws_b: col_chunks x out_f, ws_d: row_chunks x r) are
+// added in a fixed order by the finish kernel, so the result does not depend on scheduling.
+struct LambdaGradsParams {
+  const float* q;  // (out_f, r) contiguous
+  const void* B;   // (out_f, r)
+  int64_t b_row_stride;
+  const float* lambda_d;  // (r)
+  const float* lambda_b;  // (out_f)
+  float* ws_b;            // col_chunks * out_f
+  float* ws_d;            // row_chunks * r
+  float* grad_ld;         // (r)
+  float* grad_lb;         // (out_f)
+  int64_t out_f, r;
+  int col_chunks, row_chunks;
   DType dtype;
 };
 

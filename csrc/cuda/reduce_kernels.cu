@@ -1,6 +1,7 @@
-// Deterministic reductions of VeRA's backward: the lambda_d (and mixed-batch lambda_b) column reduction
-// sum_n p[n, j] q[n, j] per adapter, and the lambda_b row dot sum_j p[i, j] q[i, j]. No float atomics: every
-// sum is taken in one fixed order, so results are identical run to run.
+// Deterministic reductions of VeRA's backward: the mixed-batch column reduction sum_n p[n, j] q[n, j] per adapter
+// (over rows grouped by adapter, so each row is read once whatever the number of adapters),
+// and both lambda gradients of one adapter from q = grad_out^T u. No float atomics: every sum is taken in one fixed
+// order, so results are identical run to run.
 #include "cuda/dtype.cuh"
 #include "cuda/launchers.h"
 
@@ -10,23 +11,29 @@ namespace {
 constexpr int kTileCols = 32;  // threadIdx.x: one column each
 constexpr int kRowLanes = 8;   // threadIdx.y: rows n = lane, lane + 8, ...
 
-// Block (column tile, adapter k, row chunk s): partial sum over its chunk's rows of adapter k.
+// Block (column tile, adapter k, chunk s): partial sum over chunk s of adapter k's segment of rows.
 template <typename T>
 __global__ void col_dot_partial_kernel(const ColDotReduceParams p) {
   __shared__ float part[kRowLanes][kTileCols];
   const T* pp = static_cast<const T*>(p.p);
-  const T* qp = static_cast<const T*>(p.q);
   const int64_t j = int64_t(blockIdx.x) * kTileCols + threadIdx.x;
   const int64_t k = blockIdx.y;
-  const int64_t chunk = (p.rows + p.splits - 1) / p.splits;
-  const int64_t n_begin = int64_t(blockIdx.z) * chunk;
-  const int64_t n_end = n_begin + chunk < p.rows ? n_begin + chunk : p.rows;
+  __shared__ int64_t segment[2];  // adapter k's rows: order[segment[0]] .. order[segment[1] - 1]
+  if (threadIdx.x == 0 && threadIdx.y == 0) {  // one load for the block (most blocks of a big table are empty)
+    segment[0] = p.bounds ? load(p.bounds + k) : 0;
+    segment[1] = p.bounds ? load(p.bounds + k + 1) : p.rows;
+  }
+  __syncthreads();
+  const int64_t seg_begin = segment[0], seg_end = segment[1];
+  const int64_t chunk = (seg_end - seg_begin + p.splits - 1) / p.splits;
+  const int64_t begin = seg_begin + int64_t(blockIdx.z) * chunk;
+  const int64_t end = begin + chunk < seg_end ? begin + chunk : seg_end;
 
   float acc = 0.f;
   if (j < p.cols) {
-    for (int64_t n = n_begin + threadIdx.y; n < n_end; n += kRowLanes) {
-      if ((p.idx ? load(p.idx + n) : 0) != k) continue;
-      acc += to_float(load(pp + n * p.p_row_stride + j)) * to_float(load(qp + n * p.q_row_stride + j));
+    for (int64_t i = begin + threadIdx.y; i < end; i += kRowLanes) {
+      const int64_t n = p.order ? load(p.order + i) : i;
+      acc += to_float(load(pp + n * p.p_row_stride + j)) * load(p.q + n * p.q_row_stride + j);
     }
   }
   part[threadIdx.y][threadIdx.x] = acc;
@@ -51,19 +58,75 @@ __global__ void col_dot_finish_kernel(const ColDotReduceParams p) {
   }
 }
 
-// One warp per row; lanes stride over the columns, then a butterfly sum (same order every run).
+constexpr int kLgWarps = 8;                   // warps per block of the lambda-gradient kernel
+constexpr int kLgRowsPerWarp = 4;             // rows o each warp takes: a block covers kLgWarps * kLgRowsPerWarp rows
+constexpr int kLgColsPerLane = 8;             // columns k each lane keeps a partial sum for
+constexpr int kLgCols = 32 * kLgColsPerLane;  // columns of a block's chunk
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Block (column chunk x, row chunk y): for its rows o and columns k, t = B[o, k] q[o, k];
+//   ws_b[x, o] = sum over the chunk's k of lambda_d[k] t      (a warp per row, butterfly sum)
+//   ws_d[y, k] = sum over the chunk's o of lambda_b[o] t      (per lane, then the warps in order)
+// Lane l owns columns k0 + l + 32 j: the loads of a warp are coalesced along the row.
 template <typename T>
-__global__ void row_dot_kernel(const RowDotParams p) {
-  const T* pp = static_cast<const T*>(p.p);
-  const T* qp = static_cast<const T*>(p.q);
-  const int lane = threadIdx.x & 31;
-  const int64_t warps_per_grid = int64_t(gridDim.x) * (blockDim.x / 32);
-  for (int64_t i = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; i < p.rows; i += warps_per_grid) {
-    float acc = 0.f;
-    for (int64_t j = lane; j < p.cols; j += 32)
-      acc += to_float(load(pp + i * p.p_row_stride + j)) * to_float(load(qp + i * p.q_row_stride + j));
-    for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (lane == 0) store(p.out + i, acc);
+__global__ void __launch_bounds__(kLgWarps * 32) lambda_grads_partial_kernel(const LambdaGradsParams p) {
+  __shared__ float col_part[kLgWarps][kLgCols];
+  const T* B = static_cast<const T*>(p.B);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  const int64_t k0 = int64_t(blockIdx.x) * kLgCols;
+  const int64_t o0 = int64_t(blockIdx.y) * (kLgWarps * kLgRowsPerWarp) + warp * kLgRowsPerWarp;
+  float ld[kLgColsPerLane], acc[kLgColsPerLane];
+  VERA_UNROLL
+  for (int j = 0; j < kLgColsPerLane; ++j) {
+    const int64_t k = k0 + lane + 32 * j;
+    ld[j] = k < p.r ? load(p.lambda_d + k) : 0.f;
+    acc[j] = 0.f;
+  }
+  for (int i = 0; i < kLgRowsPerWarp; ++i) {
+    const int64_t o = o0 + i;
+    if (o >= p.out_f) break;
+    const float lb = load(p.lambda_b + o);
+    float row = 0.f;
+    VERA_UNROLL
+    for (int j = 0; j < kLgColsPerLane; ++j) {
+      const int64_t k = k0 + lane + 32 * j;
+      if (k >= p.r) break;
+      const float t = to_float(load(B + o * p.b_row_stride + k)) * load(p.q + o * p.r + k);
+      row += ld[j] * t;
+      acc[j] += lb * t;
+    }
+    row = warp_sum(row);
+    if (lane == 0) store(p.ws_b + int64_t(blockIdx.x) * p.out_f + o, row);
+  }
+  VERA_UNROLL
+  for (int j = 0; j < kLgColsPerLane; ++j) col_part[warp][lane + 32 * j] = acc[j];
+  __syncthreads();
+  for (int c = threadIdx.x; c < kLgCols; c += blockDim.x) {
+    const int64_t k = k0 + c;
+    if (k >= p.r) continue;
+    float s = 0.f;
+    for (int w = 0; w < kLgWarps; ++w) s += col_part[w][c];
+    store(p.ws_d + int64_t(blockIdx.y) * p.r + k, s);
+  }
+}
+
+// grad_lb[o] = sum over x of ws_b[x, o], grad_ld[k] = sum over y of ws_d[y, k], chunks in ascending order.
+__global__ void lambda_grads_finish_kernel(const LambdaGradsParams p) {
+  const int64_t total = p.out_f + p.r;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    float s = 0.f;
+    if (e < p.out_f) {
+      for (int x = 0; x < p.col_chunks; ++x) s += load(p.ws_b + int64_t(x) * p.out_f + e);
+      store(p.grad_lb + e, s);
+    } else {
+      const int64_t k = e - p.out_f;
+      for (int y = 0; y < p.row_chunks; ++y) s += load(p.ws_d + int64_t(y) * p.r + k);
+      store(p.grad_ld + k, s);
+    }
   }
 }
 
@@ -90,13 +153,19 @@ cudaError_t launch_col_dot_reduce(const ColDotReduceParams& p, cudaStream_t stre
   return launch_kernel<col_dot_finish_kernel>(dim3(blocks_for(p.num_adapters * p.cols)), dim3(kThreads), 0, stream, p);
 }
 
-cudaError_t launch_row_dot(const RowDotParams& p, cudaStream_t stream) {
-  const int rows_per_block = kThreads / 32;
-  const int64_t want = (p.rows + rows_per_block - 1) / rows_per_block;
-  const dim3 grid(static_cast<unsigned int>(want < 4096 ? want : 4096));
-  return dispatch_dtype(p.dtype, [&](auto tag) {
-    return launch_kernel<row_dot_kernel<decltype(tag)>>(grid, dim3(kThreads), 0, stream, p);
+void lambda_grads_chunks(int64_t out_f, int64_t r, int* col_chunks, int* row_chunks) {
+  *col_chunks = static_cast<int>((r + kLgCols - 1) / kLgCols);
+  *row_chunks = static_cast<int>((out_f + kLgWarps * kLgRowsPerWarp - 1) / (kLgWarps * kLgRowsPerWarp));
+}
+
+cudaError_t launch_lambda_grads(const LambdaGradsParams& p, cudaStream_t stream) {
+  if (p.row_chunks > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned int>(p.col_chunks), static_cast<unsigned int>(p.row_chunks));
+  cudaError_t err = dispatch_dtype(p.dtype, [&](auto tag) {
+    return launch_kernel<lambda_grads_partial_kernel<decltype(tag)>>(grid, dim3(kLgWarps * 32), 0, stream, p);
   });
+  if (err != cudaSuccess) return err;
+  return launch_kernel<lambda_grads_finish_kernel>(dim3(blocks_for(p.out_f + p.r)), dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace vera::cuda

@@ -37,11 +37,8 @@ KERNEL_TESTS = {
         "test_emu_reduce.py::test_col_dot_reduce_split_count_does_not_change_much",
         BLOCK_ORDER,
     ],
-    "row_dot_kernel": [
-        "test_emu_reduce.py::test_row_dot",
-        "test_emu_reduce.py::test_row_dot_more_rows_than_one_grid",
-        BLOCK_ORDER,
-    ],
+    "lambda_grads_partial_kernel": ["test_emu_reduce.py::test_lambda_grads", BLOCK_ORDER],
+    "lambda_grads_finish_kernel": ["test_emu_reduce.py::test_lambda_grads", BLOCK_ORDER],
     # csrc/cuda/merge_kernels.cu (both template modes: write and check-only)
     "merge_kernel": [
         "test_emu_merge.py::test_merge",

@@ -28,12 +28,13 @@ def run_scale_add(emu):
 
 
 def run_col_dot_reduce(emu):  # 4 row splits: col_dot_partial_kernel and col_dot_finish_kernel
-    p, q = matrix(1000, 100, torch.float16, seed=1), matrix(1000, 100, torch.float16, seed=2)
+    p, q = matrix(1000, 100, torch.float16, seed=1), matrix(1000, 100, torch.float32, seed=2)
     return [emu.col_dot_reduce(p, q, adapter_idx(1000, 4), 4)]
 
 
-def run_row_dot(emu):
-    return [emu.row_dot(matrix(200, 50, torch.float32, seed=1), matrix(200, 50, torch.float32, seed=2))]
+def run_lambda_grads(emu):  # 2 column chunks x 7 row chunks, then the finish kernel
+    q, B = matrix(200, 300, torch.float32, seed=1), matrix(200, 300, torch.bfloat16, seed=2)
+    return list(emu.lambda_grads(q, B, torch.randn(300, generator=gen()), torch.randn(200, generator=gen())))
 
 
 def run_merge(emu):
@@ -71,7 +72,7 @@ def gen():
 
 RUNS = {
     f.__name__[4:]: f
-    for f in (run_row_scale, run_col_scale, run_scale_add, run_col_dot_reduce, run_row_dot, run_merge, run_decode)
+    for f in (run_row_scale, run_col_scale, run_scale_add, run_col_dot_reduce, run_lambda_grads, run_merge, run_decode)
 }
 
 

@@ -21,13 +21,15 @@ def test_big_shape_needs_a_second_grid_pass():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("fp32_out", [False, True])
-def test_row_scale(emu, dtype, shape, strided, fp32_out):
+@pytest.mark.parametrize("col_lam", [False, True], ids=["rows", "rows_and_cols"])
+def test_row_scale(emu, dtype, shape, strided, fp32_out, col_lam):
     x = matrix(*shape, dtype, strided)
     lam = torch.randn(shape[0])
+    cl = torch.randn(shape[1]) if col_lam else None
     out_dtype = torch.float32 if fp32_out else dtype
-    got = emu.row_scale(x, lam, out_dtype)
+    got = emu.row_scale(x, lam, out_dtype, cl)
     assert got.dtype == out_dtype
-    assert torch.equal(got, emu.cpu_row_scale(x, lam, out_dtype))
+    assert torch.equal(got, emu.cpu_row_scale(x, lam, out_dtype, cl))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -48,7 +50,7 @@ def test_col_scale(emu, dtype, shape, strided, num_adapters):
 @pytest.mark.parametrize("in_place", [False, True])
 def test_scale_add(emu, dtype, shape, strided, num_adapters, in_place):
     base = matrix(*shape, dtype, strided, seed=1)
-    z = matrix(*shape, dtype, strided, seed=2)
+    z = matrix(*shape, torch.float32, strided, seed=2)  # the GEMM's fp32 output
     lam = torch.randn(num_adapters or 1, shape[1])
     idx = adapter_idx(shape[0], num_adapters) if num_adapters else None
     want = base.clone()
@@ -64,8 +66,8 @@ def test_scale_add(emu, dtype, shape, strided, num_adapters, in_place):
 
 def test_row_scale_two_grid_passes(emu):
     x = matrix(*BIG, torch.float16, strided=True)
-    lam = torch.randn(BIG[0])
-    assert torch.equal(emu.row_scale(x, lam, torch.float32), emu.cpu_row_scale(x, lam, torch.float32))
+    lam, cl = torch.randn(BIG[0]), torch.randn(BIG[1])
+    assert torch.equal(emu.row_scale(x, lam, torch.float32, cl), emu.cpu_row_scale(x, lam, torch.float32, cl))
 
 
 def test_col_scale_two_grid_passes(emu):

@@ -1,5 +1,6 @@
 """The reduction kernels (csrc/cuda/reduce_kernels.cu), emulated: col_dot_reduce (col_dot_partial_kernel and,
-with row splits, col_dot_finish_kernel) and row_dot (row_dot_kernel), against the CPU primitives and float64."""
+with row splits, col_dot_finish_kernel; p in the data dtype, q fp32) and lambda_grads (lambda_grads_partial_kernel
+and lambda_grads_finish_kernel), against the CPU primitives and float64."""
 
 import pytest
 import torch
@@ -7,8 +8,6 @@ import torch
 from emu_helpers import DTYPES, adapter_idx, assert_reduction_close, matrix, sum_reference
 
 pytestmark = pytest.mark.emulated
-
-ROW_DOT_GRID_CAP = 4096 * 8  # rows: 4096 blocks of 8 warps, one warp per row
 
 
 def col_dot_reference(p, q, idx, num_adapters):
@@ -35,7 +34,7 @@ CASES = [(0, 5, None), (1, 1, None), (7, 33, None), (31, 64, 2), (300, 40, 3), (
 @pytest.mark.parametrize("strided", [False, True])
 def test_col_dot_reduce(emu, dtype, case, strided):
     rows, cols, k = case
-    p, q = matrix(rows, cols, dtype, strided, seed=1), matrix(rows, cols, dtype, strided, seed=2)
+    p, q = matrix(rows, cols, dtype, strided, seed=1), matrix(rows, cols, torch.float32, strided, seed=2)
     idx = adapter_idx(rows, k, seed=3) if k else None
     num_adapters = k or 1
     got = emu.col_dot_reduce(p, q, idx, num_adapters)
@@ -52,7 +51,7 @@ def test_col_dot_reduce_cases_cover_row_splits(emu):
 @pytest.mark.parametrize("rows,cols,k,splits", [(3, 10, 2, 7), (100, 33, 3, 5), (257, 1, None, 64), (50, 70, 1, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_col_dot_reduce_forced_splits(emu, rows, cols, k, splits, dtype):
-    p, q = matrix(rows, cols, dtype, seed=4), matrix(rows, cols, dtype, strided=True, seed=5)
+    p, q = matrix(rows, cols, dtype, seed=4), matrix(rows, cols, torch.float32, strided=True, seed=5)
     idx = adapter_idx(rows, k, seed=6) if k else None
     got = emu.col_dot_reduce(p, q, idx, k or 1, splits)
     ref, mag = col_dot_reference(p, q, idx, k or 1)
@@ -68,20 +67,24 @@ def test_col_dot_reduce_split_count_does_not_change_much(emu):
         torch.testing.assert_close(r, results[0], rtol=1e-5, atol=1e-5)
 
 
+def lambda_grads_reference(q, B, lambda_d, lambda_b):
+    """(grad_ld, grad_lb) in float64 with the magnitudes of their terms."""
+    t = B.double() * q.double()
+    ld_terms, lb_terms = t * lambda_b.double()[:, None], t * lambda_d.double()[None, :]
+    return sum_reference(ld_terms), sum_reference(lb_terms.T)
+
+
+# (out_f, r): empty either way, one element, one chunk, several row chunks, r over one column chunk (256).
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (1, 1), (9, 33), (40, 31), (17, 300)])
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (1, 1), (9, 33), (40, 31), (17, 300), (70, 600)])
 @pytest.mark.parametrize("strided", [False, True])
-def test_row_dot(emu, dtype, shape, strided):
-    p, q = matrix(*shape, dtype, strided, seed=1), matrix(*shape, dtype, seed=2)
-    ref, mag = sum_reference((p.double() * q.double()).T)
-    assert_reduction_close(emu.row_dot(p, q), emu.cpu_row_dot(p, q), ref, mag, "row_dot")
-
-
-def test_row_dot_more_rows_than_one_grid(emu):
-    rows = ROW_DOT_GRID_CAP + 123  # some warps take a second row
-    p, q = matrix(rows, 3, torch.float16, strided=True, seed=1), matrix(rows, 3, torch.float16, seed=2)
-    ref, mag = sum_reference((p.double() * q.double()).T)
-    assert_reduction_close(emu.row_dot(p, q), emu.cpu_row_dot(p, q), ref, mag, "row_dot")
+def test_lambda_grads(emu, dtype, shape, strided):
+    q, B = matrix(*shape, torch.float32, seed=1), matrix(*shape, dtype, strided, seed=2)
+    ld, lb = torch.randn(shape[1]), torch.randn(shape[0])
+    got, cpu = emu.lambda_grads(q, B, ld, lb), emu.cpu_lambda_grads(q, B, ld, lb)
+    (ref_d, mag_d), (ref_b, mag_b) = lambda_grads_reference(q, B, ld, lb)
+    assert_reduction_close(got[0], cpu[0], ref_d, mag_d, "grad_lambda_d")
+    assert_reduction_close(got[1], cpu[1], ref_b, mag_b, "grad_lambda_b")
 
 
 def test_col_dot_reduce_refuses_more_adapters_than_a_grid_holds(emu):
@@ -89,3 +92,29 @@ def test_col_dot_reduce_refuses_more_adapters_than_a_grid_holds(emu):
     # refused by the shared params filling (kernel_prims.h) before the launcher's own invalid-configuration check
     with pytest.raises(RuntimeError, match="at most 65535 adapters|invalid configuration"):
         emu.col_dot_reduce(p, p, torch.zeros(0, dtype=torch.int64), 65536)
+
+
+def test_mixed_reduction_reads_each_row_once_whatever_the_adapter_count(emu):
+    """Rows are grouped by adapter on the device before the reduction, so col_dot_partial_kernel reads each row once
+    whether the 16 adapters the rows use are 16 of 16 or 16 of 1,000 registered. What grows with the table is one
+    load of two segment bounds per block (and the (K, C) zeros every unused adapter's gradient is): below 2x the
+    sectors here, where a scan of every row for every adapter loads the index for each of the 1,000 (about 40x)."""
+    import json
+
+    rows, cols = 512, 64
+    p, q = matrix(rows, cols, torch.bfloat16, seed=1), matrix(rows, cols, torch.float32, seed=2)
+    used = torch.arange(16) * 37  # 16 distinct adapters, spread over 0 .. 555
+    idx = used[torch.arange(rows) % 16]
+    loads = {}
+    for k in (16, 1000):
+        adapters = idx if k == 1000 else torch.arange(rows) % 16
+        emu.trace_start(0)
+        try:
+            got = emu.col_dot_reduce(p, q, adapters, k)
+        finally:
+            launches = json.loads(emu.trace_stop())
+        partial = [entry for entry in launches if "col_dot_partial_kernel" in entry["kernel"]]
+        loads[k] = sum(entry["load"]["sectors"] for entry in partial)
+        ref, mag = col_dot_reference(p, q, adapters, k)
+        assert_reduction_close(got, emu.cpu_col_dot_reduce(p, q, adapters, k), ref, mag, f"{k} adapters")
+    assert loads[1000] <= 2 * loads[16], loads

@@ -27,6 +27,10 @@ void check_launch(cudaError_t err, const char* what) {
               vera_emu::last_launch_error());
 }
 
+// Whether the emulated launch policy reports a CUDA graph capture in progress (set_capturing): lets a test run the
+// capture-time code paths of kernel_prims.h on the CPU.
+bool emulated_capture = false;
+
 // The emulated launch: no device, no stream; launch errors carry the emulator's message.
 struct EmuLaunch {
   struct Guard {
@@ -34,7 +38,7 @@ struct EmuLaunch {
   };
   static cudaStream_t stream() { return nullptr; }
   static void check(cudaError_t err, const char* what) { check_launch(err, what); }
-  static bool capturing() { return false; }
+  static bool capturing() { return emulated_capture; }
 };
 
 using EmuPrims = vera::cuda::KernelPrims<EmuLaunch>;
@@ -202,23 +206,35 @@ void cpu_merge_apply(Tensor weight, const Tensor& delta, double alpha, bool tran
 
 }  // namespace
 
+// ATen has mm.dtype (a low-precision GEMM with an fp32 result) only on CUDA; KernelPrims::mm_opmath calls it. The
+// emulated build runs that code on CPU tensors, so this test library gives the op a CPU kernel: the same fp32
+// accumulation of the same products, through widened operands.
+Tensor mm_dtype_cpu(const Tensor& a, const Tensor& b, at::ScalarType out_dtype) {
+  return at::mm(a.to(out_dtype), b.to(out_dtype));
+}
+
+TORCH_LIBRARY_IMPL(aten, CPU, m) { m.impl("mm.dtype", &mm_dtype_cpu); }
+
 TORCH_LIBRARY(vera_emu, m) {
-  m.def("row_scale(Tensor input, Tensor lam, ScalarType dtype) -> Tensor", &EmuPrims::row_scale);
+  m.def("row_scale(Tensor input, Tensor lam, ScalarType dtype, Tensor? col_lam=None) -> Tensor", &EmuPrims::row_scale);
   m.def("col_scale(Tensor input, Tensor lam, Tensor? idx) -> Tensor", &EmuPrims::col_scale);
   m.def("scale_add(Tensor(a!) out, Tensor base, Tensor z, Tensor lam, Tensor? idx) -> ()", &scale_add);
   m.def("col_dot_reduce(Tensor p, Tensor q, Tensor? idx, int num_adapters, int splits=0) -> Tensor", &col_dot_reduce);
   m.def("col_dot_reduce_splits(int rows, int cols, int num_adapters) -> int", &col_dot_reduce_splits);
-  m.def("row_dot(Tensor p, Tensor q) -> Tensor", &EmuPrims::row_dot);
+  m.def("lambda_grads(Tensor q, Tensor B, Tensor lambda_d, Tensor lambda_b) -> (Tensor, Tensor)",
+        &EmuPrims::lambda_grads);
   m.def("merge(Tensor(a!) weight, Tensor delta, float alpha, bool transposed, bool check_only) -> int", &merge);
   m.def(
       "decode(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor A, Tensor B, Tensor lambda_d, " "Tensor lambda_b, Tensor? idx) -> (Tensor, Tensor)",
       &decode);
 
-  m.def("cpu_row_scale(Tensor input, Tensor lam, ScalarType dtype) -> Tensor", &CpuPrims::row_scale);
+  m.def("cpu_row_scale(Tensor input, Tensor lam, ScalarType dtype, Tensor? col_lam=None) -> Tensor",
+        &CpuPrims::row_scale);
   m.def("cpu_col_scale(Tensor input, Tensor lam, Tensor? idx) -> Tensor", &CpuPrims::col_scale);
   m.def("cpu_scale_add(Tensor(a!) out, Tensor base, Tensor z, Tensor lam, Tensor? idx) -> ()", &cpu_scale_add);
   m.def("cpu_col_dot_reduce(Tensor p, Tensor q, Tensor? idx, int num_adapters) -> Tensor", &CpuPrims::col_dot_reduce);
-  m.def("cpu_row_dot(Tensor p, Tensor q) -> Tensor", &CpuPrims::row_dot);
+  m.def("cpu_lambda_grads(Tensor q, Tensor B, Tensor lambda_d, Tensor lambda_b) -> (Tensor, Tensor)",
+        &CpuPrims::lambda_grads);
   m.def("cpu_merge_apply(Tensor(a!) weight, Tensor delta, float alpha, bool transposed, bool safe) -> ()",
         &cpu_merge_apply);
   m.def(
@@ -256,6 +272,7 @@ TORCH_LIBRARY(vera_emu, m) {
   m.def("planted_traffic(str name, Tensor input) -> Tensor", &planted_traffic);
 
   m.def("set_block_order(str order, int seed=0) -> ()", &set_block_order);
+  m.def("set_capturing(bool capturing) -> ()", [](bool capturing) { emulated_capture = capturing; });
   m.def("float_to_bits(Tensor f, str format) -> Tensor", &float_to_bits);
   m.def("bits_to_float(Tensor bits, str format) -> Tensor", &bits_to_float);
   m.def("selftest_names() -> str", &selftest_names);

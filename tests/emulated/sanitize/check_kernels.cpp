@@ -60,14 +60,20 @@ struct Checker {
            " ld " + std::to_string(s.ld) + extra;
   }
 
-  void row_scale(DType t, const Shape& s, DType out_t) {
+  void row_scale(DType t, const Shape& s, DType out_t, bool with_col_lam) {
     Matrix in(t, s.rows, s.cols, s.ld), out(out_t, s.rows, s.cols, s.cols), want(out_t, s.rows, s.cols, s.cols);
     in.randomize(rng);
     const std::vector<float> lam = random_floats(rng, s.rows);
-    const std::string what = name("row_scale", t, s, out_t == DType::F32 ? " -> f32" : "");
-    if (!launched(launch_row_scale({in.data(), s.ld, lam.data(), out.data(), s.rows, s.cols, t, out_t}, nullptr), what))
+    const std::vector<float> col_lam = with_col_lam ? random_floats(rng, s.cols) : std::vector<float>();
+    const std::string what = name(
+        "row_scale", t, s,
+        with_col_lam ? (out_t == DType::F32 ? " col_lam -> f32" : " col_lam") : (out_t == DType::F32 ? " -> f32" : ""));
+    if (!launched(launch_row_scale({in.data(), s.ld, lam.data(), with_col_lam ? col_lam.data() : nullptr, out.data(),
+                                    s.rows, s.cols, t, out_t},
+                                   nullptr),
+                  what))
       return;
-    row_scale_ref(in, lam, want);
+    row_scale_ref(in, lam, col_lam, want);
     expect_equal(out, want, what);
   }
 
@@ -89,7 +95,7 @@ struct Checker {
 
   void scale_add(DType t, const Shape& s, bool with_idx, bool in_place) {
     const int64_t k = with_idx ? 3 : 1;
-    Matrix base(t, s.rows, s.cols, s.ld), z(t, s.rows, s.cols, s.ld + 3), want(t, s.rows, s.cols, s.cols);
+    Matrix base(t, s.rows, s.cols, s.ld), z(DType::F32, s.rows, s.cols, s.ld + 3), want(t, s.rows, s.cols, s.cols);
     base.randomize(rng);
     z.randomize(rng);
     const std::vector<float> lam = random_floats(rng, k * s.cols);
@@ -100,8 +106,8 @@ struct Checker {
     Matrix& out = in_place ? base : separate;  // in place: out aliases base, with base's row stride
     const std::string what =
         name("scale_add", t, s, in_place ? (with_idx ? " idx in-place" : " in-place") : (with_idx ? " idx" : ""));
-    if (!launched(launch_scale_add({base.data(), s.ld, z.data(), z.ld, lam.data(), ip ? idx.data() : nullptr,
-                                    out.data(), out.ld, s.rows, s.cols, t},
+    if (!launched(launch_scale_add({base.data(), s.ld, static_cast<const float*>(z.data()), z.ld, lam.data(),
+                                    ip ? idx.data() : nullptr, out.data(), out.ld, s.rows, s.cols, t},
                                    nullptr),
                   what))
       return;
@@ -110,33 +116,53 @@ struct Checker {
 
   // Returns the number of row splits used.
   int col_dot_reduce(DType t, const Shape& s, int64_t k, bool with_idx) {
-    Matrix p(t, s.rows, s.cols, s.ld), q(t, s.rows, s.cols, s.ld + 1);
+    Matrix p(t, s.rows, s.cols, s.ld), q(DType::F32, s.rows, s.cols, s.ld + 1);
     p.randomize(rng);
     q.randomize(rng);
     const std::vector<int64_t> idx = random_idx(rng, s.rows, k);
     const std::vector<int64_t>* ip = with_idx ? &idx : nullptr;
+    // rows grouped by adapter, as kernel_prims.h groups them (a stable sort; -1 rows first, in no segment)
+    std::vector<int64_t> order, bounds;
+    for (int64_t a = -1; a < k; ++a) {
+      if (a >= 0) bounds.push_back(int64_t(order.size()));
+      for (int64_t n = 0; n < s.rows; ++n)
+        if (idx[n] == a) order.push_back(n);
+    }
+    bounds.push_back(int64_t(order.size()));
     const int splits = col_dot_reduce_splits(s.rows, s.cols, k);
     std::vector<float> workspace(size_t(splits > 1 ? splits * k * s.cols : 0) + 1), out(size_t(k * s.cols) + 1, -1.f);
     const std::string extra = " k " + std::to_string(k) + " splits " + std::to_string(splits);
     const std::string what = name("col_dot_reduce", t, s, extra.c_str());
-    if (!launched(launch_col_dot_reduce({p.data(), s.ld, q.data(), q.ld, ip ? idx.data() : nullptr, workspace.data(),
-                                         out.data(), s.rows, s.cols, k, splits, t},
-                                        nullptr),
+    if (!launched(launch_col_dot_reduce(
+                      {p.data(), s.ld, static_cast<const float*>(q.data()), q.ld, ip ? order.data() : nullptr,
+                       ip ? bounds.data() : nullptr, workspace.data(), out.data(), s.rows, s.cols, k, splits, t},
+                      nullptr),
                   what))
       return splits;
     expect_close(out, col_dot_reduce_ref(p, q, ip, k), what);
     return splits;
   }
 
-  void row_dot(DType t, const Shape& s) {
-    Matrix p(t, s.rows, s.cols, s.ld), q(t, s.rows, s.cols, s.cols);
-    p.randomize(rng);
+  // Shape: rows = out_f, cols = r, ld = B's row stride.
+  void lambda_grads(DType t, const Shape& s) {
+    Matrix q(DType::F32, s.rows, s.cols, s.cols), B(t, s.rows, s.cols, s.ld);
     q.randomize(rng);
-    std::vector<float> out(size_t(s.rows) + 1, -1.f);
-    const std::string what = name("row_dot", t, s);
-    if (!launched(launch_row_dot({p.data(), s.ld, q.data(), q.ld, out.data(), s.rows, s.cols, t}, nullptr), what))
+    B.randomize(rng);
+    const std::vector<float> ld = random_floats(rng, s.cols), lb = random_floats(rng, s.rows);
+    int col_chunks = 0, row_chunks = 0;
+    lambda_grads_chunks(s.rows, s.cols, &col_chunks, &row_chunks);
+    std::vector<float> ws_b(size_t(col_chunks * s.rows) + 1), ws_d(size_t(row_chunks * s.cols) + 1);
+    std::vector<float> grad_ld(size_t(s.cols) + 1, -1.f), grad_lb(size_t(s.rows) + 1, -1.f);
+    const std::string what = name("lambda_grads", t, s);
+    if (!launched(launch_lambda_grads(
+                      {static_cast<const float*>(q.data()), B.data(), s.ld, ld.data(), lb.data(), ws_b.data(),
+                       ws_d.data(), grad_ld.data(), grad_lb.data(), s.rows, s.cols, col_chunks, row_chunks, t},
+                      nullptr),
+                  what))
       return;
-    expect_close(out, row_dot_ref(p, q), what);
+    const auto [want_ld, want_lb] = lambda_grads_ref(q, B, ld, lb);
+    expect_close(grad_ld, want_ld, what + " grad_ld");
+    expect_close(grad_lb, want_lb, what + " grad_lb");
   }
 
   // weight (out_f, in_f), or (in_f, out_f) when transposed, with row stride ld >= its cols.
@@ -252,15 +278,18 @@ int check_kernels(unsigned seed) {
   Checker c(seed);
   for (const DType t : kDtypes) {
     for (const Shape& s : kShapes) {
-      c.row_scale(t, s, t);
-      if (t != DType::F32) c.row_scale(t, s, DType::F32);
+      for (bool col_lam : {false, true}) {
+        c.row_scale(t, s, t, col_lam);
+        if (t != DType::F32) c.row_scale(t, s, DType::F32, col_lam);
+      }
       for (const bool idx : {false, true}) {
         c.col_scale(t, s, idx);
         c.scale_add(t, s, idx, /*in_place=*/false);
         c.scale_add(t, s, idx, /*in_place=*/true);
       }
-      c.row_dot(t, s);
+      c.lambda_grads(t, s);
     }
+    c.lambda_grads(t, {70, 300, 301});  // more than one column chunk and several row chunks
     int max_splits = 1;
     for (const Shape& s : kShapes) max_splits = std::max(max_splits, c.col_dot_reduce(t, s, 1, false));
     max_splits = std::max(max_splits, c.col_dot_reduce(t, {300, 40, 47}, 3, true));

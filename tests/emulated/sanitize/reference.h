@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "cuda/params.h"
@@ -70,9 +71,15 @@ inline std::vector<int64_t> random_idx(std::mt19937& rng, int64_t rows, int64_t 
 
 inline int64_t adapter(const std::vector<int64_t>* idx, int64_t n) { return idx ? (*idx)[n] : 0; }
 
-inline void row_scale_ref(const Matrix& in, const std::vector<float>& lam, Matrix& out) {
+// col_lam empty: no column scaling.
+inline void row_scale_ref(const Matrix& in, const std::vector<float>& lam, const std::vector<float>& col_lam,
+                          Matrix& out) {
   for (int64_t i = 0; i < in.rows; ++i)
-    for (int64_t j = 0; j < in.cols; ++j) out.set(i, j, lam[i] * in.get(i, j));
+    for (int64_t j = 0; j < in.cols; ++j) {
+      float v = lam[i] * in.get(i, j);
+      if (!col_lam.empty()) v *= col_lam[j];
+      out.set(i, j, v);
+    }
 }
 
 inline void col_scale_ref(const Matrix& in, const std::vector<float>& lam, const std::vector<int64_t>* idx,
@@ -112,15 +119,20 @@ inline std::vector<Sum> col_dot_reduce_ref(const Matrix& p, const Matrix& q, con
   return out;
 }
 
-inline std::vector<Sum> row_dot_ref(const Matrix& p, const Matrix& q) {
-  std::vector<Sum> out(size_t(p.rows));
-  for (int64_t i = 0; i < p.rows; ++i)
-    for (int64_t j = 0; j < p.cols; ++j) {
-      const double t = double(p.get(i, j)) * q.get(i, j);
-      out[i].value += t;
-      out[i].magnitude += std::fabs(t);
+// Both lambda gradients from q (out_f, r): {grad_ld (r), grad_lb (out_f)}.
+inline std::pair<std::vector<Sum>, std::vector<Sum>> lambda_grads_ref(const Matrix& q, const Matrix& B,
+                                                                      const std::vector<float>& ld,
+                                                                      const std::vector<float>& lb) {
+  std::vector<Sum> gld(size_t(q.cols)), glb(size_t(q.rows));
+  for (int64_t o = 0; o < q.rows; ++o)
+    for (int64_t k = 0; k < q.cols; ++k) {
+      const double t = double(B.get(o, k)) * q.get(o, k);
+      gld[k].value += lb[o] * t;
+      gld[k].magnitude += std::fabs(lb[o] * t);
+      glb[o].value += ld[k] * t;
+      glb[o].magnitude += std::fabs(ld[k] * t);
     }
-  return out;
+  return {gld, glb};
 }
 
 // fp32 sums of n terms: well within 1e-5 of the magnitude for the sizes checked here.
