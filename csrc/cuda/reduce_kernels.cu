@@ -18,7 +18,7 @@ __global__ void col_dot_partial_kernel(const ColDotReduceParams p) {
   const T* pp = static_cast<const T*>(p.p);
   const int64_t j = int64_t(blockIdx.x) * kTileCols + threadIdx.x;
   const int64_t k = blockIdx.y;
-  __shared__ int64_t segment[2];  // adapter k's rows: order[segment[0]] .. order[segment[1] - 1]
+  __shared__ int64_t segment[2];               // adapter k's rows: order[segment[0]] .. order[segment[1] - 1]
   if (threadIdx.x == 0 && threadIdx.y == 0) {  // one load for the block (most blocks of a big table are empty)
     segment[0] = p.bounds ? load(p.bounds + k) : 0;
     segment[1] = p.bounds ? load(p.bounds + k + 1) : p.rows;
@@ -58,8 +58,8 @@ __global__ void col_dot_finish_kernel(const ColDotReduceParams p) {
   }
 }
 
-constexpr int kLgWarps = 8;                   // warps per block of the lambda-gradient kernel
-constexpr int kLgRowsPerWarp = 4;             // rows o each warp takes: a block covers kLgWarps * kLgRowsPerWarp rows
+constexpr int kLgWarps = 16;                  // warps per block of the lambda-gradient kernel
+constexpr int kLgRowsPerWarp = 2;             // rows o each warp takes: a block covers kLgWarps * kLgRowsPerWarp rows
 constexpr int kLgColsPerLane = 8;             // columns k each lane keeps a partial sum for
 constexpr int kLgCols = 32 * kLgColsPerLane;  // columns of a block's chunk
 
@@ -71,42 +71,62 @@ __device__ __forceinline__ float warp_sum(float v) {
 // Block (column chunk x, row chunk y): for its rows o and columns k, t = B[o, k] q[o, k];
 //   ws_b[x, o] = sum over the chunk's k of lambda_d[k] t      (a warp per row, butterfly sum)
 //   ws_d[y, k] = sum over the chunk's o of lambda_b[o] t      (per lane, then the warps in order)
-// Lane l owns columns k0 + l + 32 j: the loads of a warp are coalesced along the row.
+// Lane l owns columns k0 + l + 32 j: the loads of a warp are coalesced along the row. A lane issues all its loads
+// (kLgRowsPerWarp x kLgColsPerLane of B and of q, unconditional) before the first sum, so they are in flight
+// together: the kernel is bound by the bytes, not by one load's latency after another (the report: 2 KiB in flight
+// per warp, against 290 bytes when each load sat behind its own bounds check).
 template <typename T>
 __global__ void __launch_bounds__(kLgWarps * 32) lambda_grads_partial_kernel(const LambdaGradsParams p) {
   __shared__ float col_part[kLgWarps][kLgCols];
   const T* B = static_cast<const T*>(p.B);
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
-  const int64_t k0 = int64_t(blockIdx.x) * kLgCols;
+  const int64_t k0 = int64_t(blockIdx.x) * kLgCols + lane;
   const int64_t o0 = int64_t(blockIdx.y) * (kLgWarps * kLgRowsPerWarp) + warp * kLgRowsPerWarp;
-  float ld[kLgColsPerLane], acc[kLgColsPerLane];
+  // Out-of-range entries are clamped to row 0 / column 0 (always valid) and their products zeroed afterwards, so
+  // every load is unconditional and the compiler can issue them all before the first use.
+  T bv[kLgRowsPerWarp][kLgColsPerLane];
+  float qv[kLgRowsPerWarp][kLgColsPerLane], ld[kLgColsPerLane], lb[kLgRowsPerWarp];
   VERA_UNROLL
-  for (int j = 0; j < kLgColsPerLane; ++j) {
-    const int64_t k = k0 + lane + 32 * j;
-    ld[j] = k < p.r ? load(p.lambda_d + k) : 0.f;
-    acc[j] = 0.f;
-  }
+  for (int j = 0; j < kLgColsPerLane; ++j) ld[j] = load(p.lambda_d + (k0 + 32 * j < p.r ? k0 + 32 * j : 0));
+  VERA_UNROLL
   for (int i = 0; i < kLgRowsPerWarp; ++i) {
-    const int64_t o = o0 + i;
-    if (o >= p.out_f) break;
-    const float lb = load(p.lambda_b + o);
+    const int64_t o = o0 + i < p.out_f ? o0 + i : 0;
+    lb[i] = load(p.lambda_b + o);
+    VERA_UNROLL
+    for (int j = 0; j < kLgColsPerLane; ++j) {
+      const int64_t k = k0 + 32 * j < p.r ? k0 + 32 * j : 0;
+      bv[i][j] = load(B + o * p.b_row_stride + k);
+      qv[i][j] = load(p.q + o * p.r + k);
+    }
+  }
+  float t[kLgRowsPerWarp][kLgColsPerLane];
+  VERA_UNROLL
+  for (int i = 0; i < kLgRowsPerWarp; ++i) {
+    VERA_UNROLL
+    for (int j = 0; j < kLgColsPerLane; ++j) {
+      const bool in = o0 + i < p.out_f && k0 + 32 * j < p.r;
+      t[i][j] = in ? to_float(bv[i][j]) * qv[i][j] : 0.f;
+    }
+  }
+  float acc[kLgColsPerLane];
+  VERA_UNROLL
+  for (int j = 0; j < kLgColsPerLane; ++j) acc[j] = 0.f;
+  VERA_UNROLL
+  for (int i = 0; i < kLgRowsPerWarp; ++i) {
     float row = 0.f;
     VERA_UNROLL
     for (int j = 0; j < kLgColsPerLane; ++j) {
-      const int64_t k = k0 + lane + 32 * j;
-      if (k >= p.r) break;
-      const float t = to_float(load(B + o * p.b_row_stride + k)) * load(p.q + o * p.r + k);
-      row += ld[j] * t;
-      acc[j] += lb * t;
+      row += ld[j] * t[i][j];
+      acc[j] += lb[i] * t[i][j];
     }
     row = warp_sum(row);
-    if (lane == 0) store(p.ws_b + int64_t(blockIdx.x) * p.out_f + o, row);
+    if (lane == 0 && o0 + i < p.out_f) store(p.ws_b + int64_t(blockIdx.x) * p.out_f + o0 + i, row);
   }
   VERA_UNROLL
   for (int j = 0; j < kLgColsPerLane; ++j) col_part[warp][lane + 32 * j] = acc[j];
   __syncthreads();
   for (int c = threadIdx.x; c < kLgCols; c += blockDim.x) {
-    const int64_t k = k0 + c;
+    const int64_t k = int64_t(blockIdx.x) * kLgCols + c;
     if (k >= p.r) continue;
     float s = 0.f;
     for (int w = 0; w < kLgWarps; ++w) s += col_part[w][c];
@@ -114,18 +134,30 @@ __global__ void __launch_bounds__(kLgWarps * 32) lambda_grads_partial_kernel(con
   }
 }
 
-// grad_lb[o] = sum over x of ws_b[x, o], grad_ld[k] = sum over y of ws_d[y, k], chunks in ascending order.
+// grad_lb[o] = sum over x of ws_b[x, o], grad_ld[k] = sum over y of ws_d[y, k], chunks in ascending order (four
+// loads issued at a time, added in order).
+__device__ __forceinline__ float sum_chunks(const float* first, int64_t stride, int count) {
+  float s = 0.f;
+  int c = 0;
+  for (; c + 4 <= count; c += 4) {
+    float v[4];
+    VERA_UNROLL
+    for (int u = 0; u < 4; ++u) v[u] = load(first + (c + u) * stride);
+    VERA_UNROLL
+    for (int u = 0; u < 4; ++u) s += v[u];
+  }
+  for (; c < count; ++c) s += load(first + c * stride);
+  return s;
+}
+
 __global__ void lambda_grads_finish_kernel(const LambdaGradsParams p) {
   const int64_t total = p.out_f + p.r;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    float s = 0.f;
     if (e < p.out_f) {
-      for (int x = 0; x < p.col_chunks; ++x) s += load(p.ws_b + int64_t(x) * p.out_f + e);
-      store(p.grad_lb + e, s);
+      store(p.grad_lb + e, sum_chunks(p.ws_b + e, p.out_f, p.col_chunks));
     } else {
       const int64_t k = e - p.out_f;
-      for (int y = 0; y < p.row_chunks; ++y) s += load(p.ws_d + int64_t(y) * p.r + k);
-      store(p.grad_ld + k, s);
+      store(p.grad_ld + k, sum_chunks(p.ws_d + k, p.r, p.row_chunks));
     }
   }
 }
