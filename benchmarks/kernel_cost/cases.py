@@ -13,6 +13,10 @@ import torch
 
 GROUPS = ("training", "decode", "merge")
 
+# Our kernels whose arithmetic is a GEMM on the CUDA cores (fp32 SIMT): model.py credits them with no more than the
+# rate it assumes cuBLAS SGEMM sustains, not the CUDA cores' datasheet peak.
+SIMT_GEMM_KERNELS = frozenset({"merge_kernel"})
+
 
 @dataclass(frozen=True)
 class Case:
@@ -117,9 +121,12 @@ class Case:
         return 2 * o * r * i  # the delta weight
 
     def kernel_flops(self, kernel_base):
-        """CUDA-core FLOPs of one of our fused kernels in this case (the dot products of the decode kernels); None
-        for kernels whose arithmetic is negligible next to their memory traffic."""
+        """CUDA-core FLOPs of one of our fused kernels in this case (the dot products of the decode kernels, the
+        tile GEMM of the merge kernel: 2 O I r per pass); None for kernels whose arithmetic is negligible next to
+        their memory traffic."""
         n, i, o, r = self.n, self.in_f, self.out_f, self.r
+        if kernel_base == "merge_kernel":
+            return 2 * o * i * r
         if kernel_base == "decode_u_kernel":
             return 2 * n * r * i
         if kernel_base == "decode_y_kernel":

@@ -185,47 +185,131 @@ Tensor Prims::row_dot(const Tensor& p_, const Tensor& q_) {
   return out;
 }
 
-void Prims::merge_apply(Tensor& weight, const Tensor& delta_, double alpha, bool transposed, bool safe) {
-  const int64_t out_f = delta_.size(0), in_f = delta_.size(1);
-  // Logical element (o, i) of delta lives at weight[o * so + i * si] (weight is (I, O) when transposed).
-  const int64_t so = transposed ? weight.stride(1) : weight.stride(0);
-  const int64_t si = transposed ? weight.stride(0) : weight.stride(1);
-  constexpr int64_t kTile = 64;  // square tiles keep both layouts cache friendly
-  const int64_t row_tiles = (out_f + kTile - 1) / kTile;
+namespace {
 
+// Tile sizes of a CPU merge: tp rows of weight by tq of its columns, r cut into chunks of kc. The workspace, the
+// scaled operand slices (tp x kc and kc x tq) and the product tile (tp x tq, plus its copy in weight's op-math dtype
+// when that differs from the projection's), stays within kMergeWorkspaceBytes whatever the sizes: tiles shrink to
+// 64 x 64 first, then r is chunked.
+struct MergeTiles {
+  int64_t tp, tq, kc;
+};
+
+MergeTiles merge_tiles(int64_t rows, int64_t cols, int64_t r, int64_t elem, bool convert) {
+  MergeTiles t{std::min<int64_t>(rows, 512), std::min<int64_t>(cols, 2048), std::max<int64_t>(r, 1)};
+  auto bytes = [&] { return (t.tp * t.kc + t.kc * t.tq + t.tp * t.tq * (convert ? 2 : 1)) * elem; };
+  while (bytes() > kMergeWorkspaceBytes) {
+    if (t.tq > 64 && t.tq >= t.tp) {
+      t.tq = (t.tq + 1) / 2;
+    } else if (t.tp > 64) {
+      t.tp = (t.tp + 1) / 2;
+    } else {
+      t.kc = (t.kc + 1) / 2;
+    }
+  }
+  return t;
+}
+
+}  // namespace
+
+void Prims::merge_apply(Tensor& weight, const AdapterArgs& a, double alpha, bool transposed, bool check_first) {
+  // weight (P, Q): (out, in), or (in, out) when transposed. A tile of delta_W in weight's layout is
+  //   (out, in): B_hat[p-rows] @ A_hat[:, q-cols]       (in, out): A_hat[:, p-rows]^T @ B_hat[q-rows]^T
+  // with B_hat = diag(lambda_b) B and A_hat = diag(lambda_d) A in the projection's op-math dtype, formed slice by
+  // slice into the workspace. MKL's GEMM (multithreaded) computes the tile, a parallel loop adds it into weight.
+  const int64_t rows = weight.size(0), cols = weight.size(1), r = a.A.size(0);
+  if (rows == 0 || cols == 0) return;
+  const at::ScalarType pacc = opmath_dtype(a.A.scalar_type()), wacc = opmath_dtype(weight.scalar_type());
+  const MergeTiles t = merge_tiles(rows, cols, r, c10::elementSize(pacc), pacc != wacc);
+  const at::TensorOptions popts = a.A.options().dtype(pacc);
+  Tensor row_buf = at::empty({t.tp * t.kc}, popts), col_buf = at::empty({t.kc * t.tq}, popts);
+  Tensor prod_buf = at::empty({t.tp * t.tq}, popts);
+  Tensor conv_buf = pacc != wacc ? at::empty({t.tp * t.tq}, popts.dtype(wacc)) : Tensor();
+  const Tensor ld = a.lambda_d.unsqueeze(1), lb = a.lambda_b.unsqueeze(1);
+
+  // lam[k] * src[k, j] (op math) into the front of buf, as src's shape.
+  auto scale_into = [](const Tensor& buf, const Tensor& src, const Tensor& lam) {
+    Tensor out = buf.narrow(0, 0, src.numel()).view(src.sizes());
+    at::mul_out(out, src, lam);
+    return out;
+  };
+  // The scaled slice of the operand along weight's rows (rows [p0, p0 + np), k in [k0, k0 + nk)) as (np, nk), and
+  // of the one along its columns as (nk, nq). With fan_in_fan_out they are A_hat^T and B_hat^T: stored as A_hat
+  // and B_hat slices, used through transposed views (MKL takes them as they are).
+  auto scaled_rows = [&](int64_t p0, int64_t np, int64_t k0, int64_t nk) {
+    if (transposed)
+      return scale_into(row_buf, a.A.slice(0, k0, k0 + nk).slice(1, p0, p0 + np), ld.slice(0, k0, k0 + nk)).t();
+    return scale_into(row_buf, a.B.slice(0, p0, p0 + np).slice(1, k0, k0 + nk), lb.slice(0, p0, p0 + np));
+  };
+  auto scaled_cols = [&](int64_t q0, int64_t nq, int64_t k0, int64_t nk) {
+    if (transposed)
+      return scale_into(col_buf, a.B.slice(0, q0, q0 + nq).slice(1, k0, k0 + nk), lb.slice(0, q0, q0 + nq)).t();
+    return scale_into(col_buf, a.A.slice(0, k0, k0 + nk).slice(1, q0, q0 + nq), ld.slice(0, k0, k0 + nk));
+  };
+
+  const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
   VERA_DISPATCH_FLOAT(weight.scalar_type(), "vera_merge_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Tensor delta = delta_.to(opmath_dtype(weight.scalar_type())).contiguous();
     scalar_t* w = weight.data_ptr<scalar_t>();
-    const acc_t* d = delta.const_data_ptr<acc_t>();
-    const acc_t a = static_cast<acc_t>(alpha);
+    const acc_t al = static_cast<acc_t>(alpha);
+    // Every tile's product, in weight's op-math dtype, handed to body(p0, np, q0, nq, d (np x nq, row-major)).
     auto for_each_tile = [&](auto&& body) {
-      at::parallel_for(0, row_tiles, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t)
-          for (int64_t i0 = 0; i0 < in_f; i0 += kTile)
-            body(t * kTile, std::min(out_f, (t + 1) * kTile), i0, std::min(in_f, i0 + kTile));
-      });
+      Tensor cols_hat;  // the column operand of the current column block, when r is one chunk
+      for (int64_t q0 = 0; q0 < cols; q0 += t.tq) {
+        const int64_t nq = std::min(t.tq, cols - q0);
+        if (t.kc >= r) cols_hat = scaled_cols(q0, nq, 0, r);
+        for (int64_t p0 = 0; p0 < rows; p0 += t.tp) {
+          const int64_t np = std::min(t.tp, rows - p0);
+          Tensor prod = prod_buf.narrow(0, 0, np * nq).view({np, nq});
+          if (r == 0) prod.zero_();
+          for (int64_t k0 = 0; k0 < r; k0 += t.kc) {
+            const int64_t nk = std::min(t.kc, r - k0);
+            const Tensor rh = scaled_rows(p0, np, k0, nk), ch = t.kc >= r ? cols_hat : scaled_cols(q0, nq, k0, nk);
+            if (k0 == 0) {
+              at::mm_out(prod, rh, ch);
+            } else {
+              prod.addmm_(rh, ch);  // only when r exceeds one chunk: the chunks' fp32 sums are added in order
+            }
+          }
+          if (pacc != wacc) prod = conv_buf.narrow(0, 0, np * nq).view({np, nq}).copy_(prod);
+          body(p0, np, q0, nq, prod.const_data_ptr<acc_t>());
+        }
+      }
     };
-    if (safe) {
+    if (check_first) {
       std::atomic<bool> finite{true};
-      for_each_tile([&](int64_t o0, int64_t o1, int64_t i0, int64_t i1) {
-        bool ok = true;
-        for (int64_t o = o0; o < o1; ++o)
-          for (int64_t i = i0; i < i1; ++i)
-            ok &= std::isfinite(static_cast<acc_t>(
-                static_cast<scalar_t>(static_cast<acc_t>(w[o * so + i * si]) + a * d[o * in_f + i])));
-        if (!ok) finite.store(false, std::memory_order_relaxed);
+      for_each_tile([&](int64_t p0, int64_t np, int64_t q0, int64_t nq, const acc_t* d) {
+        at::parallel_for(0, np, grain_for(nq), [&](int64_t b, int64_t e) {
+          bool ok = true;
+          for (int64_t p = b; p < e; ++p) {
+            const scalar_t* wr = w + (p0 + p) * s0 + q0 * s1;
+            const acc_t* dr = d + p * nq;
+            for (int64_t q = 0; q < nq; ++q)
+              ok &=
+                  std::isfinite(static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(wr[q * s1]) + al * dr[q])));
+          }
+          if (!ok) finite.store(false, std::memory_order_relaxed);
+        });
       });
       TORCH_CHECK_VALUE(
           finite.load(),
           "safe merge refused: the merged weight would hold non-finite values " "(the adapter seems to be broken); weight left unchanged");
     }
-    for_each_tile([&](int64_t o0, int64_t o1, int64_t i0, int64_t i1) {
-      for (int64_t o = o0; o < o1; ++o)
-        for (int64_t i = i0; i < i1; ++i) {
-          scalar_t& dst = w[o * so + i * si];
-          dst = static_cast<scalar_t>(static_cast<acc_t>(dst) + a * d[o * in_f + i]);
+    for_each_tile([&](int64_t p0, int64_t np, int64_t q0, int64_t nq, const acc_t* d) {
+      at::parallel_for(0, np, grain_for(nq), [&](int64_t b, int64_t e) {
+        for (int64_t p = b; p < e; ++p) {
+          scalar_t* wr = w + (p0 + p) * s0 + q0 * s1;
+          const acc_t* dr = d + p * nq;
+          if (s1 == 1) {  // the common case, kept apart so that it vectorizes
+            for (int64_t q = 0; q < nq; ++q) wr[q] = static_cast<scalar_t>(static_cast<acc_t>(wr[q]) + al * dr[q]);
+          } else {
+            for (int64_t q = 0; q < nq; ++q) {
+              scalar_t& dst = wr[q * s1];
+              dst = static_cast<scalar_t>(static_cast<acc_t>(dst) + al * dr[q]);
+            }
+          }
         }
+      });
     });
   });
 }

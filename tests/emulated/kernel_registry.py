@@ -42,9 +42,13 @@ KERNEL_TESTS = {
         "test_emu_reduce.py::test_row_dot_more_rows_than_one_grid",
         BLOCK_ORDER,
     ],
-    # csrc/cuda/merge_kernels.cu (both template modes: write and check-only)
+    # csrc/cuda/merge_kernels.cu (the fused tile GEMM + merge; both template modes: write and check-only; every
+    # weight x projection dtype pair)
     "merge_kernel": [
         "test_emu_merge.py::test_merge",
+        "test_emu_merge.py::test_merge_projection_dtype_other_than_weight",
+        "test_emu_merge.py::test_merge_unaligned_slices_take_the_element_path",
+        "test_emu_merge.py::test_merge_column_major_weight",
         "test_emu_merge.py::test_merge_check_only",
         "test_emu_merge.py::test_merge_check_only_sees_overflow_in_the_weight_dtype",
         BLOCK_ORDER,

@@ -51,9 +51,12 @@ int64_t col_dot_reduce_splits(int64_t rows, int64_t cols, int64_t num_adapters) 
   return vera::cuda::col_dot_reduce_splits(rows, cols, num_adapters);
 }
 
-// One launch_merge pass over weight; returns the non-finite flag, which only check_only raises.
-int64_t merge(Tensor weight, const Tensor& delta, double alpha, bool transposed, bool check_only) {
-  return EmuPrims::merge_pass(weight, delta, alpha, transposed, check_only);
+// One launch_merge pass over weight (delta_W = diag(lambda_b) B diag(lambda_d) A, computed in the kernel);
+// returns the non-finite flag, which only check_only raises.
+int64_t merge(Tensor weight, const Tensor& A, const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
+              double alpha, bool transposed, bool check_only) {
+  return EmuPrims::merge_pass(weight, vera::AdapterArgs{A, B, lambda_d, lambda_b, c10::nullopt}, alpha, transposed,
+                              check_only);
 }
 
 std::tuple<Tensor, Tensor> decode(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
@@ -196,8 +199,11 @@ std::tuple<Tensor, Tensor> cpu_decode(const Tensor& x, const OptTensor& weight, 
   return CpuPrims::decode_forward(x, weight, bias, base, vera::AdapterArgs{A, B, lambda_d, lambda_b, idx});
 }
 
-void cpu_merge_apply(Tensor weight, const Tensor& delta, double alpha, bool transposed, bool safe) {
-  CpuPrims::merge_apply(weight, delta, alpha, transposed, safe);
+// The CPU merge primitive; check_first: the exact check pass (every tile recomputed) before the write pass.
+void cpu_merge_apply(Tensor weight, const Tensor& A, const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
+                     double alpha, bool transposed, bool check_first) {
+  CpuPrims::merge_apply(weight, vera::AdapterArgs{A, B, lambda_d, lambda_b, c10::nullopt}, alpha, transposed,
+                        check_first);
 }
 
 }  // namespace
@@ -209,7 +215,9 @@ TORCH_LIBRARY(vera_emu, m) {
   m.def("col_dot_reduce(Tensor p, Tensor q, Tensor? idx, int num_adapters, int splits=0) -> Tensor", &col_dot_reduce);
   m.def("col_dot_reduce_splits(int rows, int cols, int num_adapters) -> int", &col_dot_reduce_splits);
   m.def("row_dot(Tensor p, Tensor q) -> Tensor", &EmuPrims::row_dot);
-  m.def("merge(Tensor(a!) weight, Tensor delta, float alpha, bool transposed, bool check_only) -> int", &merge);
+  m.def(
+      "merge(Tensor(a!) weight, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, float alpha, bool transposed, " "bool check_only) -> int",
+      &merge);
   m.def(
       "decode(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor A, Tensor B, Tensor lambda_d, " "Tensor lambda_b, Tensor? idx) -> (Tensor, Tensor)",
       &decode);
@@ -219,8 +227,9 @@ TORCH_LIBRARY(vera_emu, m) {
   m.def("cpu_scale_add(Tensor(a!) out, Tensor base, Tensor z, Tensor lam, Tensor? idx) -> ()", &cpu_scale_add);
   m.def("cpu_col_dot_reduce(Tensor p, Tensor q, Tensor? idx, int num_adapters) -> Tensor", &CpuPrims::col_dot_reduce);
   m.def("cpu_row_dot(Tensor p, Tensor q) -> Tensor", &CpuPrims::row_dot);
-  m.def("cpu_merge_apply(Tensor(a!) weight, Tensor delta, float alpha, bool transposed, bool safe) -> ()",
-        &cpu_merge_apply);
+  m.def(
+      "cpu_merge_apply(Tensor(a!) weight, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, float alpha, " "bool transposed, bool check_first) -> ()",
+      &cpu_merge_apply);
   m.def(
       "cpu_decode(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor A, Tensor B, Tensor lambda_d, " "Tensor lambda_b, Tensor? idx) -> (Tensor, Tensor)",
       &cpu_decode);
