@@ -199,6 +199,10 @@ def test_merge_extra_memory_is_a_bounded_workspace():
     peak, count = peak_cpu_bytes(lambda: ops.vera_merge_(weight, A, B, ld, lb, 1.0, False))
     print(f"merge {out_f}x{in_f} r={r}: peak extra CPU memory {peak} bytes ({count} memory events)")
     assert 0 < peak <= WORKSPACE_BYTES
+    # a safe merge of a healthy adapter: the max-abs bound (scalars) instead of the check pass, same workspace
+    peak_safe, _ = peak_cpu_bytes(lambda: ops.vera_merge_(weight, A, B, ld, lb, -1.0, False, True))
+    print(f"safe merge: peak extra CPU memory {peak_safe} bytes")
+    assert 0 < peak_safe <= WORKSPACE_BYTES
     # the probe sees a full temporary: the full-delta merge it replaced peaks at O * I * 4 bytes
     peak_full, _ = peak_cpu_bytes(lambda: full_delta_merge(weight[:1024], A, B[:1024], ld, lb[:1024], 1.0, False))
     assert peak_full >= 1024 * in_f * 4

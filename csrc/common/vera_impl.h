@@ -23,6 +23,7 @@
 
 #include <array>
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -345,25 +346,24 @@ Tensor vera_delta_weight(const Tensor& A, const Tensor& B, const Tensor& lambda_
 // T (1 + u)^(r + 2) <= 1.07 T (u = 2^-24, r < 2^20), so |w + alpha d| before the final rounding is below
 // (max|W| + 1.07 |alpha| T)(1 + u)^3, and a value that far below the largest finite value of weight's dtype rounds to
 // a finite one. A NaN or inf anywhere makes the maxima non-finite and the answer false; so does a bound too close to
-// the limit, where the exact check (each value recomputed, tile by tile) decides instead. One device-to-host read.
+// the limit, where the exact check (each value recomputed, tile by tile) decides instead. Six small launches (the
+// inf-norms, exact in each tensor's dtype, and one cat that widens them) and one device-to-host read.
 inline bool merge_provably_finite(const Tensor& weight, const AdapterArgs& a, double alpha) {
   const int64_t r = a.A.size(0);
   if (r >= (int64_t(1) << 20)) return false;
+  std::vector<Tensor> maxima;
   for (const Tensor* t : {&weight, &a.A, &a.B, &a.lambda_d, &a.lambda_b}) {
-    if (t->numel() == 0) return false;  // nothing to bound (and aminmax refuses empty tensors): the exact check
+    if (t->numel() == 0) return false;  // nothing to bound: the exact check (cheap then)
+    maxima.push_back(at::linalg_vector_norm(*t, std::numeric_limits<double>::infinity()).view({1}));
   }
-  std::vector<Tensor> parts;
-  for (const Tensor* t : {&weight, &a.A, &a.B, &a.lambda_d, &a.lambda_b}) {
-    const auto [lo, hi] = at::aminmax(*t);
-    parts.push_back(at::stack({lo, hi}).to(at::kDouble));
-  }
-  const Tensor m = at::cat(parts).abs().view({5, 2}).amax(1).cpu();
-  const double* v = m.const_data_ptr<double>();
-  const double bound = double(r) * v[2] * v[1] * v[3] * v[4];
-  const double limit = at::isReducedFloatingType(weight.scalar_type())
-                           ? (weight.scalar_type() == at::kHalf ? 65504.0 : 3.3895313892515355e38)
-                           : (weight.scalar_type() == at::kFloat ? 3.4028234663852886e38 : 1.7976931348623157e308);
-  const double merged = (v[0] + 1.07 * std::abs(alpha) * bound) * 1.001;
+  const Tensor m = at::cat(maxima).to(at::kCPU).to(at::kDouble);  // cat promotes: fp16/bf16 maxima widen exactly
+  const double w_max = m[0].item<double>(), a_max = m[1].item<double>(), b_max = m[2].item<double>();
+  const double bound = double(r) * b_max * m[4].item<double>() * m[3].item<double>() * a_max;
+  const double limit = weight.scalar_type() == at::kHalf       ? 65504.0
+                       : weight.scalar_type() == at::kBFloat16 ? 3.3895313892515355e38
+                       : weight.scalar_type() == at::kFloat    ? 3.4028234663852886e38
+                                                               : 1.7976931348623157e308;
+  const double merged = (w_max + 1.07 * std::abs(alpha) * bound) * 1.001;
   return std::isfinite(merged) && merged < limit && bound * 1.07 < 3.4e38;  // no fp32 overflow inside the sums
 }
 

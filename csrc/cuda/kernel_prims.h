@@ -126,7 +126,8 @@ struct KernelPrims {
   static int merge_pass(Tensor& weight, const AdapterArgs& a, double alpha, bool transposed, bool check_only) {
     const typename L::Guard guard(weight.device());
     const Tensor ld = a.lambda_d.contiguous(), lb = a.lambda_b.contiguous();
-    Tensor flag = at::zeros({1}, weight.options().dtype(at::kInt));
+    // the flag only for the check pass (the write pass never touches it): no extra launch in a plain merge
+    Tensor flag = check_only ? at::zeros({1}, weight.options().dtype(at::kInt)) : Tensor();
     const MergeParams p{weight.data_ptr(),
                         transposed ? weight.stride(1) : weight.stride(0),
                         transposed ? weight.stride(0) : weight.stride(1),
@@ -142,7 +143,7 @@ struct KernelPrims {
                         a.A.size(1),
                         a.A.size(0),
                         static_cast<float>(alpha),
-                        flag.data_ptr<int>(),
+                        check_only ? flag.data_ptr<int>() : nullptr,
                         detail::dtype_of(weight.scalar_type()),
                         detail::dtype_of(a.A.scalar_type())};
     L::check(launch_merge(p, check_only, L::stream()), "merge");

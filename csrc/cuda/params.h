@@ -87,7 +87,7 @@ struct MergeParams {
   const float* lambda_b;  // (out_f)
   int64_t out_f, in_f, r;
   float alpha;
-  int* nonfinite;
+  int* nonfinite;    // read only with check_only (may be null otherwise)
   DType dtype;       // weight's
   DType proj_dtype;  // A's and B's
 };
