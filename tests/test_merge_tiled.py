@@ -61,7 +61,8 @@ def assert_within(got, exact, tol, what=""):
     )
 
 
-# Both weight dimensions span several 512 x 2048 tiles (the fp32 tile at small r) with ragged ends, either layout.
+# Both weight dimensions span several 256 x 512 tiles (the starting tile) with ragged ends, and several workers'
+# ranges of tiles, either layout.
 BIG = (2100, 2150, 24)
 
 
