@@ -182,6 +182,12 @@ void op_vera_merge_(Tensor weight, const Tensor& A, const Tensor& B, const Tenso
   vera::vera_merge_<EmuPrims>(weight, A, B, lambda_d, lambda_b, alpha, fan_in_fan_out, safe);
 }
 
+// The full fp32 delta (get_delta_weight): still row_scale twice and a GEMM (the merge no longer forms it).
+Tensor op_vera_delta_weight(const Tensor& A, const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
+                            bool fan_in_fan_out, at::ScalarType dtype) {
+  return vera::vera_delta_weight<EmuPrims>(A, B, lambda_d, lambda_b, fan_in_fan_out, dtype);
+}
+
 void trace_start(int64_t max_blocks) {
   TORCH_CHECK(max_blocks >= 0, "trace_start: max_blocks must be >= 0 (0: every block), got ", max_blocks);
   vera_emu::trace::start(static_cast<uint64_t>(max_blocks));
@@ -257,6 +263,9 @@ TORCH_LIBRARY(vera_emu, m) {
   m.def(
       "op_vera_merge_(Tensor(a!) weight, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, float alpha, " "bool fan_in_fan_out, bool safe) -> ()",
       &op_vera_merge_);
+  m.def(
+      "op_vera_delta_weight(Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, bool fan_in_fan_out, " "ScalarType dtype) -> Tensor",
+      &op_vera_delta_weight);
 
   // Memory-traffic traces (emu/emu_trace.h): start, the number of launches recorded so far, stop (JSON).
   m.def("trace_start(int max_blocks=0) -> ()", &trace_start);
