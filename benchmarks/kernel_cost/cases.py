@@ -13,13 +13,17 @@ import torch
 
 GROUPS = ("training", "decode", "merge")
 
+# Our kernels whose arithmetic is a GEMM on the CUDA cores (fp32 SIMT): model.py credits them with no more than the
+# rate it assumes cuBLAS SGEMM sustains, not the CUDA cores' datasheet peak.
+SIMT_GEMM_KERNELS = frozenset({"merge_kernel"})
+
 
 @dataclass(frozen=True)
 class Case:
     name: str
     group: str  # training | decode | merge
     what: str  # one line for the report
-    step: str  # forward | backward | merge | safe_merge
+    step: str  # forward | backward | merge | safe_merge | delta_weight
     n: int = 0  # rows of x (0 for merges)
     in_f: int = 4096
     out_f: int = 4096
@@ -27,6 +31,8 @@ class Case:
     adapters: int = 1  # adapters registered (lambda table rows); > 1 means a mixed batch with adapter_idx
     distinct: int = 1  # distinct adapters among the rows
     dtype: torch.dtype = torch.bfloat16
+    proj_dtype: torch.dtype = None  # merges: A's and B's dtype when not the data's (VeraLinear keeps them fp32)
+    near_limit: bool = False  # merges: one weight entry within 0.05% of its dtype's largest finite value
 
     @property
     def mixed(self):
@@ -55,7 +61,10 @@ class Case:
             return (torch.randn(*shape, generator=g) * 0.05).to(device=device, dtype=dtype)
 
         n, i, o, r, k = self.n, self.in_f, self.out_f, self.r, self.adapters
-        t = {"A": rand(r, i), "B": rand(o, r), "weight": rand(o, i)}
+        proj = self.proj_dtype or self.dtype
+        t = {"A": rand(r, i, dtype=proj), "B": rand(o, r, dtype=proj), "weight": rand(o, i)}
+        if self.near_limit:  # the safe merge's max-abs bound cannot prove this finite: the check pass runs
+            t["weight"][0, 0] = torch.finfo(self.dtype).max * 0.9995
         t["lambda_d"] = rand(k, r, dtype=torch.float32) if self.mixed else rand(r, dtype=torch.float32)
         t["lambda_b"] = rand(k, o, dtype=torch.float32) if self.mixed else rand(o, dtype=torch.float32)
         t["adapter_idx"] = None
@@ -87,6 +96,8 @@ class Case:
                 t["weight"],
                 [True, True, True],
             )
+        if self.step == "delta_weight":
+            return ops.vera_delta_weight(t["A"], t["B"], t["lambda_d"], t["lambda_b"], False, self.dtype)
         return ops.vera_merge_(
             t["weight"], t["A"], t["B"], t["lambda_d"], t["lambda_b"], 1.0, False, self.step == "safe_merge"
         )
@@ -97,7 +108,8 @@ class Case:
         n, i, o, r, e = self.n, self.in_f, self.out_f, self.r, self.elem
         lam = self.distinct * (r + o) * 4
         idx = n * 8 if self.mixed else 0
-        proj = (r * i + o * r) * e
+        pe = torch.empty((), dtype=self.proj_dtype).element_size() if self.proj_dtype else e
+        proj = (r * i + o * r) * pe
         if self.step == "forward":
             return {"read": n * i * e + o * i * e + proj + lam + idx, "write": n * o * e + n * r * e}
         if self.step == "backward":
@@ -105,6 +117,8 @@ class Case:
                 "read": n * o * e + n * r * e + o * i * e + proj + lam + idx,
                 "write": n * i * e + self.distinct * (r + o) * 4,
             }
+        if self.step == "delta_weight":  # no weight: the (O, I) delta written once
+            return {"read": proj + lam, "write": o * i * e}
         return {"read": o * i * e + proj + lam, "write": o * i * e}
 
     def gemm_flops(self):
@@ -117,9 +131,12 @@ class Case:
         return 2 * o * r * i  # the delta weight
 
     def kernel_flops(self, kernel_base):
-        """CUDA-core FLOPs of one of our fused kernels in this case (the dot products of the decode kernels); None
-        for kernels whose arithmetic is negligible next to their memory traffic."""
+        """CUDA-core FLOPs of one of our fused kernels in this case (the dot products of the decode kernels, the
+        tile GEMM of the merge kernel: 2 O I r per pass); None for kernels whose arithmetic is negligible next to
+        their memory traffic."""
         n, i, o, r = self.n, self.in_f, self.out_f, self.r
+        if kernel_base == "merge_kernel":
+            return 2 * o * i * r
         if kernel_base == "decode_u_kernel":
             return 2 * n * r * i
         if kernel_base == "decode_y_kernel":
@@ -139,9 +156,11 @@ class Case:
             return f / gpu.cublas_bf16_flops_per_s * 1e6, (
                 f"GEMM {f / 1e9:.0f} GFLOP at {gpu.cublas_bf16_flops_per_s / 1e12:.0f} TFLOP/s"
             )
-        f, w = self.gemm_flops(), 2 * self.out_f * self.in_f * self.elem
+        passes = 1 if self.step == "delta_weight" else 2  # the delta written; W read and written
+        f, w = self.gemm_flops(), passes * self.out_f * self.in_f * self.elem
         return (f / gpu.cublas_fp32_flops_per_s + w / gpu.hbm_bytes_per_s) * 1e6, (
-            f"fp32 GEMM {f / 1e9:.1f} GFLOP at {gpu.cublas_fp32_flops_per_s / 1e12:.0f} TFLOP/s + W read+write"
+            f"fp32 GEMM {f / 1e9:.1f} GFLOP at {gpu.cublas_fp32_flops_per_s / 1e12:.0f} TFLOP/s + "
+            + ("delta write" if passes == 1 else "W read+write")
         )
 
 
@@ -203,6 +222,26 @@ def _bf16_cases(small):
     cases.append(Case(f"merge_{d}x{d}", "merge", f"merge of a {d}x{d} weight", "merge", 0, d, d, r))
     cases.append(Case(f"merge_{d}x{d_up}", "merge", f"merge of a {d}x{d_up} weight (O={d_up})", "merge", 0, d, d_up, r))
     cases.append(Case(f"safe_merge_{d}x{d}", "merge", f"safe merge of a {d}x{d} weight", "safe_merge", 0, d, d, r))
+    # get_delta_weight: the full delta in the data dtype (row_scale to fp32, GEMM, cast), the op merges no longer use
+    cases.append(Case(f"delta_weight_{d}x{d}", "merge", f"delta weight of a {d}x{d} layer", "delta_weight", 0, d, d, r))
+    # The merge kernel's other instantiations: the check-only pass of a safe merge whose max-abs bound cannot decide
+    # (a weight entry near its dtype's max), with the projection in fp32 (as VeraLinear keeps it next to a 16-bit
+    # weight) and in each 16-bit dtype whatever the weight's (the op takes any pair).
+    for short, proj in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        cases.append(
+            Case(
+                f"safe_merge_{d}x{d}_checked_proj_{short}",
+                "merge",
+                f"safe merge of a {d}x{d} weight near its dtype's max (check pass + write pass), projection {short}",
+                "safe_merge",
+                0,
+                d,
+                d,
+                r,
+                proj_dtype=proj,
+                near_limit=True,
+            )
+        )
     return cases
 
 
@@ -224,3 +263,4 @@ class EmulatedOps:
         self.vera_forward = emu.op_vera_forward
         self.vera_backward = emu.op_vera_backward
         self.vera_merge_ = emu.op_vera_merge_
+        self.vera_delta_weight = emu.op_vera_delta_weight

@@ -9,8 +9,11 @@ Our kernel's time is the largest of five terms, plus the fixed cost of a depende
   l1       the L1 pipe: each warp request takes at least one cycle of an SM's L1 and a cycle returns at most
            l1_bytes_per_clk_per_sm, so max(requests, sector bytes / that) cycles, spread over the SMs in use
            (uncoalesced access costs here: more sectors per request)
-  flops    CUDA-core FLOPs at the FP32 peak, for the kernels whose arithmetic is a real cost (the dot products of
-           the fused decode kernels, counted by the case); 0 for the element-wise and reduction kernels
+  flops    CUDA-core FLOPs, for the kernels whose arithmetic is a real cost (counted by the case): the dot products
+           of the fused decode kernels at the FP32 peak; a hand-written SIMT GEMM (cases.SIMT_GEMM_KERNELS: the
+           merge kernel's tile products) at no more than the rate assumed for cuBLAS SGEMM
+           (gpu.cublas_fp32_flops_per_s), as a GEMM tuned by hand is not credited with beating cuBLAS; 0 for the
+           element-wise and reduction kernels
   latency  Little's law: the L2-level load bytes need (DRAM bytes x DRAM latency + the rest x L2 latency) byte-seconds
            of loads in flight, and SMs in use x resident warps per SM (occupancy, capped by the grid) x bytes in
            flight per warp (the SASS walk of binary.load_batches, which reads a loop as straight-line code: the
@@ -24,6 +27,7 @@ import math
 
 from . import traffic
 from .binary import kernel_key
+from .cases import SIMT_GEMM_KERNELS
 from .occupancy import occupancy
 
 SECTOR = 32
@@ -31,6 +35,13 @@ SECTOR = 32
 
 def kernel_base(key):
     return key.split("<", 1)[0]
+
+
+def flops_rate(base, gpu):
+    """The FP32 rate our kernel `base` is credited with (see the module docstring, flops)."""
+    if base in SIMT_GEMM_KERNELS:
+        return min(gpu.fp32_flops_per_s, gpu.cublas_fp32_flops_per_s)
+    return gpu.fp32_flops_per_s
 
 
 def predict_kernel(ev, case, facts, gpu):
@@ -52,7 +63,7 @@ def predict_kernel(ev, case, facts, gpu):
         "dram": dram_bytes / gpu.hbm_bytes_per_s,
         "l2": l2_bytes / gpu.l2_bytes_per_s,
         "l1": l1_cycles / (min(gpu.sms, blocks) * gpu.clock_ghz * 1e9),
-        "flops": flops / gpu.fp32_flops_per_s,
+        "flops": flops / flops_rate(kernel_base(key), gpu),
     }
     rec = {
         "kind": "kernel",

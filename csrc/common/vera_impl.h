@@ -12,7 +12,9 @@
 //   lambda_grads(q opmath (O, r), B, lambda_d, lambda_b)
 //                                              -> (grad_lambda_d (r), grad_lambda_b (O)) of one adapter, from
 //                                                 q = grad_out^T u read once
-//   merge_apply(W, delta (O, I) opmath, alpha, transposed, safe)   W (+)= alpha * delta, one rounding
+//   merge_apply(W, adapter, alpha, transposed, check_first)  W (+)= alpha * delta_W, one rounding, computed tile by
+//                                                       tile (no O x I temporary); check_first: refuse, W unchanged,
+//                                                       if any merged value would not be finite
 //   check_adapter_idx(idx, K)                           every entry in [-1, K) (the CUDA backend skips the check
 //                                                       while a CUDA graph is captured: it would synchronize)
 //   decode_forward(x, weight?, bias?, base?, adapter)   -> (y, u): the whole small-N forward in one fused pass, for
@@ -25,7 +27,10 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <cmath>
+#include <limits>
 #include <tuple>
+#include <vector>
 
 #include "common/checks.h"
 
@@ -352,11 +357,40 @@ Tensor vera_delta_weight(const Tensor& A, const Tensor& B, const Tensor& lambda_
   return delta.to(dtype, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
 }
 
+// True when every merged value is sure to be finite, from five max-abs reductions (no O x I work): with
+// T = r max|lambda_b| max|B| max|lambda_d| max|A|, every fp32 (or fp64) partial sum of delta_W[o, i] is at most
+// T (1 + u)^(r + 2) <= 1.07 T (u = 2^-24, r < 2^20), so |w + alpha d| before the final rounding is below
+// (max|W| + 1.07 |alpha| T)(1 + u)^3, and a value that far below the largest finite value of weight's dtype rounds to
+// a finite one. A NaN or inf anywhere makes the maxima non-finite and the answer false; so does a bound too close to
+// the limit, where the exact check (each value recomputed, tile by tile) decides instead. Six small launches (the
+// inf-norms, exact in each tensor's dtype, and one cat that widens them) and one device-to-host read.
+inline bool merge_provably_finite(const Tensor& weight, const AdapterArgs& a, double alpha) {
+  const int64_t r = a.A.size(0);
+  if (r >= (int64_t(1) << 20)) return false;
+  std::vector<Tensor> maxima;
+  for (const Tensor* t : {&weight, &a.A, &a.B, &a.lambda_d, &a.lambda_b}) {
+    if (t->numel() == 0) return false;  // nothing to bound: the exact check (cheap then)
+    maxima.push_back(at::linalg_vector_norm(*t, std::numeric_limits<double>::infinity()).view({1}));
+  }
+  const Tensor m = at::cat(maxima).to(at::kCPU).to(at::kDouble);  // cat promotes: fp16/bf16 maxima widen exactly
+  const double w_max = m[0].item<double>(), a_max = m[1].item<double>(), b_max = m[2].item<double>();
+  const double bound = double(r) * b_max * m[4].item<double>() * m[3].item<double>() * a_max;
+  const double limit = weight.scalar_type() == at::kHalf       ? 65504.0
+                       : weight.scalar_type() == at::kBFloat16 ? 3.3895313892515355e38
+                       : weight.scalar_type() == at::kFloat    ? 3.4028234663852886e38
+                                                               : 1.7976931348623157e308;
+  const double merged = (w_max + 1.07 * std::abs(alpha) * bound) * 1.001;
+  return std::isfinite(merged) && merged < limit && bound * 1.07 < 3.4e38;  // no fp32 overflow inside the sums
+}
+
 template <class P>
 void vera_merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
                  double alpha, bool fan_in_fan_out, bool safe) {
   const AdapterArgs a{A, B, lambda_d, lambda_b, c10::nullopt};
   check_merge_args(a);
+  // The merge is not differentiable; the ATen calls below (reductions, the CPU tiles' products) must not record
+  // autograd history for lambdas that require grad (out= variants refuse them).
+  const at::NoGradGuard no_grad;
   const int64_t out_f = B.size(0), in_f = A.size(1);
   TORCH_CHECK(weight.device() == A.device(), "weight must be on the device of A (", A.device(), "), got ",
               weight.device());
@@ -373,7 +407,10 @@ void vera_merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor&
               "weight must have shape (", expected[0], ", ", expected[1], ") ",
               fan_in_fan_out ? "(in_features, out_features) with fan_in_fan_out" : "(out_features, in_features)",
               ", got ", weight.sizes());
-  P::merge_apply(weight, delta_weight_opmath<P>(a), alpha, fan_in_fan_out, safe);
+  // delta_W is never formed whole: merge_apply computes it tile by tile (docs/DESIGN.md §2.3). A safe merge whose
+  // finiteness the bound proves skips the check pass (a second computation of every tile).
+  const bool check_first = safe && !merge_provably_finite(weight, a, alpha);
+  P::merge_apply(weight, a, alpha, fan_in_fan_out, check_first);
 }
 
 }  // namespace vera

@@ -199,47 +199,156 @@ std::tuple<Tensor, Tensor> Prims::lambda_grads(const Tensor& q_, const Tensor& B
   return {grad_ld, grad_lb};
 }
 
-void Prims::merge_apply(Tensor& weight, const Tensor& delta_, double alpha, bool transposed, bool safe) {
-  const int64_t out_f = delta_.size(0), in_f = delta_.size(1);
-  // Logical element (o, i) of delta lives at weight[o * so + i * si] (weight is (I, O) when transposed).
-  const int64_t so = transposed ? weight.stride(1) : weight.stride(0);
-  const int64_t si = transposed ? weight.stride(0) : weight.stride(1);
-  constexpr int64_t kTile = 64;  // square tiles keep both layouts cache friendly
-  const int64_t row_tiles = (out_f + kTile - 1) / kTile;
+namespace {
 
+// Tile sizes of a CPU merge: tp rows of weight by tq of its columns, r cut into chunks of kc. One worker's workspace,
+// the scaled operand slices (tp x kc and kc x tq) and the product tile (tp x tq, plus its copy in weight's op-math
+// dtype when that differs from the projection's), stays within `budget` whatever the sizes: tiles shrink to 64 x 64
+// first, then r is chunked. They start at 256 x 512: at r = 256 fp32, 1.25 MiB, so the tile is still in cache when
+// it is added into weight.
+struct MergeTiles {
+  int64_t tp, tq, kc;
+};
+
+int64_t tile_bytes(const MergeTiles& t, int64_t elem, int64_t widened_elem) {
+  return (t.tp * t.kc + t.kc * t.tq + t.tp * t.tq) * elem + t.tp * t.tq * widened_elem;
+}
+
+// widened_elem: the element size of the tile's copy in weight's op-math dtype, 0 without one.
+MergeTiles merge_tiles(int64_t rows, int64_t cols, int64_t r, int64_t elem, int64_t widened_elem, int64_t budget) {
+  MergeTiles t{std::min<int64_t>(rows, 256), std::min<int64_t>(cols, 512), std::max<int64_t>(r, 1)};
+  while (tile_bytes(t, elem, widened_elem) > budget) {
+    if (t.tq > 64 && t.tq >= t.tp) {
+      t.tq = (t.tq + 1) / 2;
+    } else if (t.tp > 64) {
+      t.tp = (t.tp + 1) / 2;
+    } else {
+      t.kc = (t.kc + 1) / 2;
+    }
+  }
+  return t;
+}
+
+// At most this many workers hold a workspace at once: each gets kMergeWorkspaceBytes / workers (>= 256 KiB).
+constexpr int64_t kMergeMaxWorkers = 64;
+
+}  // namespace
+
+void Prims::merge_apply(Tensor& weight, const AdapterArgs& a_, double alpha, bool transposed, bool check_first) {
+  // weight (P, Q): (out, in), or (in, out) when transposed. A tile of delta_W in weight's layout is
+  //   (out, in): B_hat[p-rows] @ A_hat[:, q-cols]       (in, out): A_hat[:, p-rows]^T @ B_hat[q-rows]^T
+  // with B_hat = diag(lambda_b) B and A_hat = diag(lambda_d) A in the projection's op-math dtype (the products
+  // row_scale forms), formed slice by slice into the worker's workspace. The tiles are shared out among the threads
+  // in one parallel region; each computes its tiles with a single-threaded MKL GEMM (MKL does not nest inside a
+  // parallel region) and adds each into weight while it is in cache. One region instead of a multithreaded GEMM
+  // per tile: fewer thread hand-offs, which matter on a busy machine.
+  const int64_t rows = weight.size(0), cols = weight.size(1), r = a_.A.size(0);
+  if (rows == 0 || cols == 0) return;
+  // Detached: the workers' ATen calls must record no autograd history (grad mode is thread-local).
+  const Tensor A = a_.A.detach(), B = a_.B.detach();
+  const Tensor ld = a_.lambda_d.detach().unsqueeze(1), lb = a_.lambda_b.detach().unsqueeze(1);
+  const at::ScalarType pacc = opmath_dtype(A.scalar_type()), wacc = opmath_dtype(weight.scalar_type());
+  const bool convert = pacc != wacc;
+  // Tile sizes for the most workers there can be, then as many workers as there are tiles to share (at most).
+  const int64_t max_workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), kMergeMaxWorkers));
+  const MergeTiles t = merge_tiles(rows, cols, r, c10::elementSize(pacc), convert ? c10::elementSize(wacc) : 0,
+                                   kMergeWorkspaceBytes / max_workers);
+  const int64_t tiles_p = (rows + t.tp - 1) / t.tp, tiles = tiles_p * ((cols + t.tq - 1) / t.tq);
+  const int64_t workers = std::min(max_workers, tiles);
+  // Every worker's workspace, allocated here at once (row slice, column slice, product tile; the widened tile).
+  const int64_t per_worker = t.tp * t.kc + t.kc * t.tq + t.tp * t.tq;
+  const at::TensorOptions popts = A.options().dtype(pacc);
+  const Tensor workspace = at::empty({workers * per_worker}, popts);
+  const Tensor widened = convert ? at::empty({workers * t.tp * t.tq}, popts.dtype(wacc)) : Tensor();
+
+  // lam[k] * src[k, j] (op math) into the front of buf, as src's shape.
+  auto scale_into = [](const Tensor& buf, const Tensor& src, const Tensor& lam) {
+    Tensor out = buf.narrow(0, 0, src.numel()).view(src.sizes());
+    at::mul_out(out, src, lam);
+    return out;
+  };
+
+  const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
   VERA_DISPATCH_FLOAT(weight.scalar_type(), "vera_merge_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Tensor delta = delta_.to(opmath_dtype(weight.scalar_type())).contiguous();
     scalar_t* w = weight.data_ptr<scalar_t>();
-    const acc_t* d = delta.const_data_ptr<acc_t>();
-    const acc_t a = static_cast<acc_t>(alpha);
+    const acc_t al = static_cast<acc_t>(alpha);
+    // body(p0, np, q0, nq, d) for every tile, d its product (np x nq, row-major) in weight's op-math dtype. Worker
+    // w takes a contiguous range of tiles (column-block-major over weight's tile grid) and its own workspace slice.
     auto for_each_tile = [&](auto&& body) {
-      at::parallel_for(0, row_tiles, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t)
-          for (int64_t i0 = 0; i0 < in_f; i0 += kTile)
-            body(t * kTile, std::min(out_f, (t + 1) * kTile), i0, std::min(in_f, i0 + kTile));
+      at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
+        for (int64_t worker = first; worker < last; ++worker) {
+          const Tensor ws = workspace.narrow(0, worker * per_worker, per_worker);
+          const Tensor row_buf = ws.narrow(0, 0, t.tp * t.kc), col_buf = ws.narrow(0, t.tp * t.kc, t.kc * t.tq);
+          const Tensor prod_buf = ws.narrow(0, t.tp * t.kc + t.kc * t.tq, t.tp * t.tq);
+          const Tensor conv_buf = convert ? widened.narrow(0, worker * t.tp * t.tq, t.tp * t.tq) : Tensor();
+          const int64_t begin = tiles * worker / workers, end = tiles * (worker + 1) / workers;
+          int64_t scaled_q0 = -1;  // the column block whose operand col_buf holds (r in one chunk)
+          for (int64_t tile = begin; tile < end; ++tile) {
+            // column-block-major: a worker's consecutive tiles share their column operand, scaled once
+            const int64_t q0 = tile / tiles_p * t.tq, p0 = tile % tiles_p * t.tp;
+            const int64_t np = std::min(t.tp, rows - p0), nq = std::min(t.tq, cols - q0);
+            Tensor prod = prod_buf.narrow(0, 0, np * nq).view({np, nq});
+            if (r == 0) prod.zero_();
+            for (int64_t k0 = 0; k0 < r; k0 += t.kc) {
+              const int64_t nk = std::min(t.kc, r - k0);
+              // the operand along weight's rows as (np, nk), the one along its columns as (nk, nq); with
+              // fan_in_fan_out A_hat^T and B_hat^T: A_hat and B_hat slices used through transposed views
+              const Tensor rh =
+                  transposed
+                      ? scale_into(row_buf, A.slice(0, k0, k0 + nk).slice(1, p0, p0 + np), ld.slice(0, k0, k0 + nk)).t()
+                      : scale_into(row_buf, B.slice(0, p0, p0 + np).slice(1, k0, k0 + nk), lb.slice(0, p0, p0 + np));
+              if (nk < r || q0 != scaled_q0) {
+                if (transposed) {
+                  scale_into(col_buf, B.slice(0, q0, q0 + nq).slice(1, k0, k0 + nk), lb.slice(0, q0, q0 + nq));
+                } else {
+                  scale_into(col_buf, A.slice(0, k0, k0 + nk).slice(1, q0, q0 + nq), ld.slice(0, k0, k0 + nk));
+                }
+                scaled_q0 = nk < r ? -1 : q0;
+              }
+              const Tensor ch = transposed ? col_buf.narrow(0, 0, nq * nk).view({nq, nk}).t()
+                                           : col_buf.narrow(0, 0, nk * nq).view({nk, nq});
+              if (k0 == 0) {
+                at::mm_out(prod, rh, ch);
+              } else {
+                prod.addmm_(rh, ch);  // only when r exceeds one chunk: the chunks' sums are added in order
+              }
+            }
+            if (convert) prod = conv_buf.narrow(0, 0, np * nq).view({np, nq}).copy_(prod);
+            body(p0, np, q0, nq, prod.const_data_ptr<acc_t>());
+          }
+        }
       });
     };
-    if (safe) {
+    if (check_first) {
       std::atomic<bool> finite{true};
-      for_each_tile([&](int64_t o0, int64_t o1, int64_t i0, int64_t i1) {
+      for_each_tile([&](int64_t p0, int64_t np, int64_t q0, int64_t nq, const acc_t* d) {
         bool ok = true;
-        for (int64_t o = o0; o < o1; ++o)
-          for (int64_t i = i0; i < i1; ++i)
-            ok &= std::isfinite(static_cast<acc_t>(
-                static_cast<scalar_t>(static_cast<acc_t>(w[o * so + i * si]) + a * d[o * in_f + i])));
+        for (int64_t p = 0; p < np; ++p) {
+          const scalar_t* wr = w + (p0 + p) * s0 + q0 * s1;
+          const acc_t* dr = d + p * nq;
+          for (int64_t q = 0; q < nq; ++q)
+            ok &= std::isfinite(static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(wr[q * s1]) + al * dr[q])));
+        }
         if (!ok) finite.store(false, std::memory_order_relaxed);
       });
       TORCH_CHECK_VALUE(
           finite.load(),
           "safe merge refused: the merged weight would hold non-finite values " "(the adapter seems to be broken); weight left unchanged");
     }
-    for_each_tile([&](int64_t o0, int64_t o1, int64_t i0, int64_t i1) {
-      for (int64_t o = o0; o < o1; ++o)
-        for (int64_t i = i0; i < i1; ++i) {
-          scalar_t& dst = w[o * so + i * si];
-          dst = static_cast<scalar_t>(static_cast<acc_t>(dst) + a * d[o * in_f + i]);
+    for_each_tile([&](int64_t p0, int64_t np, int64_t q0, int64_t nq, const acc_t* d) {
+      for (int64_t p = 0; p < np; ++p) {
+        scalar_t* wr = w + (p0 + p) * s0 + q0 * s1;
+        const acc_t* dr = d + p * nq;
+        if (s1 == 1) {  // the common case, kept apart so that it vectorizes
+          for (int64_t q = 0; q < nq; ++q) wr[q] = static_cast<scalar_t>(static_cast<acc_t>(wr[q]) + al * dr[q]);
+        } else {
+          for (int64_t q = 0; q < nq; ++q) {
+            scalar_t& dst = wr[q * s1];
+            dst = static_cast<scalar_t>(static_cast<acc_t>(dst) + al * dr[q]);
+          }
         }
+      }
     });
   });
 }

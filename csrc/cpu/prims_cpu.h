@@ -9,6 +9,9 @@
 
 namespace vera::cpu {
 
+// The most memory a CPU merge allocates besides weight (docs/DESIGN.md §2.3).
+constexpr int64_t kMergeWorkspaceBytes = int64_t(16) << 20;
+
 struct Prims {
   // Up to this many rows, forward runs the fused decode path (decode_cpu.cpp). Measured at I = O = 1024, r = 256,
   // fp32, 2 threads, weights out of cache (12 layers sharing one projection): the fused pass beats the GEMM path
@@ -33,7 +36,8 @@ struct Prims {
                                    int64_t num_adapters);
   static std::tuple<at::Tensor, at::Tensor> lambda_grads(const at::Tensor& q, const at::Tensor& B,
                                                          const at::Tensor& lambda_d, const at::Tensor& lambda_b);
-  static void merge_apply(at::Tensor& weight, const at::Tensor& delta, double alpha, bool transposed, bool safe);
+  // weight (+)= alpha * delta_W tile by tile (contract in common/vera_impl.h), in at most kMergeWorkspaceBytes.
+  static void merge_apply(at::Tensor& weight, const AdapterArgs& a, double alpha, bool transposed, bool check_first);
   static void check_adapter_idx(const at::Tensor& idx, int64_t num_adapters);
 };
 

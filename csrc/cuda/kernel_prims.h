@@ -166,31 +166,43 @@ struct KernelPrims {
     return {grad_ld, grad_lb};
   }
 
-  // One pass of the merge kernel over weight; returns the non-finite flag (raised only by check_only).
-  static int merge_pass(Tensor& weight, const Tensor& delta_, double alpha, bool transposed, bool check_only) {
+  // One pass of the merge kernel over weight (the product tiles are computed in the kernel: no delta tensor, no
+  // scaled copies of A or B); returns the non-finite flag, raised only by check_only. A and B are read through
+  // their strides; only the lambdas are made contiguous (O + r floats).
+  static int merge_pass(Tensor& weight, const AdapterArgs& a, double alpha, bool transposed, bool check_only) {
     const typename L::Guard guard(weight.device());
-    const Tensor delta = delta_.contiguous();
-    Tensor flag = at::zeros({1}, weight.options().dtype(at::kInt));
+    const Tensor ld = a.lambda_d.contiguous(), lb = a.lambda_b.contiguous();
+    // the flag only for the check pass (the write pass never touches it): no extra launch in a plain merge
+    Tensor flag = check_only ? at::zeros({1}, weight.options().dtype(at::kInt)) : Tensor();
     const MergeParams p{weight.data_ptr(),
                         transposed ? weight.stride(1) : weight.stride(0),
                         transposed ? weight.stride(0) : weight.stride(1),
-                        delta.const_data_ptr<float>(),
-                        delta.size(0),
-                        delta.size(1),
+                        a.A.const_data_ptr(),
+                        a.A.stride(0),
+                        a.A.stride(1),
+                        a.B.const_data_ptr(),
+                        a.B.stride(0),
+                        a.B.stride(1),
+                        ld.const_data_ptr<float>(),
+                        lb.const_data_ptr<float>(),
+                        a.B.size(0),
+                        a.A.size(1),
+                        a.A.size(0),
                         static_cast<float>(alpha),
-                        flag.data_ptr<int>(),
-                        detail::dtype_of(weight.scalar_type())};
+                        check_only ? flag.data_ptr<int>() : nullptr,
+                        detail::dtype_of(weight.scalar_type()),
+                        detail::dtype_of(a.A.scalar_type())};
     L::check(launch_merge(p, check_only, L::stream()), "merge");
-    return check_only ? flag.item<int>() : 0;
+    return check_only ? flag.item<int>() : 0;  // the one flag read (a sync), after the whole check pass
   }
 
-  static void merge_apply(Tensor& weight, const Tensor& delta, double alpha, bool transposed, bool safe) {
-    if (safe) {
+  static void merge_apply(Tensor& weight, const AdapterArgs& a, double alpha, bool transposed, bool check_first) {
+    if (check_first) {
       TORCH_CHECK_VALUE(
-          merge_pass(weight, delta, alpha, transposed, /*check_only=*/true) == 0,
+          merge_pass(weight, a, alpha, transposed, /*check_only=*/true) == 0,
           "safe merge refused: the merged weight would hold non-finite values (the adapter seems to " "be broken); weight left unchanged");
     }
-    merge_pass(weight, delta, alpha, transposed, /*check_only=*/false);
+    merge_pass(weight, a, alpha, transposed, /*check_only=*/false);
   }
 
   static std::tuple<Tensor, Tensor> decode_forward(const Tensor& x_, const OptTensor& weight_, const OptTensor& bias_,

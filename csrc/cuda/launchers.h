@@ -18,7 +18,8 @@ cudaError_t launch_scale_add(const ScaleAddParams& p, cudaStream_t stream);
 cudaError_t launch_col_dot_reduce(const ColDotReduceParams& p, cudaStream_t stream);
 // Both lambda gradients of one adapter (partial and finish kernels); chunks from lambda_grads_chunks.
 cudaError_t launch_lambda_grads(const LambdaGradsParams& p, cudaStream_t stream);
-// check_only = true: the finiteness pass of a safe merge; false: the write pass.
+// W (+)= alpha * delta_W, computed tile by tile in the kernel (no delta tensor). check_only = true: the finiteness
+// pass of a safe merge (writes nothing); false: the write pass. cudaErrorInvalidConfiguration past 65535 * 128 rows.
 cudaError_t launch_merge(const MergeParams& p, bool check_only, cudaStream_t stream);
 // Both passes of the fused small-N forward (p.n <= kDecodeMaxRows).
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream);

@@ -84,16 +84,26 @@ struct LambdaGradsParams {
   DType dtype;
 };
 
-// weight[o * w_stride_o + i * w_stride_i] += alpha * delta[o, i] (delta (out_f, in_f) fp32 contiguous), rounded
-// once. With check_only, nothing is written and *nonfinite is set to 1 if any merged value is not finite.
+// weight[o * w_stride_o + i * w_stride_i] += alpha * delta[o, i], rounded once (weight is (out, in), or (in, out)
+// with fan_in_fan_out: the strides say which), where delta = diag(lambda_b) B diag(lambda_d) A is never stored:
+//   delta[o, i] = sum over k = 0, ..., r - 1 (in that order, fused multiply-adds in fp32) of
+//                 (lambda_b[o] * B[o, k]) * (lambda_d[k] * A[k, i])     (each factor an fp32 product)
+// A (r, in_f) and B (out_f, r) with any strides, in proj_dtype; lambdas fp32 contiguous. With check_only, nothing
+// is written and *nonfinite is set to 1 if any merged value (rounded to weight's dtype) is not finite.
 struct MergeParams {
   void* weight;
   int64_t w_stride_o, w_stride_i;
-  const float* delta;
-  int64_t out_f, in_f;
+  const void* A;
+  int64_t a_stride_k, a_stride_i;
+  const void* B;
+  int64_t b_stride_o, b_stride_k;
+  const float* lambda_d;  // (r)
+  const float* lambda_b;  // (out_f)
+  int64_t out_f, in_f, r;
   float alpha;
-  int* nonfinite;
-  DType dtype;
+  int* nonfinite;    // read only with check_only (may be null otherwise)
+  DType dtype;       // weight's
+  DType proj_dtype;  // A's and B's
 };
 
 // Fused small-N forward (decode, serving), n <= kDecodeMaxRows:

@@ -39,9 +39,13 @@ KERNEL_TESTS = {
     ],
     "lambda_grads_partial_kernel": ["test_emu_reduce.py::test_lambda_grads", BLOCK_ORDER],
     "lambda_grads_finish_kernel": ["test_emu_reduce.py::test_lambda_grads", BLOCK_ORDER],
-    # csrc/cuda/merge_kernels.cu (both template modes: write and check-only)
+    # csrc/cuda/merge_kernels.cu (the fused tile GEMM + merge; both template modes: write and check-only; every
+    # weight x projection dtype pair)
     "merge_kernel": [
         "test_emu_merge.py::test_merge",
+        "test_emu_merge.py::test_merge_projection_dtype_other_than_weight",
+        "test_emu_merge.py::test_merge_unaligned_slices_take_the_element_path",
+        "test_emu_merge.py::test_merge_column_major_weight",
         "test_emu_merge.py::test_merge_check_only",
         "test_emu_merge.py::test_merge_check_only_sees_overflow_in_the_weight_dtype",
         BLOCK_ORDER,

@@ -37,14 +37,15 @@ def run_lambda_grads(emu):  # 2 column chunks x 7 row chunks, then the finish ke
     return list(emu.lambda_grads(q, B, torch.randn(300, generator=gen()), torch.randn(200, generator=gen())))
 
 
-def run_merge(emu):
+def run_merge(emu):  # 3 x 2 blocks of 128x128, r past one k chunk, both layouts
     outs = []
     for transposed in (False, True):
-        w = matrix(45, 70, torch.bfloat16, strided=True) if transposed else matrix(70, 45, torch.bfloat16)
-        delta = torch.randn(70, 45, generator=gen())
-        emu.merge(w, delta, 1.0, transposed, False)
-        delta[69, 44] = float("inf")
-        outs += [w, torch.tensor(emu.merge(w, delta, 1.0, transposed, True))]
+        w = matrix(140, 300, torch.bfloat16, strided=True) if transposed else matrix(300, 140, torch.bfloat16)
+        A, B = matrix(11, 140, torch.bfloat16, seed=3), matrix(300, 11, torch.bfloat16, seed=4)
+        ld, lb = torch.rand(11, generator=gen()), torch.rand(300, generator=gen())
+        emu.merge(w, A, B, ld, lb, 1.0, transposed, False)
+        lb[299] = float("inf")
+        outs += [w, torch.tensor(emu.merge(w, A, B, ld, lb, 1.0, transposed, True))]
     return outs
 
 

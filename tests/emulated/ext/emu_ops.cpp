@@ -55,9 +55,12 @@ int64_t col_dot_reduce_splits(int64_t rows, int64_t cols, int64_t num_adapters) 
   return vera::cuda::col_dot_reduce_splits(rows, cols, num_adapters);
 }
 
-// One launch_merge pass over weight; returns the non-finite flag, which only check_only raises.
-int64_t merge(Tensor weight, const Tensor& delta, double alpha, bool transposed, bool check_only) {
-  return EmuPrims::merge_pass(weight, delta, alpha, transposed, check_only);
+// One launch_merge pass over weight (delta_W = diag(lambda_b) B diag(lambda_d) A, computed in the kernel);
+// returns the non-finite flag, which only check_only raises.
+int64_t merge(Tensor weight, const Tensor& A, const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
+              double alpha, bool transposed, bool check_only) {
+  return EmuPrims::merge_pass(weight, vera::AdapterArgs{A, B, lambda_d, lambda_b, c10::nullopt}, alpha, transposed,
+                              check_only);
 }
 
 std::tuple<Tensor, Tensor> decode(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
@@ -183,6 +186,12 @@ void op_vera_merge_(Tensor weight, const Tensor& A, const Tensor& B, const Tenso
   vera::vera_merge_<EmuPrims>(weight, A, B, lambda_d, lambda_b, alpha, fan_in_fan_out, safe);
 }
 
+// The full fp32 delta (get_delta_weight): still row_scale twice and a GEMM (the merge no longer forms it).
+Tensor op_vera_delta_weight(const Tensor& A, const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
+                            bool fan_in_fan_out, at::ScalarType dtype) {
+  return vera::vera_delta_weight<EmuPrims>(A, B, lambda_d, lambda_b, fan_in_fan_out, dtype);
+}
+
 void trace_start(int64_t max_blocks) {
   TORCH_CHECK(max_blocks >= 0, "trace_start: max_blocks must be >= 0 (0: every block), got ", max_blocks);
   vera_emu::trace::start(static_cast<uint64_t>(max_blocks));
@@ -200,8 +209,11 @@ std::tuple<Tensor, Tensor> cpu_decode(const Tensor& x, const OptTensor& weight, 
   return CpuPrims::decode_forward(x, weight, bias, base, vera::AdapterArgs{A, B, lambda_d, lambda_b, idx});
 }
 
-void cpu_merge_apply(Tensor weight, const Tensor& delta, double alpha, bool transposed, bool safe) {
-  CpuPrims::merge_apply(weight, delta, alpha, transposed, safe);
+// The CPU merge primitive; check_first: the exact check pass (every tile recomputed) before the write pass.
+void cpu_merge_apply(Tensor weight, const Tensor& A, const Tensor& B, const Tensor& lambda_d, const Tensor& lambda_b,
+                     double alpha, bool transposed, bool check_first) {
+  CpuPrims::merge_apply(weight, vera::AdapterArgs{A, B, lambda_d, lambda_b, c10::nullopt}, alpha, transposed,
+                        check_first);
 }
 
 }  // namespace
@@ -223,7 +235,9 @@ TORCH_LIBRARY(vera_emu, m) {
   m.def("col_dot_reduce_splits(int rows, int cols, int num_adapters) -> int", &col_dot_reduce_splits);
   m.def("lambda_grads(Tensor q, Tensor B, Tensor lambda_d, Tensor lambda_b) -> (Tensor, Tensor)",
         &EmuPrims::lambda_grads);
-  m.def("merge(Tensor(a!) weight, Tensor delta, float alpha, bool transposed, bool check_only) -> int", &merge);
+  m.def(
+      "merge(Tensor(a!) weight, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, float alpha, bool transposed, " "bool check_only) -> int",
+      &merge);
   m.def(
       "decode(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor A, Tensor B, Tensor lambda_d, " "Tensor lambda_b, Tensor? idx) -> (Tensor, Tensor)",
       &decode);
@@ -235,8 +249,9 @@ TORCH_LIBRARY(vera_emu, m) {
   m.def("cpu_col_dot_reduce(Tensor p, Tensor q, Tensor? idx, int num_adapters) -> Tensor", &CpuPrims::col_dot_reduce);
   m.def("cpu_lambda_grads(Tensor q, Tensor B, Tensor lambda_d, Tensor lambda_b) -> (Tensor, Tensor)",
         &CpuPrims::lambda_grads);
-  m.def("cpu_merge_apply(Tensor(a!) weight, Tensor delta, float alpha, bool transposed, bool safe) -> ()",
-        &cpu_merge_apply);
+  m.def(
+      "cpu_merge_apply(Tensor(a!) weight, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, float alpha, " "bool transposed, bool check_first) -> ()",
+      &cpu_merge_apply);
   m.def(
       "cpu_decode(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor A, Tensor B, Tensor lambda_d, " "Tensor lambda_b, Tensor? idx) -> (Tensor, Tensor)",
       &cpu_decode);
@@ -264,6 +279,9 @@ TORCH_LIBRARY(vera_emu, m) {
   m.def(
       "op_vera_merge_(Tensor(a!) weight, Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, float alpha, " "bool fan_in_fan_out, bool safe) -> ()",
       &op_vera_merge_);
+  m.def(
+      "op_vera_delta_weight(Tensor A, Tensor B, Tensor lambda_d, Tensor lambda_b, bool fan_in_fan_out, " "ScalarType dtype) -> Tensor",
+      &op_vera_delta_weight);
 
   // Memory-traffic traces (emu/emu_trace.h): start, the number of launches recorded so far, stop (JSON).
   m.def("trace_start(int max_blocks=0) -> ()", &trace_start);

@@ -1,5 +1,7 @@
 // Runs every VeRA kernel launcher of csrc/cuda on random inputs (edge sizes, row strides, all dtypes) and
 // compares with reference.h. Sizes stay small: this runs under ThreadSanitizer. Prints one line per failure.
+#include <array>
+#include <cmath>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -165,30 +167,58 @@ struct Checker {
     expect_close(grad_lb, want_lb, what + " grad_lb");
   }
 
-  // weight (out_f, in_f), or (in_f, out_f) when transposed, with row stride ld >= its cols.
-  void merge(DType t, int64_t out_f, int64_t in_f, bool transposed, float alpha, bool check_only, bool poison) {
+  // weight (out_f, in_f), or (in_f, out_f) when transposed; A (r, in_f) and B (out_f, r) in the same dtype. Padded
+  // row strides: aligned (multiples of 16 bytes: the 16-byte load paths) or odd (the element paths). The reference
+  // is the kernel's arithmetic: delta[o, i] = fmaf chain over k = 0..r-1 of (lb[o] B[o, k]) (ld[k] A[k, i]), then
+  // w + alpha * delta rounded once; bit-identical results are expected.
+  void merge(DType t, int64_t out_f, int64_t in_f, int64_t r, bool transposed, float alpha, bool check_only,
+             bool poison, bool aligned) {
     const int64_t wr = transposed ? in_f : out_f, wc = transposed ? out_f : in_f;
-    Matrix w(t, wr, wc, wc + 2);
+    const int64_t pad = aligned ? 8 : 3;
+    auto padded = [&](int64_t cols) { return aligned ? (cols + pad + 7) / 8 * 8 : cols + pad; };
+    Matrix w(t, wr, wc, padded(wc)), A(t, r, in_f, padded(in_f)), B(t, out_f, r, padded(r));
     w.randomize(rng);
-    std::vector<float> delta = random_floats(rng, out_f * in_f);
-    if (poison && out_f * in_f > 0) delta[size_t(out_f * in_f / 2)] = INFINITY;
+    A.randomize(rng);
+    B.randomize(rng);
+    std::vector<float> ld = random_floats(rng, r), lb = random_floats(rng, out_f);
+    if (poison && out_f > 0) lb[size_t(out_f / 2)] = INFINITY;
     const Matrix before = w;
     int flag = 0;
     const std::string what = std::string("merge ") + dtype_name(t) + " " + std::to_string(out_f) + "x" +
-                             std::to_string(in_f) + (transposed ? " fan_in_fan_out" : "") +
-                             (check_only ? " check_only" : "") + (poison ? " inf" : "");
-    const MergeParams p{w.data(), transposed ? 1 : w.ld, transposed ? w.ld : 1, delta.data(), out_f, in_f, alpha, &flag,
+                             std::to_string(in_f) + " r " + std::to_string(r) + (transposed ? " fan_in_fan_out" : "") +
+                             (check_only ? " check_only" : "") + (poison ? " inf" : "") +
+                             (aligned ? " aligned" : " odd strides");
+    const MergeParams p{w.data(),
+                        transposed ? 1 : w.ld,
+                        transposed ? w.ld : 1,
+                        A.data(),
+                        A.ld,
+                        1,
+                        B.data(),
+                        B.ld,
+                        1,
+                        ld.data(),
+                        lb.data(),
+                        out_f,
+                        in_f,
+                        r,
+                        alpha,
+                        &flag,
+                        t,
                         t};
     if (!launched(launch_merge(p, check_only, nullptr), what)) return;
     Matrix want = before;
     bool finite = true;
     for (int64_t o = 0; o < out_f; ++o)
       for (int64_t i = 0; i < in_f; ++i) {
-        const int64_t r = transposed ? i : o, c = transposed ? o : i;
+        float d = 0.f;
+        for (int64_t k = 0; k < r; ++k) d = std::fmaf(lb[size_t(o)] * B.get(o, k), ld[size_t(k)] * A.get(k, i), d);
+        const int64_t row = transposed ? i : o, col = transposed ? o : i;
         Matrix one(t, 1, 1, 1);
-        one.set(0, 0, before.get(r, c) + alpha * delta[size_t(o * in_f + i)]);
+        const float scaled = alpha * d;
+        one.set(0, 0, before.get(row, col) + scaled);
         finite &= std::isfinite(one.get(0, 0));
-        if (!check_only) want.set(r, c, one.get(0, 0));
+        if (!check_only) want.set(row, col, one.get(0, 0));
       }
     expect_equal(w, want, what);
     const int want_flag = check_only && !finite ? 1 : 0;
@@ -299,12 +329,13 @@ int check_kernels(unsigned seed) {
       std::printf("FAIL col_dot_reduce: no case used more than one row split\n");
     }
     for (const bool transposed : {false, true}) {
-      for (const auto& [o, i] : {std::pair<int64_t, int64_t>{0, 3}, {1, 1}, {33, 65}, {40, 31}}) {
-        c.merge(t, o, i, transposed, 1.f, false, false);
-        c.merge(t, o, i, transposed, -0.5f, false, false);
+      // empty, one element, ragged tiles in both directions (two blocks each way), r within and past a k chunk
+      for (const auto& [o, i, r] : {std::array<int64_t, 3>{0, 3, 2}, {1, 1, 1}, {33, 65, 9}, {140, 131, 17}}) {
+        c.merge(t, o, i, r, transposed, 1.f, false, false, true);
+        c.merge(t, o, i, r, transposed, -0.5f, false, false, false);
       }
-      c.merge(t, 33, 65, transposed, 1.f, true, false);
-      c.merge(t, 33, 65, transposed, 1.f, true, true);
+      c.merge(t, 33, 65, 5, transposed, 1.f, true, false, true);
+      c.merge(t, 33, 65, 5, transposed, 1.f, true, true, false);
     }
   }
   for (const DType t : kDtypes) {
