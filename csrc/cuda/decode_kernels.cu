@@ -1,9 +1,17 @@
-// The fused small-N forward (decode, serving) in two launches, bandwidth-bound on W, A and B (contract in
-// params.h, DecodeParams). A and B are shared by every layer and adapter, so across the layers of a model they stay
-// in L2; per-row adapters only change which lambda entries are gathered, so a batch whose rows use different adapters
-// (out of however many are registered) reads what one adapter reads.
-//   pass 1: a block per row k of A (r is small: a block, not a warp, keeps the SMs busy)
-//   pass 2: a warp per output row o of W and B
+// The fused small-N forward (decode, serving) in two launches (contract in params.h, DecodeParams). At N <= 16 the
+// layer moves 32 MiB of W for a few MFLOPs: it is bandwidth-bound, and a GPU only reaches its HBM rate with many
+// bytes in flight per SM. So each warp keeps several output rows' 16-byte loads in flight at once (kRows rows x
+// kUnroll chunks per lane, all issued before the first is used), the persistent grid is sized from the SM count, and
+// W is streamed with an evict-first hint (load_stream) so that A and B, shared by every layer and every adapter,
+// stay in L2. Per-row adapters only change which lambda entries are gathered (the rows' own, never a scan over the
+// adapter table), so a batch whose rows use 16 different adapters reads what one adapter reads.
+//   pass 1 (decode_u_kernel): a block per group of kURows rows of A; its threads split the columns, the warps'
+//          partial sums meet in shared memory in a fixed order. u = A x (rounded to T), h = u * lambda_d (fp32).
+//   pass 2 (decode_y_kernel): a warp per group of rows of W and B; its lanes split the columns.
+// Both kernels are instantiated per row bucket NB (n <= NB, NB in kBuckets): the accumulators are NB wide, rows n..NB
+// of x are read as row n - 1 (an L1 hit) and never stored. Rows that are not 16-byte aligned take the element-wise
+// instantiation (kAligned = false), a separate kernel so that its loop does not blur the fast one's.
+#include <atomic>
 #include <cstring>
 
 #include "cuda/dtype.cuh"
@@ -12,119 +20,231 @@
 namespace vera::cuda {
 namespace {
 
-constexpr int kPass1Threads = 256;
-constexpr int kPass2WarpsPerBlock = 8;
+constexpr int kUThreads = 256;         // pass 1: threads per block
+constexpr int kYWarpsPerBlock = 4;     // pass 2: warps per block
+constexpr int kUnroll = 2;             // 16-byte chunks per lane per row and step: kRows * kUnroll loads in flight
+constexpr int kEmulatedSmCount = 132;  // the emulated build's "GPU": an H200's SM count, so grids match the GPU's
+
+// Rows of W and B per warp in pass 2 (kYRows) and of A per block in pass 1 (kURows), per row bucket: more rows
+// mean more loads in flight and x reused more often, but kRows * NB fp32 accumulators per thread (kept at <= 64 so
+// that nothing spills under __launch_bounds__).
+template <int NB>
+struct Shape {
+  static constexpr int kYRows = NB == 1 ? 8 : (NB <= 16 ? 4 : 2);
+  static constexpr int kURows = 2;
+};
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 
-// kVec consecutive elements at p (16-byte aligned) as floats, with 16-byte loads.
-template <typename T, int kVec>
-__device__ __forceinline__ void load_floats(const T* p, float (&out)[kVec]) {
-  static_assert((kVec * sizeof(T)) % 16 == 0, "whole 16-byte loads only");
+// The 16 bytes at p as 16 / sizeof(T) floats.
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& raw, float* out) {
+  constexpr int kVec = 16 / sizeof(T);
   T vals[kVec];
-  VERA_UNROLL
-  for (int c = 0; c < int(kVec * sizeof(T) / 16); ++c) {
-    const uint4 raw = load(reinterpret_cast<const uint4*>(p) + c);
-    memcpy(reinterpret_cast<char*>(vals) + 16 * c, &raw, 16);
-  }
+  memcpy(vals, &raw, 16);
   VERA_UNROLL
   for (int e = 0; e < kVec; ++e) out[e] = to_float(vals[e]);
 }
 
-// acc[m] += row . xs[m] (m < n) over this thread's share of the columns: thread `t` of `threads` takes chunks of
-// kVec = 16 / sizeof(T) columns, t, t + threads, ...; the tail past the last whole chunk, and everything when the
-// rows are not 16-byte aligned, goes element by element. Rows are T; xs are T (x) or fp32 (h).
-template <typename T, typename X>
-__device__ __forceinline__ void thread_dots(const T* row, const X* xs, int64_t x_stride, int64_t len, int64_t n,
-                                            bool aligned, int t, int threads, float (&acc)[kDecodeMaxRows]) {
-  constexpr int kVec = 16 / sizeof(T);
+// kVec consecutive X (T or fp32) at p as floats, in 16-byte loads (two for fp32 h against a 16-bit row), or zeros
+// when !valid (nothing is read).
+template <typename X, int kVec>
+__device__ __forceinline__ void load_x(const X* p, bool valid, float (&out)[kVec]) {
+  constexpr int kLoads = kVec * int(sizeof(X)) / 16;
+  VERA_UNROLL
+  for (int c = 0; c < kLoads; ++c) {
+    const uint4 raw = valid ? load(reinterpret_cast<const uint4*>(p) + c) : make_uint4(0, 0, 0, 0);
+    unpack<X>(raw, out + c * (16 / int(sizeof(X))));
+  }
+}
+
+// acc[i][m] += M_i . x_m over this thread's share of the columns, for the kRows rows M_i = M + min(first + i, last) *
+// m_stride (rows past the last read it again, an L1 hit; the caller drops their sums) and the NB rows
+// x_m = xs + min(m, n - 1) * x_stride.
+//
+// Aligned (rows and xs 16-byte aligned): thread t of `threads` takes the 16-byte chunks t, t + threads, ...,
+// kUnroll of them per step for each row, loaded back to back (W with load_stream when kStream) before any is used;
+// chunks past the end are predicated off (zeros, no load). The tail past the last whole chunk (fewer than
+// 16 / sizeof(T) columns) is one element-wise step. Not aligned: element by element.
+template <typename T, typename X, int NB, int kRows, bool kAligned, bool kStream>
+__device__ __forceinline__ void dot_rows(const T* M, int64_t m_stride, int64_t first, int64_t last, const X* xs,
+                                         int64_t x_stride, int64_t len, int n, int t, int threads,
+                                         float (&acc)[kRows][NB]) {
+  const T* rows[kRows];
+  VERA_UNROLL
+  for (int i = 0; i < kRows; ++i) rows[i] = M + (first + i < last ? first + i : last) * m_stride;
+  const X* x_rows[NB];
+  VERA_UNROLL
+  for (int m = 0; m < NB; ++m) x_rows[m] = xs + (m < n ? m : n - 1) * x_stride;
   int64_t scalar_from = 0;
-  if (aligned) {
+  if constexpr (kAligned) {
+    constexpr int kVec = 16 / sizeof(T);
     const int64_t chunks = len / kVec;
-    for (int64_t c = t; c < chunks; c += threads) {
-      float w[kVec];
-      load_floats<T, kVec>(row + c * kVec, w);
+    for (int64_t c0 = t; c0 < chunks; c0 += int64_t(threads) * kUnroll) {
+      uint4 w[kRows][kUnroll];
+      bool valid[kUnroll];
       VERA_UNROLL
-      for (int m = 0; m < kDecodeMaxRows; ++m) {
-        if (m >= n) break;
-        float xv[kVec];
-        load_floats<X, kVec>(xs + m * x_stride + c * kVec, xv);
+      for (int j = 0; j < kUnroll; ++j) valid[j] = c0 + int64_t(j) * threads < chunks;
+      VERA_UNROLL
+      for (int i = 0; i < kRows; ++i) {
         VERA_UNROLL
-        for (int e = 0; e < kVec; ++e) acc[m] += w[e] * xv[e];
+        for (int j = 0; j < kUnroll; ++j) {
+          const uint4* src = reinterpret_cast<const uint4*>(rows[i] + (c0 + int64_t(j) * threads) * kVec);
+          if constexpr (kStream) {
+            w[i][j] = valid[j] ? load_stream(src) : make_uint4(0, 0, 0, 0);
+          } else {
+            w[i][j] = valid[j] ? load(src) : make_uint4(0, 0, 0, 0);
+          }
+        }
+      }
+      VERA_UNROLL
+      for (int j = 0; j < kUnroll; ++j) {
+        float wf[kRows][kVec];
+        VERA_UNROLL
+        for (int i = 0; i < kRows; ++i) unpack<T>(w[i][j], wf[i]);
+        VERA_UNROLL
+        for (int m = 0; m < NB; ++m) {
+          float xv[kVec];
+          load_x<X, kVec>(x_rows[m] + (c0 + int64_t(j) * threads) * kVec, valid[j], xv);
+          VERA_UNROLL
+          for (int i = 0; i < kRows; ++i) {
+            VERA_UNROLL
+            for (int e = 0; e < kVec; ++e) acc[i][m] += wf[i][e] * xv[e];
+          }
+        }
       }
     }
     scalar_from = chunks * kVec;
-  }
-  for (int64_t j = scalar_from + t; j < len; j += threads) {
-    const float w = to_float(load(row + j));
-    VERA_UNROLL
-    for (int m = 0; m < kDecodeMaxRows; ++m) {
-      if (m >= n) break;
-      acc[m] += w * to_float(load(xs + m * x_stride + j));
+    // At most kVec - 1 columns are left and threads >= 32 > kVec - 1: one step, no loop.
+    const int64_t j = scalar_from + t;
+    if (j < len) {
+      VERA_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        const float w = to_float(load(rows[i] + j));
+        VERA_UNROLL
+        for (int m = 0; m < NB; ++m) acc[i][m] += w * to_float(load(x_rows[m] + j));
+      }
+    }
+  } else {
+    for (int64_t j = t; j < len; j += threads) {
+      VERA_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        const float w = to_float(load(rows[i] + j));
+        VERA_UNROLL
+        for (int m = 0; m < NB; ++m) acc[i][m] += w * to_float(load(x_rows[m] + j));
+      }
     }
   }
 }
 
-template <typename T>
-__global__ void decode_u_kernel(const DecodeParams p, const bool aligned) {
-  __shared__ float partial[kPass1Threads / 32][kDecodeMaxRows];
+template <int kRows, int NB>
+__device__ __forceinline__ void zero(float (&acc)[kRows][NB]) {
+  VERA_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    VERA_UNROLL
+    for (int m = 0; m < NB; ++m) acc[i][m] = 0.f;
+  }
+}
+
+// The adapter of row m: idx[m], or 0 without an index (-1: no adapter).
+__device__ __forceinline__ int64_t adapter_of(const DecodeParams& p, int m) { return p.idx ? load(p.idx + m) : 0; }
+
+template <typename T, int NB, bool kAligned>
+__global__ void __launch_bounds__(kUThreads) decode_u_kernel(const DecodeParams p) {
+  constexpr int kRows = Shape<NB>::kURows;
+  constexpr int kWarps = kUThreads / 32;
+  __shared__ float partial[kWarps][kRows][NB];
   const T* A = static_cast<const T*>(p.A);
   const T* x = static_cast<const T*>(p.x);
   T* u = static_cast<T*>(p.u);
+  const int n = static_cast<int>(p.n);
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
-  for (int64_t k = blockIdx.x; k < p.r; k += gridDim.x) {
-    float acc[kDecodeMaxRows];
+  const int64_t last = p.r - 1;
+  for (int64_t k0 = int64_t(blockIdx.x) * kRows; k0 < p.r; k0 += int64_t(gridDim.x) * kRows) {
+    float acc[kRows][NB];
+    zero(acc);
+    dot_rows<T, T, NB, kRows, kAligned, false>(A, p.a_row_stride, k0, last, x, p.x_row_stride, p.in_f, n, threadIdx.x,
+                                               kUThreads, acc);
     VERA_UNROLL
-    for (int m = 0; m < kDecodeMaxRows; ++m) acc[m] = 0.f;
-    thread_dots<T, T>(A + k * p.a_row_stride, x, p.x_row_stride, p.in_f, p.n, aligned, threadIdx.x, kPass1Threads, acc);
-    VERA_UNROLL
-    for (int m = 0; m < kDecodeMaxRows; ++m) {
-      if (m >= p.n) break;
-      const float s = warp_sum(acc[m]);
-      if (lane == 0) partial[warp][m] = s;
+    for (int i = 0; i < kRows; ++i) {
+      VERA_UNROLL
+      for (int m = 0; m < NB; ++m) {
+        const float s = warp_sum(acc[i][m]);
+        if (lane == 0) partial[warp][i][m] = s;
+      }
     }
     __syncthreads();
-    if (threadIdx.x < p.n) {  // thread m finishes row m, warps summed in a fixed order
-      const int m = threadIdx.x;
-      float s = 0.f;
-      for (int w = 0; w < kPass1Threads / 32; ++w) s += partial[w][m];
-      const T uk = from_float<T>(s);
-      const int64_t a = p.idx ? load(p.idx + m) : 0;
-      store(u + m * p.r + k, uk);
-      store(p.h + m * p.r + k, a < 0 ? 0.f : to_float(uk) * load(p.lambda_d + a * p.r + k));
+    // Thread (i, m) finishes row k0 + i for x row m, the warps' partial sums added in a fixed order.
+    if (threadIdx.x < kRows * NB) {
+      const int i = threadIdx.x / NB, m = threadIdx.x % NB;
+      const int64_t k = k0 + i;
+      if (m < n && k <= last) {
+        float s = 0.f;
+        for (int w = 0; w < kWarps; ++w) s += partial[w][i][m];
+        const T uk = from_float<T>(s);
+        const int64_t a = adapter_of(p, m);
+        store(u + m * p.r + k, uk);
+        store(p.h + m * p.r + k, a < 0 ? 0.f : to_float(uk) * load(p.lambda_d + a * p.r + k));
+      }
     }
-    __syncthreads();  // partial is reused by the next row
+    __syncthreads();  // partial is reused by the next group
   }
 }
 
-template <typename T>
-__global__ void decode_y_kernel(const DecodeParams p, const bool aligned_w, const bool aligned_b) {
+// Reduces acc over the warp; lane m (< NB) gets row i's sum for x row m in mine[i].
+template <int kRows, int NB>
+__device__ __forceinline__ void warp_sums_to_lanes(float (&acc)[kRows][NB], int lane, float (&mine)[kRows]) {
+  VERA_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    mine[i] = 0.f;
+    VERA_UNROLL
+    for (int m = 0; m < NB; ++m) {
+      const float s = warp_sum(acc[i][m]);
+      if (lane == m) mine[i] = s;
+    }
+  }
+}
+
+template <typename T, int NB, bool kAligned>
+__global__ void __launch_bounds__(32 * kYWarpsPerBlock) decode_y_kernel(const DecodeParams p) {
+  constexpr int kRows = Shape<NB>::kYRows;
   const T* W = static_cast<const T*>(p.weight);
   const T* B = static_cast<const T*>(p.B);
   const T* x = static_cast<const T*>(p.x);
   const T* bias = static_cast<const T*>(p.bias);
   const T* base = static_cast<const T*>(p.base);
   T* y = static_cast<T*>(p.y);
+  const int n = static_cast<int>(p.n);
   const int lane = threadIdx.x & 31;
-  const int64_t warps = int64_t(gridDim.x) * kPass2WarpsPerBlock;
-  for (int64_t o = int64_t(blockIdx.x) * kPass2WarpsPerBlock + threadIdx.x / 32; o < p.out_f; o += warps) {
-    float plain[kDecodeMaxRows], adapter[kDecodeMaxRows];
-    VERA_UNROLL
-    for (int m = 0; m < kDecodeMaxRows; ++m) plain[m] = adapter[m] = 0.f;
-    if (W) thread_dots<T, T>(W + o * p.w_row_stride, x, p.x_row_stride, p.in_f, p.n, aligned_w, lane, 32, plain);
-    thread_dots<T, float>(B + o * p.b_row_stride, p.h, p.r, p.r, p.n, aligned_b, lane, 32, adapter);
-    VERA_UNROLL
-    for (int m = 0; m < kDecodeMaxRows; ++m) {
-      if (m >= p.n) break;
-      const float pw = warp_sum(plain[m]), ad = warp_sum(adapter[m]);
-      if (lane == m) {
+  const int64_t last = p.out_f - 1;
+  const int64_t warps = int64_t(gridDim.x) * kYWarpsPerBlock;
+  for (int64_t o0 = (int64_t(blockIdx.x) * kYWarpsPerBlock + threadIdx.x / 32) * kRows; o0 <= last;
+       o0 += warps * kRows) {
+    float acc[kRows][NB];
+    float plain[kRows] = {}, adapter[kRows];
+    if (W) {
+      zero(acc);
+      dot_rows<T, T, NB, kRows, kAligned, kAligned>(W, p.w_row_stride, o0, last, x, p.x_row_stride, p.in_f, n, lane, 32,
+                                                    acc);
+      warp_sums_to_lanes(acc, lane, plain);
+    }
+    zero(acc);
+    dot_rows<T, float, NB, kRows, kAligned, false>(B, p.b_row_stride, o0, last, p.h, p.r, p.r, n, lane, 32, acc);
+    warp_sums_to_lanes(acc, lane, adapter);
+    if (lane < n) {
+      const int m = lane;
+      const int64_t a = adapter_of(p, m);
+      VERA_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        const int64_t o = o0 + i;
+        if (o > last) break;
         const float before =
-            W ? pw + (bias ? to_float(load(bias + o)) : 0.f) : to_float(load(base + m * p.base_row_stride + o));
-        const int64_t a = p.idx ? load(p.idx + m) : 0;
-        store(y + m * p.out_f + o, from_float<T>(a < 0 ? before : before + load(p.lambda_b + a * p.out_f + o) * ad));
+            W ? plain[i] + (bias ? to_float(load(bias + o)) : 0.f) : to_float(load(base + m * p.base_row_stride + o));
+        store(y + m * p.out_f + o,
+              from_float<T>(a < 0 ? before : before + load(p.lambda_b + a * p.out_f + o) * adapter[i]));
       }
     }
   }
@@ -134,23 +254,66 @@ bool aligned16(const void* ptr, int64_t row_stride, size_t elem_size) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (row_stride * int64_t(elem_size)) % 16 == 0;
 }
 
+// The SM count of the current device, asked once per device (the persistent grids are sized from it).
+int sm_count() {
+#if defined(VERA_EMULATE_CUDA)
+  return kEmulatedSmCount;
+#else
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return kEmulatedSmCount;
+  int count = cached[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) {
+      return kEmulatedSmCount;
+    }
+    cached[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+#endif
+}
+
+unsigned int grid_for(int64_t items_per_block_round, int64_t work_items, int resident_per_sm) {
+  const int64_t want = (work_items + items_per_block_round - 1) / items_per_block_round;
+  const int64_t cap = int64_t(sm_count()) * resident_per_sm;
+  return static_cast<unsigned int>(want < cap ? want : cap);
+}
+
+template <typename T, int NB>
+cudaError_t launch_bucket(const DecodeParams& p, cudaStream_t stream) {
+  const bool x_aligned = aligned16(p.x, p.x_row_stride, sizeof(T));
+  const bool aligned_a = x_aligned && aligned16(p.A, p.a_row_stride, sizeof(T));
+  const bool aligned_b = aligned16(p.B, p.b_row_stride, sizeof(T)) && aligned16(p.h, p.r, sizeof(float));
+  // Pass 2 takes its fast path when every row it streams (W's, if given, and B's) is aligned.
+  const bool aligned_y = aligned_b && (!p.weight || (x_aligned && aligned16(p.weight, p.w_row_stride, sizeof(T))));
+  // Blocks in flight per SM: pass 1 has little work (r rows), pass 2 keeps a few 4-warp blocks per SM.
+  constexpr int kUBlocksPerSm = 2, kYBlocksPerSm = 4;
+  const dim3 u_grid(grid_for(Shape<NB>::kURows, p.r, kUBlocksPerSm));
+  cudaError_t err = aligned_a ? launch_kernel<decode_u_kernel<T, NB, true>>(u_grid, dim3(kUThreads), 0, stream, p)
+                              : launch_kernel<decode_u_kernel<T, NB, false>>(u_grid, dim3(kUThreads), 0, stream, p);
+  if (err != cudaSuccess) return err;
+  const dim3 y_grid(grid_for(int64_t(Shape<NB>::kYRows) * kYWarpsPerBlock, p.out_f, kYBlocksPerSm));
+  const dim3 y_block(32 * kYWarpsPerBlock);
+  return aligned_y ? launch_kernel<decode_y_kernel<T, NB, true>>(y_grid, y_block, 0, stream, p)
+                   : launch_kernel<decode_y_kernel<T, NB, false>>(y_grid, y_block, 0, stream, p);
+}
+
+// The row bucket of n rows: the NB the kernels are instantiated for (the one place the row thresholds live).
+int decode_bucket(int64_t n) { return n <= 1 ? 1 : n <= 4 ? 4 : n <= 16 ? 16 : kDecodeMaxRows; }
+
 }  // namespace
 
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
-  if (p.n > kDecodeMaxRows) return cudaErrorInvalidValue;
+  if (p.n < 1 || p.n > kDecodeMaxRows) return cudaErrorInvalidValue;
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const bool aligned_a = aligned16(p.A, p.a_row_stride, sizeof(T)) && aligned16(p.x, p.x_row_stride, sizeof(T));
-    const bool aligned_w =
-        p.weight && aligned16(p.weight, p.w_row_stride, sizeof(T)) && aligned16(p.x, p.x_row_stride, sizeof(T));
-    const bool aligned_b = aligned16(p.B, p.b_row_stride, sizeof(T)) && aligned16(p.h, p.r, sizeof(float));
-    const int64_t pass1_blocks = p.r < 65535 ? p.r : 65535;
-    cudaError_t err = launch_kernel<decode_u_kernel<T>>(dim3(static_cast<unsigned int>(pass1_blocks)),
-                                                        dim3(kPass1Threads), 0, stream, p, aligned_a);
-    if (err != cudaSuccess) return err;
-    const int64_t want = (p.out_f + kPass2WarpsPerBlock - 1) / kPass2WarpsPerBlock;
-    return launch_kernel<decode_y_kernel<T>>(dim3(static_cast<unsigned int>(want < 65535 ? want : 65535)),
-                                             dim3(32 * kPass2WarpsPerBlock), 0, stream, p, aligned_w, aligned_b);
+    switch (decode_bucket(p.n)) {
+      case 1: return launch_bucket<T, 1>(p, stream);
+      case 4: return launch_bucket<T, 4>(p, stream);
+      case 16: return launch_bucket<T, 16>(p, stream);
+      default: return launch_bucket<T, kDecodeMaxRows>(p, stream);
+    }
   });
 }
 

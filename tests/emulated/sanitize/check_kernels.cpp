@@ -284,6 +284,11 @@ int check_kernels(unsigned seed) {
     c.decode(t, 5, 131, 37, 24, true, true, true);   // mixed adapters, strided projection slices
     c.decode(t, 17, 64, 33, 8, false, true, false);  // base given instead of a weight
     c.decode(t, 32, 40, 24, 12, true, true, false);  // the most rows
+    // 16-byte paths of every row bucket (1, 4, 16, 32), ragged out_f and r, aligned strided slices (pad 8)
+    c.decode(t, 1, 64, 41, 16, true, true, true);
+    c.decode(t, 4, 1032, 9, 9, true, true, false);  // r = 9: pass 2 element-wise, pass 1 16-byte
+    c.decode(t, 16, 136, 37, 24, true, true, true);
+    c.decode(t, 20, 72, 13, 8, false, false, true);
   }
   std::printf("kernels: %d failure(s)\n", c.failures);
   return c.failures;
