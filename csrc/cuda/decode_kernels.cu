@@ -1,36 +1,52 @@
 // The fused small-N forward (decode, serving) in two launches (contract in params.h, DecodeParams). At N <= 16 the
 // layer moves 32 MiB of W for a few MFLOPs: it is bandwidth-bound, and a GPU only reaches its HBM rate with many
 // bytes in flight per SM. So each warp keeps several output rows' 16-byte loads in flight at once (kRows rows x
-// kUnroll chunks per lane, all issued before the first is used), the persistent grid is sized from the SM count, and
+// kUnroll chunks per lane, all issued before the first is used, then the x chunks they meet, a group of rows at a
+// time, also before the first is used), the persistent grid is sized from the SM count, and
 // W is streamed with an evict-first hint (load_stream) so that A and B, shared by every layer and every adapter,
 // stay in L2. Per-row adapters only change which lambda entries are gathered (the rows' own, never a scan over the
 // adapter table), so a batch whose rows use 16 different adapters reads what one adapter reads.
 //   pass 1 (decode_u_kernel): a block per group of kURows rows of A; its threads split the columns, the warps'
 //          partial sums meet in shared memory in a fixed order. u = A x (rounded to T), h = u * lambda_d (fp32).
-//   pass 2 (decode_y_kernel): a warp per group of rows of W and B; its lanes split the columns.
-// Both kernels are instantiated per row bucket NB (n <= NB, NB in kBuckets): the accumulators are NB wide, rows n..NB
-// of x are read as row n - 1 (an L1 hit) and never stored. Rows that are not 16-byte aligned take the element-wise
-// instantiation (kAligned = false), a separate kernel so that its loop does not blur the fast one's.
+//   pass 2 (decode_y_kernel): a warp per group of kYRows rows of W and B; its lanes split the columns; lane m
+//          finishes row m of y.
+// Both kernels are instantiated per row bucket NB (n <= NB, NB in {1, 4, 16, 32}: decode_bucket): the accumulators
+// are NB wide, rows n..NB of x are read as row n - 1 (an L1 hit) and never stored. CUDA cores only: at N = 16 the
+// FMAs take about as long as the W stream on the cost report (docs/DESIGN.md 3.2). Rows that are not 16-byte aligned
+// take the element-wise instantiation (kAligned = false), a separate kernel so that its loop does not blur the fast
+// one's.
 #include <atomic>
 #include <cstring>
 
 #include "cuda/dtype.cuh"
 #include "cuda/launchers.h"
 
+// The loops over column chunks are not unrolled further by the compiler: each step already has its loads batched
+// (kRows x kSteps), and unrolling again only adds registers (and spills, at NB = 32).
+#if defined(__CUDACC__)
+#define DECODE_NO_UNROLL _Pragma("unroll 1")
+#else
+#define DECODE_NO_UNROLL
+#endif
+
 namespace vera::cuda {
 namespace {
 
-constexpr int kUThreads = 256;         // pass 1: threads per block
-constexpr int kYWarpsPerBlock = 4;     // pass 2: warps per block
-constexpr int kUnroll = 2;             // 16-byte chunks per lane per row and step: kRows * kUnroll loads in flight
+constexpr int kUThreads = 256;      // pass 1: threads per block
+constexpr int kYWarpsPerBlock = 4;  // pass 2: warps per block
+// 16-byte chunks per lane along B's short rows per step: 1 (r = 256 bf16 is one chunk per lane; a second would be
+// a predicated-off load).
+constexpr int kUnrollB = 1;
 constexpr int kEmulatedSmCount = 132;  // the emulated build's "GPU": an H200's SM count, so grids match the GPU's
 
-// Rows of W and B per warp in pass 2 (kYRows) and of A per block in pass 1 (kURows), per row bucket: more rows
-// mean more loads in flight and x reused more often, but kRows * NB fp32 accumulators per thread (kept at <= 64 so
-// that nothing spills under __launch_bounds__).
+// Rows of W and B per warp in pass 2 (kYRows) and of A per block in pass 1 (kURows), and 16-byte chunks per lane
+// per row and step along W and A (kUnroll), per row bucket: kRows * kUnroll loads of W or A in flight per lane
+// (pass 2: 8 below NB = 16, 4 from there, where NB x chunks come with each step; pass 1: 4 and 2) and x reused kRows
+// times, within registers: kRows * NB fp32 accumulators (at most 64), so that nothing spills under __launch_bounds__.
 template <int NB>
 struct Shape {
-  static constexpr int kYRows = NB == 1 ? 8 : (NB <= 16 ? 4 : 2);
+  static constexpr int kUnroll = NB >= 16 ? 1 : 2;
+  static constexpr int kYRows = NB <= 16 ? 4 : 2;
   static constexpr int kURows = 2;
 };
 
@@ -49,49 +65,37 @@ __device__ __forceinline__ void unpack(const uint4& raw, float* out) {
   for (int e = 0; e < kVec; ++e) out[e] = to_float(vals[e]);
 }
 
-// kVec consecutive X (T or fp32) at p as floats, in 16-byte loads (two for fp32 h against a 16-bit row), or zeros
-// when !valid (nothing is read).
-template <typename X, int kVec>
-__device__ __forceinline__ void load_x(const X* p, bool valid, float (&out)[kVec]) {
-  constexpr int kLoads = kVec * int(sizeof(X)) / 16;
-  VERA_UNROLL
-  for (int c = 0; c < kLoads; ++c) {
-    const uint4 raw = valid ? load(reinterpret_cast<const uint4*>(p) + c) : make_uint4(0, 0, 0, 0);
-    unpack<X>(raw, out + c * (16 / int(sizeof(X))));
-  }
-}
-
 // acc[i][m] += M_i . x_m over this thread's share of the columns, for the kRows rows M_i = M + min(first + i, last) *
 // m_stride (rows past the last read it again, an L1 hit; the caller drops their sums) and the NB rows
 // x_m = xs + min(m, n - 1) * x_stride.
 //
 // Aligned (rows and xs 16-byte aligned): thread t of `threads` takes the 16-byte chunks t, t + threads, ...,
-// kUnroll of them per step for each row, loaded back to back (W with load_stream when kStream) before any is used;
+// kSteps of them per step for each row, loaded back to back (W with load_stream when kStream) before any is used;
 // chunks past the end are predicated off (zeros, no load). The tail past the last whole chunk (fewer than
 // 16 / sizeof(T) columns) is one element-wise step. Not aligned: element by element.
-template <typename T, typename X, int NB, int kRows, bool kAligned, bool kStream>
+template <typename T, typename X, int NB, int kRows, int kSteps, bool kAligned, bool kStream>
 __device__ __forceinline__ void dot_rows(const T* M, int64_t m_stride, int64_t first, int64_t last, const X* xs,
                                          int64_t x_stride, int64_t len, int n, int t, int threads,
                                          float (&acc)[kRows][NB]) {
   const T* rows[kRows];
   VERA_UNROLL
   for (int i = 0; i < kRows; ++i) rows[i] = M + (first + i < last ? first + i : last) * m_stride;
-  const X* x_rows[NB];
-  VERA_UNROLL
-  for (int m = 0; m < NB; ++m) x_rows[m] = xs + (m < n ? m : n - 1) * x_stride;
+  // Row m of x, computed where it is used: an array of NB pointers would hold 2 * NB registers for the whole loop.
+  auto x_row = [&](int m) { return xs + int64_t(m < n ? m : n - 1) * x_stride; };
   int64_t scalar_from = 0;
   if constexpr (kAligned) {
     constexpr int kVec = 16 / sizeof(T);
     const int64_t chunks = len / kVec;
-    for (int64_t c0 = t; c0 < chunks; c0 += int64_t(threads) * kUnroll) {
-      uint4 w[kRows][kUnroll];
-      bool valid[kUnroll];
+    DECODE_NO_UNROLL
+    for (int64_t c0 = t; c0 < chunks; c0 += int64_t(threads) * kSteps) {
+      uint4 w[kRows][kSteps];
+      bool valid[kSteps];
       VERA_UNROLL
-      for (int j = 0; j < kUnroll; ++j) valid[j] = c0 + int64_t(j) * threads < chunks;
+      for (int j = 0; j < kSteps; ++j) valid[j] = c0 + int64_t(j) * threads < chunks;
       VERA_UNROLL
       for (int i = 0; i < kRows; ++i) {
         VERA_UNROLL
-        for (int j = 0; j < kUnroll; ++j) {
+        for (int j = 0; j < kSteps; ++j) {
           const uint4* src = reinterpret_cast<const uint4*>(rows[i] + (c0 + int64_t(j) * threads) * kVec);
           if constexpr (kStream) {
             w[i][j] = valid[j] ? load_stream(src) : make_uint4(0, 0, 0, 0);
@@ -101,18 +105,37 @@ __device__ __forceinline__ void dot_rows(const T* M, int64_t m_stride, int64_t f
         }
       }
       VERA_UNROLL
-      for (int j = 0; j < kUnroll; ++j) {
+      for (int j = 0; j < kSteps; ++j) {
+        // The x chunks of this column chunk are loaded kGroup rows at a time, all of a group before any is used
+        // (x is small and L1-resident; loads interleaved with the FMAs would each make the warp wait). kGroup
+        // bounds the registers they take: 16 (NB >= 16: 4) x 16 bytes.
+        constexpr int kXLoads = kVec * int(sizeof(X)) / 16;
+        constexpr int kGroupLoads = NB >= 16 ? 8 : 16;  // NB >= 16 holds 64 accumulators already
+        constexpr int kGroup = NB < kGroupLoads / kXLoads ? NB : kGroupLoads / kXLoads;
         float wf[kRows][kVec];
         VERA_UNROLL
         for (int i = 0; i < kRows; ++i) unpack<T>(w[i][j], wf[i]);
         VERA_UNROLL
-        for (int m = 0; m < NB; ++m) {
-          float xv[kVec];
-          load_x<X, kVec>(x_rows[m] + (c0 + int64_t(j) * threads) * kVec, valid[j], xv);
+        for (int g = 0; g < NB; g += kGroup) {
+          uint4 xr[kGroup][kXLoads];
           VERA_UNROLL
-          for (int i = 0; i < kRows; ++i) {
+          for (int m = 0; m < kGroup; ++m) {
             VERA_UNROLL
-            for (int e = 0; e < kVec; ++e) acc[i][m] += wf[i][e] * xv[e];
+            for (int c = 0; c < kXLoads; ++c) {
+              const uint4* src = reinterpret_cast<const uint4*>(x_row(g + m) + (c0 + int64_t(j) * threads) * kVec) + c;
+              xr[m][c] = valid[j] ? load(src) : make_uint4(0, 0, 0, 0);
+            }
+          }
+          VERA_UNROLL
+          for (int m = 0; m < kGroup; ++m) {
+            float xv[kVec];
+            VERA_UNROLL
+            for (int c = 0; c < kXLoads; ++c) unpack<X>(xr[m][c], xv + c * (16 / int(sizeof(X))));
+            VERA_UNROLL
+            for (int i = 0; i < kRows; ++i) {
+              VERA_UNROLL
+              for (int e = 0; e < kVec; ++e) acc[i][g + m] += wf[i][e] * xv[e];
+            }
           }
         }
       }
@@ -125,16 +148,20 @@ __device__ __forceinline__ void dot_rows(const T* M, int64_t m_stride, int64_t f
       for (int i = 0; i < kRows; ++i) {
         const float w = to_float(load(rows[i] + j));
         VERA_UNROLL
-        for (int m = 0; m < NB; ++m) acc[i][m] += w * to_float(load(x_rows[m] + j));
+        for (int m = 0; m < NB; ++m) acc[i][m] += w * to_float(load(x_row(m) + j));
       }
     }
   } else {
+    DECODE_NO_UNROLL
     for (int64_t j = t; j < len; j += threads) {
+      float w[kRows];
       VERA_UNROLL
-      for (int i = 0; i < kRows; ++i) {
-        const float w = to_float(load(rows[i] + j));
+      for (int i = 0; i < kRows; ++i) w[i] = to_float(load(rows[i] + j));
+      VERA_UNROLL
+      for (int m = 0; m < NB; ++m) {
+        const float xv = to_float(load(x_row(m) + j));
         VERA_UNROLL
-        for (int m = 0; m < NB; ++m) acc[i][m] += w * to_float(load(x_rows[m] + j));
+        for (int i = 0; i < kRows; ++i) acc[i][m] += w[i] * xv;
       }
     }
   }
@@ -153,7 +180,7 @@ __device__ __forceinline__ void zero(float (&acc)[kRows][NB]) {
 __device__ __forceinline__ int64_t adapter_of(const DecodeParams& p, int m) { return p.idx ? load(p.idx + m) : 0; }
 
 template <typename T, int NB, bool kAligned>
-__global__ void __launch_bounds__(kUThreads) decode_u_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kUThreads, 1) decode_u_kernel(const DecodeParams p) {
   constexpr int kRows = Shape<NB>::kURows;
   constexpr int kWarps = kUThreads / 32;
   __shared__ float partial[kWarps][kRows][NB];
@@ -166,8 +193,8 @@ __global__ void __launch_bounds__(kUThreads) decode_u_kernel(const DecodeParams 
   for (int64_t k0 = int64_t(blockIdx.x) * kRows; k0 < p.r; k0 += int64_t(gridDim.x) * kRows) {
     float acc[kRows][NB];
     zero(acc);
-    dot_rows<T, T, NB, kRows, kAligned, false>(A, p.a_row_stride, k0, last, x, p.x_row_stride, p.in_f, n, threadIdx.x,
-                                               kUThreads, acc);
+    dot_rows<T, T, NB, kRows, Shape<NB>::kUnroll, kAligned, false>(A, p.a_row_stride, k0, last, x, p.x_row_stride,
+                                                                   p.in_f, n, threadIdx.x, kUThreads, acc);
     VERA_UNROLL
     for (int i = 0; i < kRows; ++i) {
       VERA_UNROLL
@@ -208,9 +235,12 @@ __device__ __forceinline__ void warp_sums_to_lanes(float (&acc)[kRows][NB], int 
   }
 }
 
+// __launch_bounds__: no minimum of blocks per SM for the 16-byte paths (0: the compiler's choice, spill-free there);
+// 2 for the element-wise path, whose NB = 32 instantiation spilled without it.
 template <typename T, int NB, bool kAligned>
-__global__ void __launch_bounds__(32 * kYWarpsPerBlock) decode_y_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(32 * kYWarpsPerBlock, kAligned ? 0 : 2) decode_y_kernel(const DecodeParams p) {
   constexpr int kRows = Shape<NB>::kYRows;
+  __shared__ float parked[kYWarpsPerBlock][kRows][32];
   const T* W = static_cast<const T*>(p.weight);
   const T* B = static_cast<const T*>(p.B);
   const T* x = static_cast<const T*>(p.x);
@@ -218,22 +248,27 @@ __global__ void __launch_bounds__(32 * kYWarpsPerBlock) decode_y_kernel(const De
   const T* base = static_cast<const T*>(p.base);
   T* y = static_cast<T*>(p.y);
   const int n = static_cast<int>(p.n);
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
   const int64_t last = p.out_f - 1;
   const int64_t warps = int64_t(gridDim.x) * kYWarpsPerBlock;
   for (int64_t o0 = (int64_t(blockIdx.x) * kYWarpsPerBlock + threadIdx.x / 32) * kRows; o0 <= last;
        o0 += warps * kRows) {
     float acc[kRows][NB];
-    float plain[kRows] = {}, adapter[kRows];
+    float mine[kRows];
     if (W) {
       zero(acc);
-      dot_rows<T, T, NB, kRows, kAligned, kAligned>(W, p.w_row_stride, o0, last, x, p.x_row_stride, p.in_f, n, lane, 32,
-                                                    acc);
-      warp_sums_to_lanes(acc, lane, plain);
+      dot_rows<T, T, NB, kRows, Shape<NB>::kUnroll, kAligned, kAligned>(W, p.w_row_stride, o0, last, x, p.x_row_stride,
+                                                                        p.in_f, n, lane, 32, acc);
+      warp_sums_to_lanes(acc, lane, mine);
+      // Parked in shared memory (each thread its own slots: no barrier) while B's loop runs: kept in registers
+      // across it, they were spilled at NB >= 16.
+      VERA_UNROLL
+      for (int i = 0; i < kRows; ++i) parked[warp][i][lane] = mine[i];
     }
     zero(acc);
-    dot_rows<T, float, NB, kRows, kAligned, false>(B, p.b_row_stride, o0, last, p.h, p.r, p.r, n, lane, 32, acc);
-    warp_sums_to_lanes(acc, lane, adapter);
+    dot_rows<T, float, NB, kRows, kUnrollB, kAligned, false>(B, p.b_row_stride, o0, last, p.h, p.r, p.r, n, lane, 32,
+                                                             acc);
+    warp_sums_to_lanes(acc, lane, mine);
     if (lane < n) {
       const int m = lane;
       const int64_t a = adapter_of(p, m);
@@ -241,10 +276,10 @@ __global__ void __launch_bounds__(32 * kYWarpsPerBlock) decode_y_kernel(const De
       for (int i = 0; i < kRows; ++i) {
         const int64_t o = o0 + i;
         if (o > last) break;
-        const float before =
-            W ? plain[i] + (bias ? to_float(load(bias + o)) : 0.f) : to_float(load(base + m * p.base_row_stride + o));
+        const float before = W ? parked[warp][i][lane] + (bias ? to_float(load(bias + o)) : 0.f)
+                               : to_float(load(base + m * p.base_row_stride + o));
         store(y + m * p.out_f + o,
-              from_float<T>(a < 0 ? before : before + load(p.lambda_b + a * p.out_f + o) * adapter[i]));
+              from_float<T>(a < 0 ? before : before + load(p.lambda_b + a * p.out_f + o) * mine[i]));
       }
     }
   }
