@@ -1,6 +1,6 @@
 """The op cases the kernel cost report predicts and the GPU check measures: the target shapes of the GPU work
 (training N=8192, I=O=4096, r=256, bf16, one adapter and 16 mixed; decode N=1, 4, 16 with one adapter and with 16
-distinct adapters out of 1,000, plus N=32 (the most rows of the fused path) and N=3 with an odd in_f (rows not
+distinct adapters out of 1,000, plus N=32 (the most rows of the fused path) and N=3 and 16 with an odd in_f (rows not
 16-byte aligned: the element-wise kernels), so that every decode kernel instantiation is predicted; merges of
 4096x4096 and 4096x11008 weights), each with its ideal bytes (every operand read once, every output written once) and
 the floor it is judged against.
@@ -217,18 +217,19 @@ def _bf16_cases(small):
         )
     )
     cases.append(Case("decode_n32", "decode", "decode N=32 (the most rows of the fused path)", "forward", 32, d, d, r))
-    cases.append(
-        Case(
-            "decode_n3_odd",
-            "decode",
-            f"decode N=3, in_f={d - 1}: rows not 16-byte aligned (element-wise path)",
-            "forward",
-            3,
-            d - 1,
-            d,
-            r,
+    for n in (3, 16):  # the element-wise kernels' two row buckets (4, 32)
+        cases.append(
+            Case(
+                f"decode_n{n}_odd",
+                "decode",
+                f"decode N={n}, in_f={d - 1}: rows not 16-byte aligned (element-wise path)",
+                "forward",
+                n,
+                d - 1,
+                d,
+                r,
+            )
         )
-    )
     cases.append(Case(f"merge_{d}x{d}", "merge", f"merge of a {d}x{d} weight", "merge", 0, d, d, r))
     cases.append(Case(f"merge_{d}x{d_up}", "merge", f"merge of a {d}x{d_up} weight (O={d_up})", "merge", 0, d, d_up, r))
     cases.append(Case(f"safe_merge_{d}x{d}", "merge", f"safe merge of a {d}x{d} weight", "safe_merge", 0, d, d, r))

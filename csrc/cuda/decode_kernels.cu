@@ -315,32 +315,45 @@ unsigned int grid_for(int64_t items_per_block_round, int64_t work_items, int res
   return static_cast<unsigned int>(want < cap ? want : cap);
 }
 
+// Blocks in flight per SM: pass 1 has little work (r rows), pass 2 keeps a few 4-warp blocks per SM.
+constexpr int kUBlocksPerSm = 2, kYBlocksPerSm = 4;
+
+template <typename T, int NB, bool kAligned>
+cudaError_t launch_u(const DecodeParams& p, cudaStream_t stream) {
+  const dim3 grid(grid_for(Shape<NB>::kURows, p.r, kUBlocksPerSm));
+  return launch_kernel<decode_u_kernel<T, NB, kAligned>>(grid, dim3(kUThreads), 0, stream, p);
+}
+
+template <typename T, int NB, bool kAligned>
+cudaError_t launch_y(const DecodeParams& p, cudaStream_t stream) {
+  const dim3 grid(grid_for(int64_t(Shape<NB>::kYRows) * kYWarpsPerBlock, p.out_f, kYBlocksPerSm));
+  return launch_kernel<decode_y_kernel<T, NB, kAligned>>(grid, dim3(32 * kYWarpsPerBlock), 0, stream, p);
+}
+
 template <typename T, int NB>
 cudaError_t launch_bucket(const DecodeParams& p, cudaStream_t stream) {
+  // The element-wise path (rows not 16-byte aligned: a rare fallback) has two buckets, 4 and 32, not four: half
+  // the instantiations, for at most 4x the FMAs of a tighter bucket on a path bound by its load latency anyway.
+  constexpr int kSlowNB = NB <= 4 ? 4 : kDecodeMaxRows;
   const bool x_aligned = aligned16(p.x, p.x_row_stride, sizeof(T));
   const bool aligned_a = x_aligned && aligned16(p.A, p.a_row_stride, sizeof(T));
   const bool aligned_b = aligned16(p.B, p.b_row_stride, sizeof(T)) && aligned16(p.h, p.r, sizeof(float));
   // Pass 2 takes its fast path when every row it streams (W's, if given, and B's) is aligned.
   const bool aligned_y = aligned_b && (!p.weight || (x_aligned && aligned16(p.weight, p.w_row_stride, sizeof(T))));
-  // Blocks in flight per SM: pass 1 has little work (r rows), pass 2 keeps a few 4-warp blocks per SM.
-  constexpr int kUBlocksPerSm = 2, kYBlocksPerSm = 4;
-  const dim3 u_grid(grid_for(Shape<NB>::kURows, p.r, kUBlocksPerSm));
-  cudaError_t err = aligned_a ? launch_kernel<decode_u_kernel<T, NB, true>>(u_grid, dim3(kUThreads), 0, stream, p)
-                              : launch_kernel<decode_u_kernel<T, NB, false>>(u_grid, dim3(kUThreads), 0, stream, p);
+  const cudaError_t err = aligned_a ? launch_u<T, NB, true>(p, stream) : launch_u<T, kSlowNB, false>(p, stream);
   if (err != cudaSuccess) return err;
-  const dim3 y_grid(grid_for(int64_t(Shape<NB>::kYRows) * kYWarpsPerBlock, p.out_f, kYBlocksPerSm));
-  const dim3 y_block(32 * kYWarpsPerBlock);
-  return aligned_y ? launch_kernel<decode_y_kernel<T, NB, true>>(y_grid, y_block, 0, stream, p)
-                   : launch_kernel<decode_y_kernel<T, NB, false>>(y_grid, y_block, 0, stream, p);
+  return aligned_y ? launch_y<T, NB, true>(p, stream) : launch_y<T, kSlowNB, false>(p, stream);
 }
 
-// The row bucket of n rows: the NB the kernels are instantiated for (the one place the row thresholds live).
+// The row bucket of n rows: the NB the 16-byte kernels are instantiated for (with kSlowNB in launch_bucket, the one
+// place the row thresholds live).
 int decode_bucket(int64_t n) { return n <= 1 ? 1 : n <= 4 ? 4 : n <= 16 ? 16 : kDecodeMaxRows; }
 
 }  // namespace
 
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
-  if (p.n < 1 || p.n > kDecodeMaxRows) return cudaErrorInvalidValue;
+  if (p.n < 0 || p.n > kDecodeMaxRows) return cudaErrorInvalidValue;
+  if (p.n == 0) return cudaSuccess;  // nothing to compute (the kernels read row n - 1 of x)
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     switch (decode_bucket(p.n)) {

@@ -57,6 +57,7 @@ KERNEL_TESTS = {
         "test_emu_decode.py::test_decode_unaligned_slices",
         "test_emu_decode.py::test_decode_picks_the_bucket_and_the_16_byte_path",
         "test_emu_decode.py::test_decode_with_a_base_streams_b_alone",
+        "test_emu_decode.py::test_decode_zero_rows_launches_nothing",
         BLOCK_ORDER,
     ],
     "decode_y_kernel": [
@@ -66,6 +67,7 @@ KERNEL_TESTS = {
         "test_emu_decode.py::test_decode_unaligned_slices",
         "test_emu_decode.py::test_decode_picks_the_bucket_and_the_16_byte_path",
         "test_emu_decode.py::test_decode_with_a_base_streams_b_alone",
+        "test_emu_decode.py::test_decode_zero_rows_launches_nothing",
         BLOCK_ORDER,
     ],
     # tests/emulated/kernels/emu_selftest_kernels.cu: the emulation's own self-tests and the misuses it must refuse
