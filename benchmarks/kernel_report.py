@@ -11,7 +11,8 @@ Three sources (benchmarks/kernel_cost):
      sectors per request, bytes requested, the distinct bytes read and written;
   3. the H200 model (model.py, constants with their sources in h200.py): a predicted time per launch and per op, next
      to the op's floor (decode: the base weight at HBM rate; training: the GEMM FLOPs at the cuBLAS rate; merge: the
-     fp32 GEMM plus one read-modify-write of W).
+     fp32 GEMM plus one read-modify-write of W) and, for decode, the frozen base layer alone (its bytes plus one
+     launch: the "x base" column).
 
 Prints one row per compiled kernel instantiation and one per op case, and writes everything to --json. Takes about
 two minutes at the target shapes on 2 cores (--small: reduced shapes, same code paths, for tests).
@@ -152,8 +153,8 @@ def print_ops(ops_records):
         "output written once; events: our kernels K, GEMMs G, other ATen A, host syncs S)"
     )
     print(
-        f"{'case':22} {'predicted us':>12} {'floor us':>9} {'x floor':>7} {'DRAM MB':>8} {'x ideal':>7}  "
-        f"events (us, bound)"
+        f"{'case':22} {'predicted us':>12} {'floor us':>9} {'x floor':>7} {'x base':>6} {'DRAM MB':>8} "
+        f"{'x ideal':>7}  events (us, bound)"
     )
     for op in ops_records:
         evs = ", ".join(
@@ -161,11 +162,13 @@ def print_ops(ops_records):
         )
         print(
             f"{op['case']:22} {op['predicted_us']:>12.1f} {op['floor_us']:>9.1f} {op['ratio_to_floor']:>7.2f} "
-            f"{op['dram_bytes'] / 1e6:>8.1f} {op['dram_over_ideal']:>7.2f}  {evs}"
+            f"{fmt(op.get('ratio_to_base_layer'), '.2f'):>6} {op['dram_bytes'] / 1e6:>8.1f} "
+            f"{op['dram_over_ideal']:>7.2f}  {evs}"
         )
     print(
         "floors: " + "; ".join(sorted({f"{op['group']}: {op['floor_what'].split(' at ')[-1]}" for op in ops_records}))
     )
+    print("x base (decode): against the frozen base layer alone, its bytes at the HBM rate plus one launch")
 
 
 def _event_name(ev):

@@ -495,8 +495,10 @@ def test_built_kernels_resources(built):
 
 
 def test_built_decode_kernel_uses_16_byte_loads(built):
-    kernel = built[2]["decode_y_kernel<__nv_bfloat16>"]
+    # the 16-byte instantiation of row bucket 16 (decode_kernels.cu); its element-wise twin has no 16-byte load
+    kernel = built[2]["decode_y_kernel<__nv_bfloat16, 16, true>"]
     assert kernel["source_file"] == "decode_kernels.cu"
     assert kernel["demangled"].startswith("void vera::cuda::(anonymous namespace)::decode_y_kernel<")
     assert kernel["widths"]["loads"][16] >= 1
     assert kernel["load_batches"]["bytes_in_flight_per_warp"] > 0
+    assert built[2]["decode_y_kernel<__nv_bfloat16, 32, false>"]["widths"]["loads"][16] == 0

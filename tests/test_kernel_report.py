@@ -64,7 +64,8 @@ def test_one_record_per_compiled_kernel_with_cuobjdumps_registers(report):
         assert got[key]["registers"] == regs > 0, key
         assert isinstance(got[key]["spills"], bool)
         assert got[key]["traced"]["launches"] >= 1, f"{key}: no case launches it (cases.py must cover every kernel)"
-        if key.startswith(("decode_u_kernel", "decode_y_kernel")):  # the access helpers keep the 16-byte loads
+        # the access helpers keep the 16-byte loads (in the decode kernels' 16-byte instantiations, kAligned = true)
+        if key.startswith(("decode_u_kernel", "decode_y_kernel")) and key.endswith(", true>"):
             assert got[key]["ldg128"] > 0, f"{key}: no LDG.E.128 in its SASS"
 
 
@@ -135,3 +136,19 @@ def test_model_takes_the_largest_term_and_scales_samples():
     wide = _launch(load={**_launch()["load"], "sectors": 4 * 32768})
     assert model.predict_kernel(wide, case, facts, h200.H200)["sectors_per_request"]["load"] == 16
     assert model.predict_kernel(wide, case, facts, h200.H200)["terms_us"]["l1"] > rec["terms_us"]["l1"]
+
+
+def test_decode_cases_are_also_judged_against_the_base_layer_alone():
+    """Decode ops carry a second yardstick: the frozen layer alone, its bytes at the HBM rate plus one launch (the
+    decode target is a ratio to it); other ops have none."""
+    gpu = h200.H200
+    case = next(c for c in cases.select("decode") if c.name == "decode_n16")
+    us, what = case.base_layer_us(gpu)
+    nbytes = (4096 * 4096 + 16 * (4096 + 4096)) * 2
+    assert us == pytest.approx(nbytes / gpu.hbm_bytes_per_s * 1e6 + gpu.kernel_overhead_us)
+    assert us > case.floor_us(gpu)[0] and "base layer" in what
+    op = model.predict_case(case, [], {}, gpu)
+    assert op["base_layer_us"] == us and op["ratio_to_base_layer"] == 0.0
+    merge = next(c for c in cases.select("merge"))
+    assert merge.base_layer_us(gpu) is None
+    assert model.predict_case(merge, [], {}, gpu)["ratio_to_base_layer"] is None

@@ -1,7 +1,9 @@
 """The op cases the kernel cost report predicts and the GPU check measures: the target shapes of the GPU work
 (training N=8192, I=O=4096, r=256, bf16, one adapter and 16 mixed; decode N=1, 4, 16 with one adapter and with 16
-distinct adapters out of 1,000; merges of 4096x4096 and 4096x11008 weights), each with its ideal bytes (every
-operand read once, every output written once) and the floor it is judged against.
+distinct adapters out of 1,000, plus N=32 (the most rows of the fused path) and N=3 and 16 with an odd in_f (rows not
+16-byte aligned: the element-wise kernels), so that every decode kernel instantiation is predicted; merges of
+4096x4096 and 4096x11008 weights), each with its ideal bytes (every operand read once, every output written once) and
+the floor it is judged against.
 
 A case runs through any namespace that has vera_ext's op names (`torch.ops.vera_ext` on a GPU, the emulated build's
 `op_*` ops through `EmulatedOps`), so the prediction and the measurement run the very same calls.
@@ -143,6 +145,20 @@ class Case:
             return 2 * n * o * (i + r)
         return None
 
+    def base_layer_us(self, gpu):
+        """(microseconds, how it is computed) for decode cases, None for others: the frozen base layer alone, the
+        issue's yardstick for decode ("<= 1.15x the base layer alone"), modelled as a cuBLAS GEMV is modelled
+        (model.predict_other): its bytes (W, x, y) at the HBM rate plus one kernel launch. The floor (floor_us)
+        leaves the launch out; the report gives both ratios."""
+        if self.group != "decode":
+            return None
+        b = (self.out_f * self.in_f + self.n * (self.in_f + self.out_f)) * self.elem
+        return (
+            b / gpu.hbm_bytes_per_s * 1e6 + gpu.kernel_overhead_us,
+            f"base layer alone: {b / 2**20:.0f} MiB at {gpu.hbm_bytes_per_s / 1e12:.1f} TB/s "
+            f"+ one launch ({gpu.kernel_overhead_us:.0f} us)",
+        )
+
     def floor_us(self, gpu):
         """(microseconds, how it is computed): the bound this case is judged against."""
         if self.group == "decode":
@@ -219,6 +235,20 @@ def _bf16_cases(small):
             distinct=16,
         )
     )
+    cases.append(Case("decode_n32", "decode", "decode N=32 (the most rows of the fused path)", "forward", 32, d, d, r))
+    for n in (3, 16):  # the element-wise kernels' two row buckets (4, 32)
+        cases.append(
+            Case(
+                f"decode_n{n}_odd",
+                "decode",
+                f"decode N={n}, in_f={d - 1}: rows not 16-byte aligned (element-wise path)",
+                "forward",
+                n,
+                d - 1,
+                d,
+                r,
+            )
+        )
     cases.append(Case(f"merge_{d}x{d}", "merge", f"merge of a {d}x{d} weight", "merge", 0, d, d, r))
     cases.append(Case(f"merge_{d}x{d_up}", "merge", f"merge of a {d}x{d_up} weight (O={d_up})", "merge", 0, d, d_up, r))
     cases.append(Case(f"safe_merge_{d}x{d}", "merge", f"safe merge of a {d}x{d} weight", "safe_merge", 0, d, d, r))

@@ -31,6 +31,26 @@ __device__ __forceinline__ void store(T* p, const T& value VERA_ACCESS_SITE) {
   *p = value;
 }
 
+// A 16-byte load of data read once and never again soon (a frozen weight streamed by the decode kernels): not kept
+// in L1 and marked evict-first in L2, so that it does not push out what is reused across kernels (the shared VeRA
+// projections A and B, read by every layer). Under nvcc: `ld.global.nc.L1::no_allocate.L2::cache_hint.v4` with an
+// evict-first policy (LDG.E.NA.128.CONSTANT in SASS; the `.L2::evict_first` qualifier itself needs 32-byte loads,
+// sm_100). p must be 16-byte aligned and the data must not change while the kernel runs (.nc). Traced as a load.
+__device__ __forceinline__ uint4 load_stream(const uint4* p VERA_ACCESS_SITE) {
+  VERA_TRACE_ACCESS(p, sizeof(uint4), kLoad);
+#if defined(__CUDA_ARCH__)
+  uint4 v;
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "l"(policy));
+  return v;
+#else
+  return *p;
+#endif
+}
+
 __device__ __forceinline__ int atomic_or(int* p, int value VERA_ACCESS_SITE) {
   VERA_TRACE_ACCESS(p, sizeof(int), kAtomic);
   return atomicOr(p, value);

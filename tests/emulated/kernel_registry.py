@@ -50,17 +50,25 @@ KERNEL_TESTS = {
         "test_emu_merge.py::test_merge_check_only_sees_overflow_in_the_weight_dtype",
         BLOCK_ORDER,
     ],
-    # csrc/cuda/decode_kernels.cu
+    # csrc/cuda/decode_kernels.cu (every row bucket NB and both paths, 16-byte and element-wise)
     "decode_u_kernel": [
         "test_emu_decode.py::test_decode",
         "test_emu_decode.py::test_decode_mixed_adapters",
+        "test_emu_decode.py::test_decode_mixed_adapters_read_only_the_rows_lambdas",
         "test_emu_decode.py::test_decode_unaligned_slices",
+        "test_emu_decode.py::test_decode_picks_the_bucket_and_the_16_byte_path",
+        "test_emu_decode.py::test_decode_with_a_base_streams_b_alone",
+        "test_emu_decode.py::test_decode_zero_rows_launches_nothing",
         BLOCK_ORDER,
     ],
     "decode_y_kernel": [
         "test_emu_decode.py::test_decode",
         "test_emu_decode.py::test_decode_mixed_adapters",
+        "test_emu_decode.py::test_decode_mixed_adapters_read_only_the_rows_lambdas",
         "test_emu_decode.py::test_decode_unaligned_slices",
+        "test_emu_decode.py::test_decode_picks_the_bucket_and_the_16_byte_path",
+        "test_emu_decode.py::test_decode_with_a_base_streams_b_alone",
+        "test_emu_decode.py::test_decode_zero_rows_launches_nothing",
         BLOCK_ORDER,
     ],
     # tests/emulated/kernels/emu_selftest_kernels.cu: the emulation's own self-tests and the misuses it must refuse

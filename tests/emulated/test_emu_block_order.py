@@ -67,13 +67,41 @@ def run_decode(emu):
     )
 
 
+def run_decode_aligned(emu):  # the 16-byte instantiations, several blocks of both passes, buckets 4 and 32
+    outs = []
+    for n in (3, 20):
+        x, W = matrix(n, 256, torch.bfloat16, seed=1), matrix(200, 256, torch.bfloat16, seed=4)
+        A, B = matrix(40, 256, torch.bfloat16, seed=2), matrix(200, 40, torch.bfloat16, seed=3)
+        outs += emu.decode(
+            x,
+            W,
+            matrix(1, 200, torch.bfloat16, seed=5)[0],
+            None,
+            A,
+            B,
+            torch.randn(3, 40, generator=gen()),
+            torch.randn(3, 200, generator=gen()),
+            adapter_idx(n, 3),
+        )
+    return outs
+
+
 def gen():
     return torch.Generator().manual_seed(11)
 
 
 RUNS = {
     f.__name__[4:]: f
-    for f in (run_row_scale, run_col_scale, run_scale_add, run_col_dot_reduce, run_lambda_grads, run_merge, run_decode)
+    for f in (
+        run_row_scale,
+        run_col_scale,
+        run_scale_add,
+        run_col_dot_reduce,
+        run_lambda_grads,
+        run_merge,
+        run_decode,
+        run_decode_aligned,
+    )
 }
 
 

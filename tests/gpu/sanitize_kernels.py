@@ -8,12 +8,13 @@
         python tests/gpu/sanitize_kernels.py --quick
 
 Covered: fp32/fp16/bf16; A and B as strided slices of larger projections (16-byte aligned rows, and odd row strides
-that force the kernels' unaligned paths); N in {0, 1, 5, 32, 33, 300} (0: empty; 1..32: the fused decode path;
-33: first GEMM-path size; 300: a multi-chunk column reduction); single adapter and mixed batches (3 adapters,
-rows with -1 = no adapter); forward + backward of vera_forward and vera_linear_forward; a strided (non-contiguous,
-misaligned) x; vera_delta_weight; merge and unmerge with and without fan_in_fan_out; safe merge accepted and
-refused (weight left bit-identical). Each result is compared with the CPU op on the same inputs and with a float64
-evaluation of the formula; on the GPU each forward+backward also runs twice and must match bit for bit.
+that force the kernels' unaligned paths); N in {0, 1, 3, 5, 32, 33, 300} (0: empty; 1..32: the fused decode path, one
+N per row bucket of its kernels: 1, 2..4, 5..16, 17..32; 33: first GEMM-path size; 300: a multi-chunk column
+reduction); single adapter and mixed batches (3 adapters, rows with -1 = no adapter); forward + backward of
+vera_forward and vera_linear_forward; a strided (non-contiguous, misaligned) x; vera_delta_weight; merge and unmerge
+with and without fan_in_fan_out; safe merge accepted and refused (weight left bit-identical). Each result is compared
+with the CPU op on the same inputs and with a float64 evaluation of the formula; on the GPU each forward+backward
+also runs twice and must match bit for bit.
 
 Under memcheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own allocation, so an out-of-bounds access
 lands outside it and is reported (inside the caching allocator's big blocks it would go unseen). Without it, the
@@ -41,7 +42,7 @@ CONFIGS = [
     ("aligned", 320, 256, 80, 256, 192, 60),  # 16-byte row strides: vector paths (r=60: a tail in fp16/bf16)
     ("odd", 101, 53, 67, 77, 45, 40),  # odd strides and sizes: scalar paths, partial tiles
 ]
-NS = (0, 1, 5, 32, 33, 300)
+NS = (0, 1, 3, 5, 32, 33, 300)
 NUM_ADAPTERS = 3
 
 
@@ -275,7 +276,7 @@ def main(argv=None) -> int:
     no_cache = os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1"
     chk = Checker(args.device, poison=not no_cache)
     dtypes = ["fp32", "bf16"] if args.quick else list(DTYPES)
-    ns = (0, 5, 33, 300) if args.quick else NS
+    ns = (0, 1, 3, 5, 32, 33, 300) if args.quick else NS  # --quick (race and sync checks): every decode row bucket
     determinism = args.device == "cuda" and not args.quick
     t0 = time.perf_counter()
     seed = 0

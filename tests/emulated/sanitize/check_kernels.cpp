@@ -291,8 +291,10 @@ struct Checker {
           mag += std::fabs(double(w.get(o, j)) * x.get(m, j));
         }
         double adapter = 0;
+        Matrix h(t, 1, 1, 1);  // h = u * lambda_d rounded to the data dtype, as the kernel (and the GEMM paths) do
         for (int64_t kk = 0; ad >= 0 && kk < r; ++kk) {
-          const double term = double(b.get(o, kk)) * (double(u.get(m, kk)) * ld[ad * r + kk]) * lb[ad * out_f + o];
+          h.set(0, 0, u.get(m, kk) * ld[ad * r + kk]);
+          const double term = double(b.get(o, kk)) * h.get(0, 0) * lb[ad * out_f + o];
           adapter += term;
           mag += std::fabs(term);
         }
@@ -344,6 +346,11 @@ int check_kernels(unsigned seed) {
     c.decode(t, 5, 131, 37, 24, true, true, true);   // mixed adapters, strided projection slices
     c.decode(t, 17, 64, 33, 8, false, true, false);  // base given instead of a weight
     c.decode(t, 32, 40, 24, 12, true, true, false);  // the most rows
+    // 16-byte paths of every row bucket (1, 4, 16, 32), ragged out_f and r, aligned strided slices (pad 8)
+    c.decode(t, 1, 64, 41, 16, true, true, true);
+    c.decode(t, 4, 1032, 9, 9, true, true, false);  // r = 9: pass 2 element-wise, pass 1 16-byte
+    c.decode(t, 16, 136, 37, 24, true, true, true);
+    c.decode(t, 20, 72, 13, 8, false, false, true);
   }
   std::printf("kernels: %d failure(s)\n", c.failures);
   return c.failures;
