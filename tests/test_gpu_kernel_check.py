@@ -552,7 +552,7 @@ def test_missing_report_still_measures_and_exits_1(tmp_path, capsys):
     assert rc == 1
     doc = json.loads((tmp_path / "kernel_check.json").read_text())
     assert "No such file" in doc["report_error"]
-    assert all(r["measured_us"] > 0 for r in doc["ops"]) and len(doc["ops"]) == 3
+    assert all(r["measured_us"] > 0 for r in doc["ops"]) and len(doc["ops"]) == len(kc.select("merge"))
     assert "measuring without predictions" in capsys.readouterr().out
 
 

@@ -4,7 +4,7 @@
 // thread and whichever helper threads are free (run_claimed: unlike a parallel_for, it never waits for a descheduled
 // worker, which on a busy machine cost milliseconds per call):
 //   pass 1 (over r):  u[n, k] = A_k . x_n,   h[n, k] = u[n, k] * lambda_d[a(n), k]   (each rounded to x's dtype,
-//                     as the GEMM path rounds u and M or h: a row's precision does not depend on N; DESIGN.md §5)
+//                     as the GEMM path rounds u and M or h: a row's precision does not depend on N; docs/DESIGN.md §5)
 //   pass 2 (over O):  y[n, o] = (W_o . x_n + bias_o  or  base[n, o]) + lambda_b[a(n), o] * (B_o . h_n)
 // Each output is rounded once. The dot products are compiled for AVX-512, AVX2/FMA and the baseline; the loader
 // picks the best one the CPU has.

@@ -107,8 +107,9 @@ struct MergeParams {
 };
 
 // Fused small-N forward (decode, serving), n <= kDecodeMaxRows:
-//   pass 1, a block per row k of A: u[n, k] = A_k . x_n;  h[n, k] = u[n, k] * lambda_d[a(n), k]  (fp32)
-//   pass 2, a warp per output o:    y[n, o] = (W_o . x_n + bias[o]  or  base[n, o]) + lambda_b[a(n), o] * (B_o . h_n)
+//   pass 1, over the rows k of A: u[n, k] = A_k . x_n;  h[n, k] = u[n, k] * lambda_d[a(n), k]  (rounded to the
+//                                    data dtype like u, held in an fp32 workspace)
+//   pass 2, over the outputs o:     y[n, o] = (W_o . x_n + bias[o]  or  base[n, o]) + lambda_b[a(n), o] * (B_o . h_n)
 // Every row of A, W and B is read once, for all n, with 16-byte loads where the rows are 16-byte aligned.
 constexpr int kDecodeMaxRows = 32;
 struct DecodeParams {

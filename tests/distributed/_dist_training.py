@@ -45,10 +45,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone()
 
 
-def train(model: nn.Module, named: nn.Module, *, rank=None, world=1, steps=STEPS, dtype=torch.float32):
+def train(model: nn.Module, named: nn.Module, *, rank=None, world=1, steps=STEPS, dtype=torch.float32, shares=1):
     """SGD with momentum on the trainable parameters of ``named`` (the unwrapped model, for its parameter names),
     stepping ``model`` (possibly a DDP/FSDP wrapper). Rank ``rank`` of ``world`` uses its share of each batch;
-    ``rank=None`` uses the full batch. Returns (gradients of the first step, lambdas after ``steps`` steps)."""
+    ``rank=None`` uses the full batch, in ``shares`` equal parts whose mean losses are averaged (one process doing
+    what ``shares`` ranks do: the same row counts per forward, so the same kernels). Returns (gradients of the first
+    step, lambdas after ``steps`` steps)."""
     params = {n: p for n, p in named.named_parameters() if p.requires_grad}
     optimizer = torch.optim.SGD(params.values(), lr=LR, momentum=0.9)
     first_grads = {}
@@ -56,8 +58,8 @@ def train(model: nn.Module, named: nn.Module, *, rank=None, world=1, steps=STEPS
         x, y = batch(step, dtype)
         if rank is not None:
             x, y = x.chunk(world)[rank], y.chunk(world)[rank]
-        loss = F.mse_loss(model(x).float(), y)
-        loss.backward()
+        for xs, ys in zip(x.chunk(shares), y.chunk(shares)):
+            (F.mse_loss(model(xs).float(), ys) / shares).backward()
         if step == 0:
             first_grads = {n: full(p.grad) for n, p in params.items()}
         optimizer.step()
