@@ -101,7 +101,7 @@ class OpCase:
 @st.composite
 def op_cases(draw, dtypes=X_DTYPES, max_rows=40, allow_nan=True, stacked=True):
     """Valid operands for the forward ops. N covers 0, 1, the fused decode path (N <= 16) and the GEMM paths
-    (N < r rowwise, N >= r dense); dims include 1 and odd sizes."""
+    (N below and above r; with adapter_idx the per-row path); dims include 1 and odd sizes."""
     dtype = draw(st.sampled_from(dtypes))
     n = draw(st.one_of(st.sampled_from([0, 1, 2, 16, 17]), st.integers(0, max_rows)))
     i, o = draw(st.integers(1, 24)), draw(st.integers(1, 24))

@@ -38,7 +38,7 @@ def _model(dtype=torch.float32):
 
 def _jobs(seed: int, mixed: bool, dtype):
     """Per thread, a list of (x, adapter_names): row counts on both sides of the decode (N <= 16) and the
-    rowwise/dense (N < r, N >= r) switches."""
+    N < r / N >= r sizes."""
     g = torch.Generator().manual_seed(seed)
     jobs = []
     for t in range(THREADS):

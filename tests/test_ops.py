@@ -27,7 +27,7 @@ def make_case(n, i, o, r, device="cpu", dtype=torch.float32, num_adapters=None, 
     return x, base, A, B, ld, lb
 
 
-# N < r takes the rowwise path, N >= r the dense (B_hat) one; dims 1, odd, >= 1000, r from 1 to 1024.
+# N below and above r (one adapter: the folded path either way), the decode sizes; dims 1, odd, >= 1000, r 1 to 1024.
 SHAPES = [(1, 1, 1, 1), (7, 13, 5, 3), (40, 17, 9, 8), (3, 1031, 1003, 16), (1100, 24, 20, 12), (5, 32, 24, 1024)]
 
 
@@ -100,7 +100,7 @@ def test_fused_linear_gradients_include_base(device, weight_grad, n):
 
 
 @pytest.mark.parametrize("mixed", [False, True])
-@pytest.mark.parametrize("n", [2, 9])  # rowwise and dense paths (r = 3)
+@pytest.mark.parametrize("n", [2, 9])  # N below and above r = 3
 def test_gradcheck_float64(mixed, n):
     """float64 data runs in float64 on the CPU (lambdas too), so autograd.gradcheck applies."""
     k = 2 if mixed else None
@@ -154,7 +154,7 @@ def test_mixed_batch_gradients_match_float64(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("n", [3, 300])  # rowwise and dense paths
+@pytest.mark.parametrize("n", [3, 300])  # decode-sized and GEMM-sized N
 def test_low_precision_within_twice_pytorch_error(device, dtype, n):
     i, o, r = 96, 80, 64
     x, base, A, B, ld, lb = make_case(n, i, o, r, device, dtype=dtype, seed=5)

@@ -3,8 +3,9 @@ VeraLinear, and a tiny Llama) reads ``ctx.saved_tensors`` once per backward, so 
 refuses a second unpack with CheckpointError), reentrant checkpointing, a hook pair that refuses a second unpack and
 ``save_on_cpu`` all give the plain run's gradients bit for bit.
 
-Shapes sit on both sides of the path thresholds (docs/DESIGN.md §2.5, CPU): decode N <= 16, rowwise N < r or an
-adapter_idx, dense N >= r, merged forward N·r > I·(r+1) and merged backward N·r·(I+O) > I·O·(r+1)."""
+Shapes sit on both sides of the path thresholds (docs/DESIGN.md §2.5, CPU): decode N <= 4, the per-row path with an
+adapter_idx, the folded path otherwise (N below and above r), merged forward N·r > I·(r+1) and merged backward
+N·r·(I+O) > I·O·(r+1)."""
 
 from __future__ import annotations
 

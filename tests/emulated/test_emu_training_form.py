@@ -1,6 +1,6 @@
 """The training-form ops (docs/DESIGN.md §2.7) as the CUDA build runs them (common/vera_impl.h over the emulated
 kernels, GEMMs on the CPU) against the CPU build's ops: vera_apply, vera_linear_apply in every merged mode, and
-vera_apply_backward with and without add_delta, dense and rowwise, with and without adapter_idx."""
+vera_apply_backward with and without add_delta, N below and above r, with and without adapter_idx."""
 
 import pytest
 import torch
@@ -31,7 +31,7 @@ def tolerance(dtype):
     return dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("rows, mixed", [(40, False), (5, False), (40, True)])  # dense, rowwise (N < r), mixed
+@pytest.mark.parametrize("rows, mixed", [(40, False), (5, False), (40, True)])  # N above r, N below r, mixed
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_form_ops_equal_the_cpu_ops(emu, rows, mixed, dtype):
     x, weight, bias, A, B, ld, lb, idx = case(rows, mixed, dtype)
