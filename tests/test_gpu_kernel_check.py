@@ -58,10 +58,8 @@ METRIC_UNITS = [
     ("sm__warps_active.avg.pct_of_peak_sustained_active", "%"),
 ]
 SPIN = "at::cuda::(anonymous namespace)::spin_kernel(long)"
-DECODE_U = "void vera::cuda::(anonymous namespace)::decode_u_kernel<__nv_bfloat16>(vera::cuda::DecodeParams, bool)"
-DECODE_Y = (
-    "void vera::cuda::(anonymous namespace)::decode_y_kernel<__nv_bfloat16>(vera::cuda::DecodeParams, bool, bool)"
-)
+DECODE_U = "void vera::cuda::(anonymous namespace)::decode_u_kernel<__nv_bfloat16, 1, true>(vera::cuda::DecodeParams)"
+DECODE_Y = "void vera::cuda::(anonymous namespace)::decode_y_kernel<__nv_bfloat16, 1, true>(vera::cuda::DecodeParams)"
 MERGE = "void vera::cuda::(anonymous namespace)::merge_kernel<__nv_bfloat16, false>(vera::cuda::MergeParams)"
 CUBLAS = "sm90_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize128x128x32_warpgroupsize1x1x1_execute_segment_k_off_kernel"
 # (case, kernel name, block, grid, metric values in METRIC_UNITS order, as printed)
@@ -126,8 +124,8 @@ def report(ops):
         "schema": 1,
         "gpu": {"max_warps_per_sm": {"value": 64, "source": "datasheet"}},
         "kernels": [
-            {"key": "decode_u_kernel<__nv_bfloat16>", "registers": 40, "occupancy": 1.0},
-            {"key": "decode_y_kernel<__nv_bfloat16>", "registers": 72, "occupancy": 0.375},
+            {"key": "decode_u_kernel<__nv_bfloat16, 1, true>", "registers": 40, "occupancy": 1.0},
+            {"key": "decode_y_kernel<__nv_bfloat16, 1, true>", "registers": 72, "occupancy": 0.375},
             {"key": "merge_kernel<__nv_bfloat16, false>", "registers": 32, "occupancy": 1.0},
         ],
         "ops": ops,
@@ -157,10 +155,10 @@ DECODE_OP = {
     "floor_what": "W",
     "events": [
         kernel_event(
-            "decode_u_kernel<__nv_bfloat16>", 3.0, 0.8e6, registers=42, occupancy=0.5, resident_warps_per_sm=16
+            "decode_u_kernel<__nv_bfloat16, 1, true>", 3.0, 0.8e6, registers=42, occupancy=0.5, resident_warps_per_sm=16
         ),
-        kernel_event("decode_y_kernel<__nv_bfloat16>", 10.0, 41.9e6),
-        kernel_event("decode_y_kernel<__nv_bfloat16>", 1.0, 1e3),
+        kernel_event("decode_y_kernel<__nv_bfloat16, 1, true>", 10.0, 41.9e6),
+        kernel_event("decode_y_kernel<__nv_bfloat16, 1, true>", 1.0, 1e3),
         {"kind": "aten", "op": "aten.add_.Tensor", "predicted_us": 2.0},
     ],
 }
@@ -182,8 +180,8 @@ def test_parse_ncu_csv_reads_names_keys_cases_and_scales_units():
     launches = kc.parse_ncu_csv(ncu_csv())
     assert [l["key"] for l in launches] == [
         "spin_kernel",
-        "decode_u_kernel<__nv_bfloat16>",
-        "decode_y_kernel<__nv_bfloat16>",
+        "decode_u_kernel<__nv_bfloat16, 1, true>",
+        "decode_y_kernel<__nv_bfloat16, 1, true>",
         "spin_kernel",
         CUBLAS,
         "merge_kernel<__nv_bfloat16, false>",
@@ -311,9 +309,9 @@ def test_compare_matches_by_key_and_occurrence_and_sums_the_others():
     )
     rows = [(r["case"], r["key"], r["occurrence"], r["status"]) for r in result["kernels"]]
     assert rows == [
-        ("decode_n1", "decode_u_kernel<__nv_bfloat16>", 0, "matched"),
-        ("decode_n1", "decode_y_kernel<__nv_bfloat16>", 0, "matched"),
-        ("decode_n1", "decode_y_kernel<__nv_bfloat16>", 1, "not launched"),
+        ("decode_n1", "decode_u_kernel<__nv_bfloat16, 1, true>", 0, "matched"),
+        ("decode_n1", "decode_y_kernel<__nv_bfloat16, 1, true>", 0, "matched"),
+        ("decode_n1", "decode_y_kernel<__nv_bfloat16, 1, true>", 1, "not launched"),
         ("merge_4096x4096", "merge_kernel<__nv_bfloat16, false>", 0, "not predicted"),
     ]
     u, y = result["kernels"][:2]
@@ -352,7 +350,7 @@ def test_compare_matches_by_key_and_occurrence_and_sums_the_others():
     assert lines[0] == "KERNEL_CHECK source: ncu; ncu: ok: 4 launches profiled"
     assert "2 matched, 1 not launched, 1 not predicted" in lines[2]
     table = kc.kernels_table(result["kernels"])
-    assert "decode_y_kernel<__nv_bfloat16> #2" in table and "72/64" in table
+    assert "decode_y_kernel<__nv_bfloat16, 1, true> #2" in table and "72/64" in table
     assert "decode_n1" in kc.ops_table(result["ops"])
 
 
@@ -363,7 +361,10 @@ def test_compare_on_the_committed_report():
     launches = kc.assign_cases(kc.parse_ncu_csv(ncu_csv()), [])
     result = kc.compare(_cases("decode_n1"), rep, {"decode_n1": (30.0, 1.0)}, launches)
     matched = [r for r in result["kernels"] if r["status"] == "matched"]
-    assert [r["key"] for r in matched] == ["decode_u_kernel<__nv_bfloat16>", "decode_y_kernel<__nv_bfloat16>"]
+    assert [r["key"] for r in matched] == [
+        "decode_u_kernel<__nv_bfloat16, 1, true>",
+        "decode_y_kernel<__nv_bfloat16, 1, true>",
+    ]
     for row in matched:
         assert all(
             row["predicted"][k] is not None
