@@ -576,7 +576,9 @@ def predicted_kernel(event: dict, kernel: Optional[dict], max_warps: int) -> dic
         occupancy = event.get("occupancy", kernel.get("occupancy"))
         warps = None if occupancy is None else occupancy * 100
     return {
-        "time_us": event.get("predicted_us"),
+        # ncu replays each kernel alone: a programmatic dependent's own time, not what it adds next to the kernel
+        # before it (model.price_dependent_launches)
+        "time_us": event.get("alone_us", event.get("predicted_us")),
         "registers": event.get("registers", kernel.get("registers")),
         "dram_bytes": event.get("dram_bytes"),
         "ld_sectors_per_request": spr.get("load"),

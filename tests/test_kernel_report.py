@@ -152,3 +152,24 @@ def test_decode_cases_are_also_judged_against_the_base_layer_alone():
     merge = next(c for c in cases.select("merge"))
     assert merge.base_layer_us(gpu) is None
     assert model.predict_case(merge, [], {}, gpu)["ratio_to_base_layer"] is None
+
+
+def test_a_programmatic_dependent_launch_is_priced_with_the_kernel_before_it():
+    """A PDL pair costs one launch overhead plus the largest of the two kernels' terms summed per resource: a
+    DRAM-bound kernel after an L2-bound one overlaps it (less than the two alone), never less than either alone;
+    without the programmatic mark each pays its own launch and its own largest term."""
+    gpu = h200.H200
+    case = next(c for c in cases.select("decode") if c.name == "decode_n1")
+    first = _launch(kernel="decode_u_kernel<float, 1, true>", block_unique_sectors={"load": 4 * 32768, "store": 0})
+    second = _launch(kernel="decode_y_kernel<float, 1, true>", unique_read_bytes_private=2**24)
+    alone = [model.predict_kernel(ev, case, {}, gpu) for ev in (first, second)]
+    plain = model.predict_case(case, [dict(first, kind="kernel"), dict(second, kind="kernel")], {}, gpu)
+    assert plain["predicted_us"] == pytest.approx(sum(r["predicted_us"] for r in alone))
+    paired = model.predict_case(
+        case, [dict(first, kind="kernel"), dict(second, kind="kernel", programmatic=True)], {}, gpu
+    )
+    summed = {k: alone[0]["terms_us"][k] + alone[1]["terms_us"][k] for k in alone[0]["terms_us"]}
+    assert paired["predicted_us"] == pytest.approx(max(summed.values()) + gpu.kernel_overhead_us)
+    assert max(r["predicted_us"] for r in alone) <= paired["predicted_us"] < plain["predicted_us"]
+    assert paired["events"][1]["group_terms_us"] == pytest.approx(summed)
+    assert paired["events"][1]["alone_us"] == pytest.approx(alone[1]["predicted_us"])

@@ -18,6 +18,11 @@ Our kernel's time is the largest of five terms, plus the fixed cost of a depende
            of loads in flight, and SMs in use x resident warps per SM (occupancy, capped by the grid) x bytes in
            flight per warp (the SASS walk of binary.load_batches, which reads a loop as straight-line code: the
            path with the most work, e.g. the decode kernels' 32-row path) are in flight at a time
+A kernel launched as a programmatic dependent of the kernel before it (PDL, the trace's "programmatic": its blocks
+start while that kernel runs and wait on the device for its results) runs alongside it, so the pair is priced as one
+kernel: one launch overhead plus the largest of the two kernels' terms summed resource by resource (they share the
+HBM, the L2, the L1 pipes and the CUDA cores; what the pair gains is that one's DRAM-bound stream overlaps the other's
+L2- or FLOP-bound part). The dependent's record then holds what it adds to the kernel before it.
 A GEMM is max(FLOPs / cuBLAS rate, operand bytes / HBM rate) + launch; an ATen element-wise or copy kernel is its
 bytes / HBM rate + launch; a device-to-host read is host_sync_us. An op is judged against its floor (cases.floor_us;
 decode: the base weight's bytes at the HBM rate) and, for decode, also against the frozen base layer alone
@@ -103,8 +108,31 @@ def predict_kernel(ev, case, facts, gpu):
         )
     rec["terms_us"] = {k: v * 1e6 for k, v in terms.items()}
     rec["bound"] = max(terms, key=terms.get)
-    rec["predicted_us"] = max(terms.values()) * 1e6 + gpu.kernel_overhead_us
+    rec["programmatic"] = bool(ev.get("programmatic", False))
+    rec["predicted_us"] = max(terms.values()) * 1e6 + gpu.kernel_overhead_us  # alone; see price_dependent_launches
     return rec
+
+
+def price_dependent_launches(records, gpu):
+    """Prices each programmatic dependent launch with the kernel(s) before it as one kernel (module docstring):
+    the group's terms are summed per resource, and the dependent's predicted_us becomes the group's time (one launch
+    overhead plus its largest summed term) minus what the kernels before it were already charged."""
+    group = None  # {"terms": summed terms (us), "charged": us charged to the group so far}
+    for rec in records:
+        dependent = rec["kind"] == "kernel" and rec.get("programmatic") and group is not None
+        if not dependent:
+            group = (
+                {"terms": dict(rec["terms_us"]), "charged": rec["predicted_us"]} if rec["kind"] == "kernel" else None
+            )
+            continue
+        for k, v in rec["terms_us"].items():
+            group["terms"][k] = group["terms"].get(k, 0.0) + v
+        group_us = max(group["terms"].values()) + gpu.kernel_overhead_us
+        rec["alone_us"] = rec["predicted_us"]  # the kernel by itself (as a profiler replaying it alone measures it)
+        rec["group_terms_us"] = dict(group["terms"])
+        rec["predicted_us"] = group_us - group["charged"]
+        rec["bound"] = max(group["terms"], key=group["terms"].get)
+        group["charged"] = group_us
 
 
 def predict_other(ev, gpu):
@@ -132,6 +160,7 @@ def predict_case(case, events, facts, gpu):
     records = [
         predict_kernel(ev, case, facts, gpu) if ev["kind"] == "kernel" else predict_other(ev, gpu) for ev in events
     ]
+    price_dependent_launches(records, gpu)
     floor_us, floor_what = case.floor_us(gpu)
     base_layer = case.base_layer_us(gpu)
     predicted = sum(r["predicted_us"] for r in records)

@@ -15,8 +15,13 @@
 //   merge_apply(W, adapter, alpha, transposed, check_first)  W (+)= alpha * delta_W, one rounding, computed tile by
 //                                                       tile (no O x I temporary); check_first: refuse, W unchanged,
 //                                                       if any merged value would not be finite
-//   check_adapter_idx(idx, K)                           every entry in [-1, K) (the CUDA backend skips the check
-//                                                       while a CUDA graph is captured: it would synchronize)
+//   max_abs(tensors)                                    -> max |t| of each (<= 5) tensor, read back as doubles
+//                                                       (+inf where one holds a NaN or an inf)
+//   check_adapter_idx(idx, K)                           every entry in [-1, K), refused with an error otherwise (the
+//                                                       CUDA backend checks on the device while a CUDA graph is
+//                                                       captured: a host read would synchronize)
+//   kDecodeChecksIdx                                    true when decode_forward's kernels check idx themselves, on
+//                                                       the device (then check_adapter_idx is not called before it)
 //   decode_forward(x, weight?, bias?, base?, adapter)   -> (y, u): the whole small-N forward in one fused pass, for
 //                                                       0 < N <= kDecodeMaxRows (the backend's own threshold)
 //
@@ -143,8 +148,11 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x, const Tensor& base_out,
   TORCH_CHECK(base_out.dim() == 2, "base_out must be 2-D (rows, out_features), got shape ", base_out.sizes());
   check_like(base_out, "base_out", {x.size(0), base_out.size(1)}, x, "x");
   check_adapter(a, x, "x", x.size(1), base_out.size(1));
+  if (use_decode<P>(x)) {
+    if (adapter_idx.has_value() && !P::kDecodeChecksIdx) P::check_adapter_idx(*adapter_idx, num_adapters(a));
+    return P::decode_forward(x, c10::nullopt, c10::nullopt, base_out, a);
+  }
   if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
-  if (use_decode<P>(x)) return P::decode_forward(x, c10::nullopt, c10::nullopt, base_out, a);
 
   Tensor u = at::mm(x, A.t());
   return {adapter_output<P>(u, a, base_out, /*base_is_ours=*/false), u};
@@ -158,8 +166,11 @@ std::tuple<Tensor, Tensor> vera_linear_forward(const Tensor& x, const Tensor& we
   const AdapterArgs a{A, B, lambda_d, lambda_b, adapter_idx};
   check_linear_args(x, weight, bias);
   check_adapter(a, x, "x", x.size(1), weight.size(0));
+  if (use_decode<P>(x)) {
+    if (adapter_idx.has_value() && !P::kDecodeChecksIdx) P::check_adapter_idx(*adapter_idx, num_adapters(a));
+    return P::decode_forward(x, weight, bias, c10::nullopt, a);
+  }
   if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
-  if (use_decode<P>(x)) return P::decode_forward(x, weight, bias, c10::nullopt, a);
 
   Tensor u = at::mm(x, A.t());
   if (use_merged_forward(x.size(0), weight.size(1), lambda_d.size(-1), a)) {
@@ -362,19 +373,19 @@ Tensor vera_delta_weight(const Tensor& A, const Tensor& B, const Tensor& lambda_
 // T (1 + u)^(r + 2) <= 1.07 T (u = 2^-24, r < 2^20), so |w + alpha d| before the final rounding is below
 // (max|W| + 1.07 |alpha| T)(1 + u)^3, and a value that far below the largest finite value of weight's dtype rounds to
 // a finite one. A NaN or inf anywhere makes the maxima non-finite and the answer false; so does a bound too close to
-// the limit, where the exact check (each value recomputed, tile by tile) decides instead. Six small launches (the
-// inf-norms, exact in each tensor's dtype, and one cat that widens them) and one device-to-host read.
-inline bool merge_provably_finite(const Tensor& weight, const AdapterArgs& a, double alpha) {
+// the limit, where the exact check (each value recomputed, tile by tile) decides instead. The five maxima (exact:
+// a maximum of absolute values) come from P::max_abs: on CUDA two small launches and one device-to-host read.
+template <class P>
+bool merge_provably_finite(const Tensor& weight, const AdapterArgs& a, double alpha) {
   const int64_t r = a.A.size(0);
   if (r >= (int64_t(1) << 20)) return false;
-  std::vector<Tensor> maxima;
-  for (const Tensor* t : {&weight, &a.A, &a.B, &a.lambda_d, &a.lambda_b}) {
-    if (t->numel() == 0) return false;  // nothing to bound: the exact check (cheap then)
-    maxima.push_back(at::linalg_vector_norm(*t, std::numeric_limits<double>::infinity()).view({1}));
+  const std::vector<Tensor> operands{weight, a.A, a.B, a.lambda_d, a.lambda_b};
+  for (const Tensor& t : operands) {
+    if (t.numel() == 0) return false;  // nothing to bound: the exact check (cheap then)
   }
-  const Tensor m = at::cat(maxima).to(at::kCPU).to(at::kDouble);  // cat promotes: fp16/bf16 maxima widen exactly
-  const double w_max = m[0].item<double>(), a_max = m[1].item<double>(), b_max = m[2].item<double>();
-  const double bound = double(r) * b_max * m[4].item<double>() * m[3].item<double>() * a_max;
+  const std::vector<double> m = P::max_abs(operands);
+  const double w_max = m[0], a_max = m[1], b_max = m[2];
+  const double bound = double(r) * b_max * m[4] * m[3] * a_max;
   const double limit = weight.scalar_type() == at::kHalf       ? 65504.0
                        : weight.scalar_type() == at::kBFloat16 ? 3.3895313892515355e38
                        : weight.scalar_type() == at::kFloat    ? 3.4028234663852886e38
@@ -409,7 +420,7 @@ void vera_merge_(Tensor& weight, const Tensor& A, const Tensor& B, const Tensor&
               ", got ", weight.sizes());
   // delta_W is never formed whole: merge_apply computes it tile by tile (docs/DESIGN.md §2.3). A safe merge whose
   // finiteness the bound proves skips the check pass (a second computation of every tile).
-  const bool check_first = safe && !merge_provably_finite(weight, a, alpha);
+  const bool check_first = safe && !merge_provably_finite<P>(weight, a, alpha);
   P::merge_apply(weight, a, alpha, fan_in_fan_out, check_first);
 }
 

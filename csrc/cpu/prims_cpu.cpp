@@ -353,6 +353,15 @@ void Prims::merge_apply(Tensor& weight, const AdapterArgs& a_, double alpha, boo
   });
 }
 
+std::vector<double> Prims::max_abs(const std::vector<Tensor>& tensors) {
+  std::vector<double> out;
+  for (const Tensor& t : tensors) {
+    // The inf-norm is exact in t's dtype (a maximum of absolute values); NaN propagates into it.
+    out.push_back(at::linalg_vector_norm(t, std::numeric_limits<double>::infinity()).item<double>());
+  }
+  return out;
+}
+
 void Prims::check_adapter_idx(const Tensor& idx_, int64_t num_adapters) {
   const Tensor idx = idx_.contiguous();
   const int64_t* ip = idx.const_data_ptr<int64_t>();

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 #include "common/checks.h"
 
@@ -18,6 +19,8 @@ struct Prims {
   // up to N = 4 (0.53 against 0.67 ms a layer) and loses from N = 8 (0.83 against 0.69; at N = 16 1.15 against
   // 0.80): MKL's GEMM reuses each weight row over more rows than the pass's four.
   static constexpr int64_t kDecodeMaxRows = 4;
+  // decode_forward relies on check_adapter_idx (a host loop here: no synchronization to save).
+  static constexpr bool kDecodeChecksIdx = false;
   // (y, u) for x (N <= kDecodeMaxRows, I): y = (weight ? x W^T + bias : base) + lambda_b * ((u * lambda_d) B^T).
   static std::tuple<at::Tensor, at::Tensor> decode_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                                                            const c10::optional<at::Tensor>& bias,
@@ -38,6 +41,8 @@ struct Prims {
                                                          const at::Tensor& lambda_d, const at::Tensor& lambda_b);
   // weight (+)= alpha * delta_W tile by tile (contract in common/vera_impl.h), in at most kMergeWorkspaceBytes.
   static void merge_apply(at::Tensor& weight, const AdapterArgs& a, double alpha, bool transposed, bool check_first);
+  // max |t| of each tensor as a double (+inf when one holds a NaN or an inf).
+  static std::vector<double> max_abs(const std::vector<at::Tensor>& tensors);
   static void check_adapter_idx(const at::Tensor& idx, int64_t num_adapters);
 };
 

@@ -10,13 +10,14 @@
 //          partial sums meet in shared memory in a fixed order. u = A x (rounded to T), h = u * lambda_d (rounded to T
 //          and held as fp32: the GEMM paths round the same intermediates, so a row's precision does not depend on N).
 //   pass 2 (decode_y_kernel): a warp per group of kYRows rows of W and B; its lanes split the columns; lane m
-//          finishes row m of y.
+//          finishes row m of y. Launched as a programmatic dependent of pass 1 (PDL): its blocks start while pass 1
+//          runs and stream W (which does not depend on pass 1) before they wait for h, so the pair costs one launch
+//          and the W stream overlaps pass 1.
 // Both kernels are instantiated per row bucket NB (n <= NB, NB in {1, 4, 16, 32}: decode_bucket): the accumulators
 // are NB wide, rows n..NB of x are read as row n - 1 (an L1 hit) and never stored. CUDA cores only: at N = 16 the
 // FMAs take about as long as the W stream on the cost report (docs/DESIGN.md 3.2). Rows that are not 16-byte aligned
 // take the element-wise instantiation (kAligned = false), a separate kernel so that its loop does not blur the fast
 // one's.
-#include <atomic>
 #include <cstring>
 
 #include "cuda/dtype.cuh"
@@ -38,17 +39,18 @@ constexpr int kYWarpsPerBlock = 4;  // pass 2: warps per block
 // 16-byte chunks per lane along B's short rows per step: 1 (r = 256 bf16 is one chunk per lane; a second would be
 // a predicated-off load).
 constexpr int kUnrollB = 1;
-constexpr int kEmulatedSmCount = 132;  // the emulated build's "GPU": an H200's SM count, so grids match the GPU's
 
 // Rows of W and B per warp in pass 2 (kYRows) and of A per block in pass 1 (kURows), and 16-byte chunks per lane
 // per row and step along W and A (kUnroll), per row bucket: kRows * kUnroll loads of W or A in flight per lane
-// (pass 2: 8 below NB = 16, 4 from there, where NB x chunks come with each step; pass 1: 4 and 2) and x reused kRows
-// times, within registers: kRows * NB fp32 accumulators (at most 64), so that nothing spills under __launch_bounds__.
+// (pass 2: 8 below NB = 16, 4 from there, where NB x chunks come with each step; pass 1: 4, and 2 at NB = 32) and x
+// reused kRows times, within registers: kRows * NB fp32 accumulators (at most 64), so that nothing spills under
+// __launch_bounds__. Every pass-1 block reads all of x from L2, so at NB = 16 (x 16 rows wide) a block takes 4 rows
+// of A: half the blocks, half that L2 traffic (at NB = 32, 128 accumulators would spill).
 template <int NB>
 struct Shape {
   static constexpr int kUnroll = NB >= 16 ? 1 : 2;
   static constexpr int kYRows = NB <= 16 ? 4 : 2;
-  static constexpr int kURows = 2;
+  static constexpr int kURows = NB == 16 ? 4 : 2;
 };
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -177,8 +179,23 @@ __device__ __forceinline__ void zero(float (&acc)[kRows][NB]) {
   }
 }
 
-// The adapter of row m: idx[m], or 0 without an index (-1: no adapter).
+// The adapter of row m: idx[m], or 0 without an index (-1: no adapter). Pass 1 reads it only in a thread that passed
+// check_adapter_of(p, m); pass 2 only after grid_dependency_wait(), i.e. after pass 1 completed, which it cannot
+// with a bad index (a device-side assert ends the work on the stream). Pass 2 has no check of its own: the
+// failure path's call made its NB = 32 loop spill.
 __device__ __forceinline__ int64_t adapter_of(const DecodeParams& p, int m) { return p.idx ? load(p.idx + m) : 0; }
+
+// An index outside [-1, num_adapters) stops the kernel (a device-side assert) before the thread that would gather
+// row m's lambdas reads any: the op checks nothing on the host for these kernels, as a host read of the index range
+// would synchronize the stream (and cost a decode step more than its kernels). Called at the start of pass 1, where
+// few registers are live.
+__device__ __forceinline__ void check_adapter_of(const DecodeParams& p, int m) {
+  if (!p.idx || m >= p.n) return;
+  const int64_t a = load(p.idx + m);
+  VERA_DEVICE_REQUIRE(
+      a >= -1 && a < p.num_adapters,
+      "vera_ext: adapter_idx holds a value outside [-1, num_adapters) (checked on the device by the " "decode kernels)");
+}
 
 template <typename T, int NB, bool kAligned>
 __global__ void __launch_bounds__(kUThreads, 1) decode_u_kernel(const DecodeParams p) {
@@ -191,6 +208,8 @@ __global__ void __launch_bounds__(kUThreads, 1) decode_u_kernel(const DecodePara
   const int n = static_cast<int>(p.n);
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
   const int64_t last = p.r - 1;
+  allow_dependent_launch();  // pass 2 may start streaming W now; it waits for h before it reads it
+  if (threadIdx.x < kRows * NB) check_adapter_of(p, threadIdx.x % NB);  // the row this thread finishes below
   for (int64_t k0 = int64_t(blockIdx.x) * kRows; k0 < p.r; k0 += int64_t(gridDim.x) * kRows) {
     float acc[kRows][NB];
     zero(acc);
@@ -267,6 +286,7 @@ __global__ void __launch_bounds__(32 * kYWarpsPerBlock, kAligned ? 0 : 2) decode
       for (int i = 0; i < kRows; ++i) parked[warp][i][lane] = mine[i];
     }
     zero(acc);
+    grid_dependency_wait();  // h comes from pass 1 (and base, x from before it); W's products did not need them
     dot_rows<T, float, NB, kRows, kUnrollB, kAligned, false>(B, p.b_row_stride, o0, last, p.h, p.r, p.r, n, lane, 32,
                                                              acc);
     warp_sums_to_lanes(acc, lane, mine);
@@ -290,26 +310,6 @@ bool aligned16(const void* ptr, int64_t row_stride, size_t elem_size) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (row_stride * int64_t(elem_size)) % 16 == 0;
 }
 
-// The SM count of the current device, asked once per device (the persistent grids are sized from it).
-int sm_count() {
-#if defined(VERA_EMULATE_CUDA)
-  return kEmulatedSmCount;
-#else
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return kEmulatedSmCount;
-  int count = cached[device].load(std::memory_order_relaxed);
-  if (count == 0) {
-    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) {
-      return kEmulatedSmCount;
-    }
-    cached[device].store(count, std::memory_order_relaxed);
-  }
-  return count;
-#endif
-}
-
 unsigned int grid_for(int64_t items_per_block_round, int64_t work_items, int resident_per_sm) {
   const int64_t want = (work_items + items_per_block_round - 1) / items_per_block_round;
   const int64_t cap = int64_t(sm_count()) * resident_per_sm;
@@ -328,7 +328,7 @@ cudaError_t launch_u(const DecodeParams& p, cudaStream_t stream) {
 template <typename T, int NB, bool kAligned>
 cudaError_t launch_y(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(grid_for(int64_t(Shape<NB>::kYRows) * kYWarpsPerBlock, p.out_f, kYBlocksPerSm));
-  return launch_kernel<decode_y_kernel<T, NB, kAligned>>(grid, dim3(32 * kYWarpsPerBlock), 0, stream, p);
+  return launch_kernel_dependent<decode_y_kernel<T, NB, kAligned>>(grid, dim3(32 * kYWarpsPerBlock), 0, stream, p);
 }
 
 template <typename T, int NB>

@@ -9,7 +9,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/layout.h"
@@ -41,6 +43,8 @@ struct KernelPrims {
 
   // Up to this many rows, forward runs the fused decode kernels (decode_kernels.cu).
   static constexpr int64_t kDecodeMaxRows = vera::cuda::kDecodeMaxRows;
+  // The decode kernels check adapter_idx themselves, on the device (DecodeParams::idx): no host read on that path.
+  static constexpr bool kDecodeChecksIdx = true;
 
   // a @ b in fp32 from fp16/bf16 operands: cuBLAS writes its fp32 accumulator (ATen's mm.dtype), so nothing is
   // rounded to the data dtype and the operands are not widened first.
@@ -166,6 +170,35 @@ struct KernelPrims {
     return {grad_ld, grad_lb};
   }
 
+  // max |t| of each tensor as a double (+inf when one holds a NaN or an inf), read back to the host: two small
+  // launches (the second overlaps the first, PDL) and one device-to-host read, whatever the number of tensors.
+  static std::vector<double> max_abs(const std::vector<Tensor>& tensors) {
+    TORCH_INTERNAL_ASSERT(!tensors.empty() && tensors.size() <= size_t(kMaxAbsTensors), "max_abs: 1 to ",
+                          kMaxAbsTensors, " tensors");
+    const typename L::Guard guard(tensors[0].device());
+    std::vector<Tensor> dense;  // keeps copies alive (a tensor that is not dense is copied, a rare case)
+    MaxAbsParams p{};
+    int64_t max_numel = 0;
+    for (const Tensor& t : tensors) {
+      dense.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
+      const int i = p.count++;
+      p.data[i] = dense.back().const_data_ptr();
+      p.numel[i] = t.numel();
+      p.dtype[i] = detail::dtype_of(t.scalar_type());
+      max_numel = std::max(max_numel, t.numel());
+    }
+    p.blocks = max_abs_blocks(max_numel);
+    const at::TensorOptions fp32 = tensors[0].options().dtype(at::kFloat);
+    Tensor partial = at::empty({p.count, p.blocks}, fp32), maxima = at::empty({p.count}, fp32);
+    p.partial = partial.data_ptr<float>();
+    p.maxima = maxima.data_ptr<float>();
+    L::check(launch_max_abs(p, L::stream()), "max_abs");
+    const Tensor host = maxima.to(at::kCPU);
+    std::vector<double> out;
+    for (int i = 0; i < p.count; ++i) out.push_back(host[i].item<double>());  // the first read waits for the kernels
+    return out;
+  }
+
   // One pass of the merge kernel over weight (the product tiles are computed in the kernel: no delta tensor, no
   // scaled copies of A or B); returns the non-finite flag, raised only by check_only. A and B are read through
   // their strides; only the lambdas are made contiguous (O + r floats).
@@ -231,6 +264,7 @@ struct KernelPrims {
                          ld.const_data_ptr<float>(),
                          lb.const_data_ptr<float>(),
                          detail::idx_ptr(a.adapter_idx),
+                         num_adapters(a),
                          u.data_ptr(),
                          h.data_ptr<float>(),
                          y.data_ptr(),

@@ -106,6 +106,22 @@ struct MergeParams {
   DType proj_dtype;  // A's and B's
 };
 
+// The largest |value| of each of up to kMaxAbsTensors tensors, in two launches (the safe merge's finiteness bound):
+// block b of pass 1 writes partial[t * blocks + b] = max |data[t][i]| over its share of tensor t (+inf where a value
+// is NaN or infinite), pass 2 (a programmatic dependent of pass 1) writes maxima[t], the maximum of tensor t's
+// partials. Each tensor is numel[t] values of dtype[t] stored densely from data[t] (in any order: the maximum does
+// not depend on it).
+constexpr int kMaxAbsTensors = 5;
+struct MaxAbsParams {
+  const void* data[kMaxAbsTensors];
+  int64_t numel[kMaxAbsTensors];
+  DType dtype[kMaxAbsTensors];
+  int count;       // tensors given, 1..kMaxAbsTensors
+  float* partial;  // (count, blocks) fp32 workspace, contiguous
+  int blocks;      // pass 1's grid (max_abs_blocks)
+  float* maxima;   // (count) fp32
+};
+
 // Fused small-N forward (decode, serving), n <= kDecodeMaxRows:
 //   pass 1, over the rows k of A: u[n, k] = A_k . x_n;  h[n, k] = u[n, k] * lambda_d[a(n), k]  (rounded to the
 //                                    data dtype like u, held in an fp32 workspace)
@@ -126,7 +142,8 @@ struct DecodeParams {
   int64_t b_row_stride;
   const float* lambda_d;  // (num_adapters, r)
   const float* lambda_b;  // (num_adapters, out_f)
-  const int64_t* idx;     // nullable
+  const int64_t* idx;     // nullable; each entry in [-1, num_adapters), checked by the kernels (a device-side assert)
+  int64_t num_adapters;   // rows of lambda_d and lambda_b
   void* u;                // (n, r), contiguous
   float* h;               // (n, r) fp32 workspace, contiguous
   void* y;                // (n, out_f), contiguous

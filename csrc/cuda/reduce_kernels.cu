@@ -1,7 +1,11 @@
 // Deterministic reductions of VeRA's backward: the mixed-batch column reduction sum_n p[n, j] q[n, j] per adapter
 // (over rows grouped by adapter, so each row is read once whatever the number of adapters),
-// and both lambda gradients of one adapter from q = grad_out^T u. No float atomics: every sum is taken in one fixed
-// order, so results are identical run to run.
+// both lambda gradients of one adapter from q = grad_out^T u, and the max-abs of several tensors in one launch (the
+// safe merge's finiteness bound). No float atomics: every sum is taken in one fixed order, so results are identical
+// run to run.
+#include <cmath>
+#include <cstring>
+
 #include "cuda/dtype.cuh"
 #include "cuda/launchers.h"
 
@@ -162,6 +166,84 @@ __global__ void lambda_grads_finish_kernel(const LambdaGradsParams p) {
   }
 }
 
+constexpr int kMaxAbsUnroll = 4;       // 16-byte loads in flight per thread
+constexpr int kMaxAbsBlocksPerSm = 4;  // blocks of kThreads per SM: 32 warps, each with kMaxAbsUnroll loads out
+
+// m with |v| folded in; a NaN makes it +inf (fmaxf would drop a NaN), so "not finite" survives the maximum.
+__device__ __forceinline__ float fold_abs(float m, float v) { return v != v ? INFINITY : fmaxf(m, fabsf(v)); }
+
+// This thread's share of max |data[i]|, i < numel: 16-byte chunks t, t + threads, ... (kMaxAbsUnroll loaded before
+// any is used) where data is 16-byte aligned, then the tail (or everything) element by element.
+template <typename T>
+__device__ __forceinline__ float thread_max_abs(const T* data, int64_t numel) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t threads = int64_t(gridDim.x) * blockDim.x;
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t chunks = reinterpret_cast<uintptr_t>(data) % 16 == 0 ? numel / kVec : 0;
+  const uint4* vec = reinterpret_cast<const uint4*>(data);
+  float m = 0.f;
+  for (int64_t c0 = t; c0 < chunks; c0 += threads * kMaxAbsUnroll) {
+    uint4 raw[kMaxAbsUnroll];
+    VERA_UNROLL
+    for (int j = 0; j < kMaxAbsUnroll; ++j) {
+      const int64_t c = c0 + j * threads;
+      raw[j] = c < chunks ? load(vec + c) : make_uint4(0, 0, 0, 0);  // zeros leave the maximum as it is
+    }
+    VERA_UNROLL
+    for (int j = 0; j < kMaxAbsUnroll; ++j) {
+      T vals[kVec];
+      memcpy(vals, &raw[j], 16);
+      VERA_UNROLL
+      for (int e = 0; e < kVec; ++e) m = fold_abs(m, to_float(vals[e]));
+    }
+  }
+  for (int64_t i = chunks * kVec + t; i < numel; i += threads) m = fold_abs(m, to_float(load(data + i)));
+  return m;
+}
+
+// Block reduce of a maximum (non-negative values, NaN already folded to +inf); thread 0 gets it. warp_max is the
+// block's shared scratch (kThreads / 32 floats), free again when this returns.
+__device__ __forceinline__ float block_max(float m, float (&warp_max)[kThreads / 32]) {
+  for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kThreads / 32; ++w) m = fmaxf(m, warp_max[w]);
+  }
+  __syncthreads();
+  return m;
+}
+
+// Pass 1: block b's maximum of each tensor into partial[t * blocks + b].
+__global__ void __launch_bounds__(kThreads) max_abs_partial_kernel(const MaxAbsParams p) {
+  __shared__ float warp_max[kThreads / 32];
+  allow_dependent_launch();  // the finish kernel may start; it waits for these partials before reading them
+  VERA_UNROLL  // unrolled: p.data[t] etc. indexed with constants stay in the parameter bank (no stack copy)
+  for (int t = 0; t < kMaxAbsTensors; ++t) {
+    if (t >= p.count) break;
+    float m = 0.f;
+    switch (p.dtype[t]) {
+      case DType::F32: m = thread_max_abs(static_cast<const float*>(p.data[t]), p.numel[t]); break;
+      case DType::F16: m = thread_max_abs(static_cast<const __half*>(p.data[t]), p.numel[t]); break;
+      case DType::BF16: m = thread_max_abs(static_cast<const __nv_bfloat16*>(p.data[t]), p.numel[t]); break;
+    }
+    m = block_max(m, warp_max);
+    if (threadIdx.x == 0) store(p.partial + int64_t(t) * p.blocks + blockIdx.x, m);
+  }
+}
+
+// Pass 2, a programmatic dependent of pass 1 (its launch overlaps pass 1): block t reduces tensor t's partials into
+// maxima[t].
+__global__ void __launch_bounds__(kThreads) max_abs_finish_kernel(const MaxAbsParams p) {
+  __shared__ float warp_max[kThreads / 32];
+  grid_dependency_wait();
+  const float* partial = p.partial + int64_t(blockIdx.x) * p.blocks;
+  float m = 0.f;
+  for (int b = threadIdx.x; b < p.blocks; b += kThreads) m = fmaxf(m, load(partial + b));
+  m = block_max(m, warp_max);
+  if (threadIdx.x == 0) store(p.maxima + blockIdx.x, m);
+}
+
 }  // namespace
 
 int col_dot_reduce_splits(int64_t rows, int64_t cols, int64_t num_adapters) {
@@ -198,6 +280,21 @@ cudaError_t launch_lambda_grads(const LambdaGradsParams& p, cudaStream_t stream)
   });
   if (err != cudaSuccess) return err;
   return launch_kernel<lambda_grads_finish_kernel>(dim3(blocks_for(p.out_f + p.r)), dim3(kThreads), 0, stream, p);
+}
+
+int max_abs_blocks(int64_t max_numel) {
+  // Enough 16-byte loads for the largest tensor to keep every SM busy, no more blocks than it has chunks for.
+  const int64_t want =
+      (max_numel + int64_t(kThreads) * 8 * kMaxAbsUnroll - 1) / (int64_t(kThreads) * 8 * kMaxAbsUnroll);
+  const int64_t cap = int64_t(sm_count()) * kMaxAbsBlocksPerSm;
+  return static_cast<int>(want < 1 ? 1 : want < cap ? want : cap);
+}
+
+cudaError_t launch_max_abs(const MaxAbsParams& p, cudaStream_t stream) {
+  if (p.count < 1 || p.count > kMaxAbsTensors || p.blocks < 1) return cudaErrorInvalidValue;
+  const cudaError_t err = launch_kernel<max_abs_partial_kernel>(dim3(p.blocks), dim3(kThreads), 0, stream, p);
+  if (err != cudaSuccess) return err;
+  return launch_kernel_dependent<max_abs_finish_kernel>(dim3(p.count), dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace vera::cuda

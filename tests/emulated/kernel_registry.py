@@ -39,6 +39,17 @@ KERNEL_TESTS = {
     ],
     "lambda_grads_partial_kernel": ["test_emu_reduce.py::test_lambda_grads", BLOCK_ORDER],
     "lambda_grads_finish_kernel": ["test_emu_reduce.py::test_lambda_grads", BLOCK_ORDER],
+    "max_abs_partial_kernel": [
+        "test_emu_reduce.py::test_max_abs",
+        "test_emu_reduce.py::test_max_abs_sees_nan_and_inf",
+        "test_emu_merge.py::test_safe_merge_bound_reads_each_operand_once",
+        BLOCK_ORDER,
+    ],
+    "max_abs_finish_kernel": [
+        "test_emu_reduce.py::test_max_abs",
+        "test_emu_reduce.py::test_max_abs_sees_nan_and_inf",
+        BLOCK_ORDER,
+    ],
     # csrc/cuda/merge_kernels.cu (the fused tile GEMM + merge; both template modes: write and check-only; every
     # weight x projection dtype pair)
     "merge_kernel": [

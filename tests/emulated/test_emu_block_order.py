@@ -49,6 +49,11 @@ def run_merge(emu):  # 3 x 2 blocks of 128x128, r past one k chunk, both layouts
     return outs
 
 
+def run_max_abs(emu):  # several blocks and a second grid-stride step for the fp32 tensor
+    ts = [matrix(300, 171, torch.float32), matrix(33, 77, torch.bfloat16, seed=2), torch.randn(9, generator=gen())]
+    return [torch.tensor(emu.max_abs(ts), dtype=torch.float64)]
+
+
 def run_decode(emu):
     x, W = matrix(5, 131, torch.float32, seed=1), matrix(37, 131, torch.float32, seed=4)
     A, B = matrix(24, 131, torch.float32, seed=2), matrix(37, 24, torch.float32, seed=3)
@@ -99,6 +104,7 @@ RUNS = {
         run_col_dot_reduce,
         run_lambda_grads,
         run_merge,
+        run_max_abs,
         run_decode,
         run_decode_aligned,
     )

@@ -70,6 +70,18 @@ def test_forward_and_backward_read_nothing_back_during_capture(emu, rows):
         emu.set_capturing(False)
 
 
+def test_the_decode_path_reads_nothing_back_even_outside_capture(emu):
+    """At N <= 32 the decode kernels check adapter_idx on the device: no host read, captured or not (a decode step
+    cannot afford a synchronization)."""
+    x, weight, A, B, ld, lb, idx = mixed_case(rows=16)
+
+    def forward():
+        emu.op_vera_linear_forward(x, weight, None, A, B, ld, lb, idx)
+        emu.op_vera_forward(x, torch.zeros(x.shape[0], B.shape[0], dtype=x.dtype), A, B, ld, lb, idx)
+
+    assert host_reads(forward) == []
+
+
 def test_out_of_range_index_is_still_refused_during_capture(emu, capturing):
     x, weight, A, B, ld, lb, idx = mixed_case()
     bad = idx.clone()

@@ -213,6 +213,36 @@ def test_decode_unaligned_slices(emu):
     check(emu, p, torch.float16)
 
 
+def test_decode_pass_2_is_a_programmatic_dependent_of_pass_1(emu):
+    """Pass 2 is launched as a programmatic dependent (PDL) of pass 1, so its launch and its W stream overlap pass 1
+    on the GPU (the cost model counts one launch overhead for the pair): the trace marks it, and only it."""
+    emu.trace_start(1 << 20)
+    try:
+        emu.decode(**problem(4, 64, 40, 16, torch.bfloat16))
+    finally:
+        launches = json.loads(emu.trace_stop())
+    assert [(("decode_u" in ev["kernel"]), ev["programmatic"]) for ev in launches] == [(True, False), (False, True)]
+
+
+@pytest.mark.parametrize("bad", [7, 1000, -2])
+@pytest.mark.parametrize("op", ["decode", "op_vera_linear_forward", "op_vera_forward"])
+def test_decode_kernels_refuse_an_out_of_range_adapter_index(emu, op, bad):
+    """The decode kernels check adapter_idx on the device (the op reads nothing back on this path): an entry
+    outside [-1, num_adapters) fails the launch with the check's message, before any lambda row is gathered."""
+    p = problem(4, 64, 40, 16, torch.bfloat16, num_adapters=7)
+    p["idx"][2] = bad
+    with pytest.raises(RuntimeError, match=r"adapter_idx holds a value outside \[-1, num_adapters\)"):
+        if op == "decode":
+            emu.decode(**p)
+        elif op == "op_vera_linear_forward":
+            emu.op_vera_linear_forward(
+                p["x"], p["weight"], p["bias"], p["A"], p["B"], p["lambda_d"], p["lambda_b"], p["idx"]
+            )
+        else:
+            base = torch.zeros(p["x"].shape[0], p["B"].shape[0], dtype=p["x"].dtype)
+            emu.op_vera_forward(p["x"], base, p["A"], p["B"], p["lambda_d"], p["lambda_b"], p["idx"])
+
+
 def test_decode_refuses_too_many_rows(emu):
     p = problem(emu.decode_max_rows() + 1, 8, 8, 4, torch.float32)
     with pytest.raises(RuntimeError, match="invalid argument"):

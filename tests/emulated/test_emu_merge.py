@@ -178,3 +178,27 @@ def test_merge_refuses_more_row_tiles_than_a_grid_holds(emu):
     w, A, B = torch.zeros(out_f, 1), torch.zeros(1, 1), torch.zeros(out_f, 1)
     with pytest.raises(RuntimeError, match="invalid configuration"):
         emu.merge(w, A, B, torch.ones(1), torch.ones(out_f), 1.0, False, False)
+
+
+def test_safe_merge_bound_reads_each_operand_once(emu):
+    """A safe merge whose finiteness the max-abs bound proves runs the two max-abs kernels (which read W, A, B and
+    both lambdas once, together) and the write pass only: no check pass, and no other kernel."""
+    import json
+
+    out_f, in_f, r = 200, 136, 12
+    A, B, ld, lb = adapter(out_f, in_f, r, proj_dtype=torch.bfloat16)
+    w = weight_for(out_f, in_f, torch.bfloat16, transposed=False, strided=False)
+    want = w.clone()
+    emu.op_vera_merge_(want, A, B, ld, lb, 1.0, False, False)
+    emu.trace_start(0)
+    try:
+        emu.op_vera_merge_(w, A, B, ld, lb, 1.0, False, True)
+    finally:
+        launches = json.loads(emu.trace_stop())
+    assert torch.equal(w, want)
+    names = [ev["kernel"].split("<")[0].split("::")[-1] for ev in launches]
+    assert names == ["max_abs_partial_kernel", "max_abs_finish_kernel", "merge_kernel"], names
+    assert "false>" in launches[2]["kernel"]  # the write pass
+    operand_bytes = sum(t.numel() * t.element_size() for t in (w, A, B, ld, lb))
+    read = launches[0]["unique_read_bytes_private"] + launches[0]["unique_read_bytes_shared"]
+    assert read == operand_bytes

@@ -2,6 +2,8 @@
 with row splits, col_dot_finish_kernel; p in the data dtype, q fp32) and lambda_grads (lambda_grads_partial_kernel
 and lambda_grads_finish_kernel), against the CPU primitives and float64."""
 
+import math
+
 import pytest
 import torch
 
@@ -118,3 +120,42 @@ def test_mixed_reduction_reads_each_row_once_whatever_the_adapter_count(emu):
         ref, mag = col_dot_reference(p, q, adapters, k)
         assert_reduction_close(got, emu.cpu_col_dot_reduce(p, q, adapters, k), ref, mag, f"{k} adapters")
     assert loads[1000] <= 2 * loads[16], loads
+
+
+def max_abs_operands(dtype, seed):
+    """Tensors that take every path of the max-abs kernels: several blocks with a second grid-stride step (fp32),
+    a single element, a base one element past 16-byte alignment (element by element), dense but not contiguous (a
+    transpose: read in storage order), and not dense (a strided slice: copied first)."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(300, 171, generator=g).to(dtype),
+        torch.randn(1, generator=g).to(dtype),
+        torch.randn(1000, generator=g).to(dtype)[1:],
+        torch.randn(64, 48, generator=g).to(dtype).t(),
+        torch.randn(40, 60, generator=g).to(dtype)[:, ::3],
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("count", [1, 2, 5])
+def test_max_abs(emu, dtype, count):
+    """max |t| of each of 1 to 5 tensors in one call, exact (a maximum rounds nothing), equal to the CPU backend's."""
+    ts = max_abs_operands(dtype, seed=count)[-count:]
+    want = [t.abs().max().double().item() for t in ts]
+    assert emu.max_abs(ts) == want
+    assert emu.cpu_max_abs(ts) == want
+    mixed = [ts[0], torch.randn(7), torch.randn(5, 9).half()]  # one call takes any mix of dtypes
+    assert emu.max_abs(mixed) == [t.abs().max().double().item() for t in mixed]
+
+
+@pytest.mark.parametrize("where", [0, 17, 51299])  # a 16-byte chunk's first value, inside a chunk, the last value
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_max_abs_sees_nan_and_inf(emu, where, bad):
+    """A NaN or an infinity anywhere makes that tensor's maximum +inf (so the safe merge's bound cannot pass it);
+    the other tensors' maxima are untouched."""
+    ts = max_abs_operands(torch.float32, seed=0)[:3]
+    ts[0].view(-1)[where] = bad
+    got = emu.max_abs(ts)
+    assert got[0] == float("inf")
+    assert not math.isfinite(emu.cpu_max_abs(ts)[0])  # the CPU's inf-norm: NaN for a NaN
+    assert got[1:] == [t.abs().max().item() for t in ts[1:]]

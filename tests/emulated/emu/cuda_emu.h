@@ -89,7 +89,7 @@ const char* kernel_name() {
 // Runs `Kernel` over the grid on host threads and returns the launch error. An empty grid launches nothing.
 // The arguments are converted to the kernel's parameter types once (CUDA's parameter space); every thread gets
 // its own by-value copies.
-template <auto Kernel, typename... Args>
+template <auto Kernel, bool programmatic = false, typename... Args>
 inline cudaError_t launch_kernel(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t /*stream*/, Args&&... args) {
   using Call = typename emu_detail::KernelSignature<decltype(Kernel)>::Tuple;
   static_assert(std::tuple_size_v<Call> == sizeof...(Args), "launch_kernel: argument count differs from the kernel's");
@@ -97,7 +97,30 @@ inline cudaError_t launch_kernel(dim3 grid, dim3 block, size_t shared_bytes, cud
   const Call call(std::forward<Args>(args)...);
   const vera_emu::detail::Thunk thunk = [](const void* c) { std::apply(Kernel, *static_cast<const Call*>(c)); };
   return vera_emu::detail::run_grid(grid, block, shared_bytes, reinterpret_cast<const void*>(Kernel),
-                                    emu_detail::kernel_name<Kernel>(), thunk, &call);
+                                    emu_detail::kernel_name<Kernel>(), thunk, &call, programmatic);
 }
+
+// A programmatic dependent launch (PDL) is a launch like any other here: launches run one after another, so the
+// kernel before it has finished when it starts. The trace marks it ("programmatic"), for the cost model's launch
+// overhead.
+template <auto Kernel, typename... Args>
+inline cudaError_t launch_kernel_dependent(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                                           Args&&... args) {
+  return launch_kernel<Kernel, /*programmatic=*/true>(grid, block, shared_bytes, stream, std::forward<Args>(args)...);
+}
+
+// The emulated "GPU" is an H200: persistent grids are sized as on it.
+inline int sm_count() { return 132; }
+
+// No-ops: the kernel before has finished (see launch_kernel_dependent).
+inline void grid_dependency_wait() {}
+inline void allow_dependent_launch() {}
+
+// A failed device-side check fails the launch with `what` (the GPU's device-side assert; the op then reports the
+// launch error), and the calling thread does not go past it.
+#define VERA_DEVICE_REQUIRE(ok, what)          \
+  do {                                         \
+    if (!(ok)) ::vera_emu::detail::fail(what); \
+  } while (0)
 
 }  // namespace vera

@@ -371,7 +371,7 @@ void wait_for_threads(Launch& l) {
 }  // namespace
 
 cudaError_t run_grid(dim3 grid, dim3 block, size_t shared_bytes, const void* kernel, const char* name, Thunk thunk,
-                     const void* call) {
+                     const void* call, bool programmatic) {
   tls_last_error.clear();
   auto refuse = [](cudaError_t e, const std::string& why) {
     tls_last_error = why;
@@ -429,7 +429,7 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t shared_bytes, const void* ker
   l.fresh_dynamic_shared();
 
   trace::hooks::begin_launch(name, grid.x, grid.y, grid.z, block.x, block.y, block.z, shared_bytes, l.nblocks,
-                             l.executed);
+                             l.executed, programmatic);
   if (Pool::get().start(l) != nthreads) {
     VERA_EMU_UNPOISON(dynamic_shared_arena, kMaxDynamicShared);
     trace::hooks::end_launch(false);

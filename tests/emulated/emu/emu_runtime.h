@@ -56,9 +56,10 @@ namespace detail {
 
 using Thunk = void (*)(const void* call);
 // Runs thunk(call) once per thread of every block (of the sampled blocks while a trace samples, emu_trace.h).
-// `kernel` identifies the kernel for cudaFuncSetAttribute; `name` is its qualified name, for traces.
+// `kernel` identifies the kernel for cudaFuncSetAttribute; `name` is its qualified name, for traces; `programmatic`:
+// launched as a programmatic dependent (PDL), recorded in the trace.
 cudaError_t run_grid(dim3 grid, dim3 block, size_t shared_bytes, const void* kernel, const char* name, Thunk thunk,
-                     const void* call);
+                     const void* call, bool programmatic);
 // The value of template argument `param` in a gcc __PRETTY_FUNCTION__ ("... [with auto Kernel = ns::k<float>; ...]").
 std::string template_argument_named(const char* pretty_function, const char* param);
 // Which block the j-th executed block is when only `executed` of `nblocks` run: up to 8 evenly spaced runs of

@@ -52,6 +52,7 @@ struct LaunchTrace {
   std::array<uint64_t, 2> block_sectors{};  // loads, stores + atomics: distinct sectors per block, summed
   std::array<unsigned, 3> grid{}, block{};
   uint64_t shared_bytes = 0, nblocks = 0, executed = 0;
+  bool programmatic = false;  // launched as a programmatic dependent (PDL) of the launch before
   std::array<KindCounts, 3> kinds;
   std::unordered_map<uint64_t, Sector> sectors;
   bool ok = true;
@@ -166,8 +167,8 @@ std::string to_json(const LaunchTrace& t) {
   return "{\"kernel\": \"" + json_escape(t.kernel) + "\", \"grid\": " + dim(t.grid) + ", \"block\": " + dim(t.block) +
          ", \"dynamic_shared_bytes\": " + std::to_string(t.shared_bytes) +
          ", \"blocks\": " + std::to_string(t.nblocks) + ", \"executed_blocks\": " + std::to_string(t.executed) +
-         ", \"ok\": " + (t.ok ? "true" : "false") + ", " + kinds +
-         ", \"unique_read_bytes_private\": " + std::to_string(read_private) +
+         ", \"ok\": " + (t.ok ? "true" : "false") + ", \"programmatic\": " + (t.programmatic ? "true" : "false") +
+         ", " + kinds + ", \"unique_read_bytes_private\": " + std::to_string(read_private) +
          ", \"unique_read_bytes_shared\": " + std::to_string(read_shared) +
          ", \"unique_write_bytes_private\": " + std::to_string(write_private) +
          ", \"unique_write_bytes_shared\": " + std::to_string(write_shared) +
@@ -214,7 +215,7 @@ uint64_t sample_blocks() {
 namespace hooks {
 
 void begin_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                  uint64_t shared_bytes, uint64_t nblocks, uint64_t executed) {
+                  uint64_t shared_bytes, uint64_t nblocks, uint64_t executed, bool programmatic) {
   std::lock_guard<std::mutex> lock(g_mu);
   if (!g_active.load()) return;
   auto t = std::make_unique<LaunchTrace>();
@@ -224,6 +225,7 @@ void begin_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, uns
   t->shared_bytes = shared_bytes;
   t->nblocks = nblocks;
   t->executed = executed;
+  t->programmatic = programmatic;
   g_current = std::move(t);
   for (auto& b : g_buffers)
     if (b) b->records.clear();

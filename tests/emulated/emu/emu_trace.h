@@ -38,7 +38,7 @@ uint64_t sample_blocks();         // blocks a launch of the current trace runs a
 // Hooks of the launch engine (emu_runtime.cpp).
 namespace hooks {
 void begin_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                  uint64_t shared_bytes, uint64_t nblocks, uint64_t executed);
+                  uint64_t shared_bytes, uint64_t nblocks, uint64_t executed, bool programmatic);
 void bind_thread(unsigned tid);                     // at the start of an emulated thread's work in a launch
 void on_barrier();                                  // the calling thread passed a warp- or block-wide barrier
 void end_block(uint64_t block, unsigned nthreads);  // single-threaded: every thread of the block is waiting

@@ -7,6 +7,7 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 // After the torch headers: cuda_emu.h defines the CUDA qualifiers as macros.
 #include "common/vera_impl.h"
@@ -62,6 +63,8 @@ int64_t merge(Tensor weight, const Tensor& A, const Tensor& B, const Tensor& lam
   return EmuPrims::merge_pass(weight, vera::AdapterArgs{A, B, lambda_d, lambda_b, c10::nullopt}, alpha, transposed,
                               check_only);
 }
+
+std::vector<double> max_abs(const std::vector<Tensor>& tensors) { return EmuPrims::max_abs(tensors); }
 
 std::tuple<Tensor, Tensor> decode(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                                   const OptTensor& base, const Tensor& A, const Tensor& B, const Tensor& lambda_d,
@@ -255,6 +258,8 @@ TORCH_LIBRARY(vera_emu, m) {
   m.def(
       "cpu_decode(Tensor x, Tensor? weight, Tensor? bias, Tensor? base, Tensor A, Tensor B, Tensor lambda_d, " "Tensor lambda_b, Tensor? idx) -> (Tensor, Tensor)",
       &cpu_decode);
+  m.def("max_abs(Tensor[] tensors) -> float[]", &max_abs);
+  m.def("cpu_max_abs(Tensor[] tensors) -> float[]", &CpuPrims::max_abs);
   m.def("cpu_decode_max_rows() -> int", [] { return CpuPrims::kDecodeMaxRows; });
   m.def("decode_max_rows() -> int", [] { return int64_t(vera::cuda::kDecodeMaxRows); });
 

@@ -228,6 +228,40 @@ struct Checker {
     }
   }
 
+  // max |value| of a few tensors of dtype t (sizes from one element to several blocks, one starting off 16-byte
+  // alignment, an inf planted when `poison`), against the exact maximum.
+  void max_abs(DType t, bool poison) {
+    const std::array<int64_t, 3> sizes{1, 5000, 333};
+    std::vector<Matrix> ms;
+    for (const int64_t n : sizes) ms.emplace_back(t, 1, n + 1, n + 1);  // one spare element: data() + 1 is unaligned
+    MaxAbsParams p{};
+    std::vector<double> want;
+    for (size_t i = 0; i < ms.size(); ++i) {
+      ms[i].randomize(rng);
+      const int64_t first = i == 2 ? 1 : 0;
+      if (poison && i == 1) ms[i].set(0, 4097, INFINITY);
+      double m = 0;
+      for (int64_t j = first; j < first + sizes[i]; ++j) m = std::max(m, std::fabs(ms[i].get(0, j)));
+      want.push_back(m);
+      p.data[i] = static_cast<const char*>(ms[i].data()) + first * (t == DType::F32 ? 4 : 2);
+      p.numel[i] = sizes[i];
+      p.dtype[i] = t;
+    }
+    p.count = int(ms.size());
+    p.blocks = max_abs_blocks(5000);
+    std::vector<float> partial(size_t(p.count * p.blocks) + 1), maxima(size_t(p.count) + 1, -1.f);
+    p.partial = partial.data();
+    p.maxima = maxima.data();
+    const std::string what = std::string("max_abs ") + dtype_name(t) + (poison ? " inf" : "");
+    if (!launched(launch_max_abs(p, nullptr), what)) return;
+    for (size_t i = 0; i < want.size(); ++i) {
+      if (double(maxima[i]) != want[i]) {
+        ++failures;
+        std::printf("FAIL %s: tensor %zu max %.9g, expected %.9g\n", what.c_str(), i, maxima[i], want[i]);
+      }
+    }
+  }
+
   // The fused small-N forward. u is checked against the float64 dot rounded to the dtype (one flip allowed), y
   // against float64 from the kernel's own u (so a flip in u is not counted twice).
   void decode(DType t, int64_t n, int64_t in_f, int64_t out_f, int64_t r, bool with_weight, bool with_idx,
@@ -257,6 +291,7 @@ struct Checker {
                          ld.data(),
                          lb.data(),
                          with_idx ? idx.data() : nullptr,
+                         k,
                          u.data(),
                          h.data(),
                          y.data(),
@@ -341,6 +376,8 @@ int check_kernels(unsigned seed) {
     }
   }
   for (const DType t : kDtypes) {
+    c.max_abs(t, false);
+    c.max_abs(t, true);
     c.decode(t, 1, 7, 5, 3, true, false, false);     // odd sizes: element-wise loads
     c.decode(t, 3, 64, 40, 16, true, false, false);  // 16-byte loads in every dtype
     c.decode(t, 5, 131, 37, 24, true, true, true);   // mixed adapters, strided projection slices
