@@ -239,7 +239,7 @@ def quantization_of(base: nn.Module) -> Optional[QuantizedKind]:
     weight = getattr(base, "weight", None)
     if not isinstance(weight, Tensor):
         return None
-    if "bitsandbytes" in sys.modules:
+    if sys.modules.get("bitsandbytes") is not None:
         import bitsandbytes as bnb
 
         if isinstance(base, bnb.nn.Linear4bit) and isinstance(weight, bnb.nn.Params4bit):
@@ -247,7 +247,7 @@ def quantization_of(base: nn.Module) -> Optional[QuantizedKind]:
         if isinstance(base, bnb.nn.Linear8bitLt) and weight.dtype == torch.int8:
             return _Bnb8bit()
     torchao_tensor = False
-    if "torchao" in sys.modules:
+    if sys.modules.get("torchao") is not None:
         from torchao.utils import TorchAOBaseTensor
 
         torchao_tensor = isinstance(weight, TorchAOBaseTensor)
