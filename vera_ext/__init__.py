@@ -4,8 +4,9 @@
     layer = VeraLinear(nn.Linear(1024, 1024), r=256)   # trains only layer.vera_lambda_d / vera_lambda_b
 
 Layers (VeraLinear, the shared VeraProjection), model-level VeRA with PEFT's API and checkpoints (VeraConfig,
-VeraModel, get_vera_model), routing PEFT's own VeRA layers through our ops (patch_peft), meta-device init
-(materialize), and the functional custom ops (vera_ext.ops; importing it registers their autocast rules).
+VeraModel, get_vera_model), routing PEFT's own VeRA layers through our ops (patch_peft), quantized base layers
+(vera_ext.quantized: bitsandbytes and torchao, both optional), meta-device init (materialize), and the functional
+custom ops (vera_ext.ops; importing it registers their autocast rules).
 """
 
 # The one place the version is written: pyproject.toml reads it from here (tool.setuptools.dynamic).
@@ -17,7 +18,7 @@ try:
     # Before anything loads _C: a _C compiled against another torch fails with undefined symbols. Raises an
     # ImportError naming both torch versions and how to rebuild.
     check_build()
-    from . import ops
+    from . import ops, quantized
     from ._C import build_info
     from .config import VeraConfig
     from .layer import BASE_ADAPTER, VeraLinear
@@ -43,5 +44,6 @@ __all__ = [
     "materialize",
     "ops",
     "patch_peft",
+    "quantized",
     "unpatch_peft",
 ]

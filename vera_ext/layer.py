@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _C, ops, shared_input
+from . import _C, ops, quantized, shared_input
 from .autocast import autocast_dtype, autocast_enabled
 from .batch_context import batch_adapter_names
 from .precision import opmath_dtype
@@ -50,6 +50,7 @@ class _ForwardPlan(NamedTuple):
     fused: Optional[str] = None
     added: tuple = ()
     dropout_modes: tuple = ()  # (dropout module, its training flag when planned): a change re-plans
+    adapter_dtype: Optional[torch.dtype] = None  # quantized base: the adapter's dtype, as PEFT's (None: the base's)
 
 
 class VeraLinear(nn.Module):
@@ -238,14 +239,18 @@ class VeraLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------ merging
 
-    def _base_weight(self) -> Tensor:
+    def _merge_kind(self) -> Optional[quantized.QuantizedKind]:
+        """How merges reach the base weight: None for a dense weight merged in place, else the weight's quantized
+        kind (dequantized, merged in fp32, quantized again: docs/DESIGN.md §6.1). TypeError, before anything
+        changes, for a base that cannot absorb delta_W."""
+        kind = quantized.quantization_of(self.base_layer)  # (TypeError for an unsupported quantized weight)
         # Only layers whose output is x @ W^T (+ b) can absorb delta_W: a custom module may use its weight otherwise.
         if not (isinstance(self.base_layer, nn.Linear) or is_conv1d(self.base_layer)):
             raise TypeError(
                 f"merging is supported for only nn.Linear and Conv1D base layers, not "
                 f"{type(self.base_layer).__name__} (the adapter can still be used unmerged)"
             )
-        return self.base_layer.weight
+        return kind
 
     def _adapter_operands(self, name: str, dtype: torch.dtype, device: torch.device):
         projection = self._modules["vera_projection"]
@@ -283,36 +288,67 @@ class VeraLinear(nn.Module):
                 warnings.warn("All adapters are already merged, nothing to do.")
         if not names:
             return
-        weight = self._base_weight()
+        kind = self._merge_kind()
+        if kind is not None:
+            self._merge_quantized(kind, names, bool(safe_merge))
+            return
+        weight = self.base_layer.weight
         # A safe merge of several adapters runs on a copy that is committed once all of them merged, so a broken
         # adapter after a good one leaves the weight and merged_adapters as they were (one adapter: the op itself
         # leaves the weight untouched when it refuses).
         scratch = bool(safe_merge) and len(names) > 1
         target = weight.data.clone() if scratch else weight.data
         for name in names:
-            A, B, ld, lb = self._adapter_operands(name, self.vera_projection.vera_A.dtype, weight.device)
-            try:
-                ops.vera_merge_(target, A, B, ld, lb, 1.0, self.fan_in_fan_out, bool(safe_merge))
-            except ValueError as err:
-                raise ValueError(
-                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken ({err})"
-                ) from None
+            self._merge_into(target, name, 1.0, bool(safe_merge))
             if not scratch:
                 self.merged_adapters.append(name)
         if scratch:
             weight.data.copy_(target)
             self.merged_adapters.extend(names)
 
+    def _merge_into(self, weight: Tensor, name: str, alpha: float, safe: bool) -> None:
+        """weight += alpha * delta_W of adapter ``name`` (vera_merge_: fp32 accumulation, one rounding)."""
+        A, B, ld, lb = self._adapter_operands(name, self.vera_projection.vera_A.dtype, weight.device)
+        try:
+            ops.vera_merge_(weight, A, B, ld, lb, alpha, self.fan_in_fan_out, safe)
+        except ValueError as err:
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter {name} seems to be broken ({err})"
+            ) from None
+
+    def _merge_quantized(self, kind: quantized.QuantizedKind, names: list[str], safe: bool) -> None:
+        """Merge into a quantized base: dequantize to fp32, add every adapter's delta_W there with the merge op,
+        quantize once again with the layer's own settings. A refused merge installs nothing."""
+        dense = kind.dequantize(self.base_layer, torch.float32)
+        for name in names:
+            self._merge_into(dense, name, 1.0, safe)
+        if safe:
+            try:
+                kind.check_writable(dense)
+            except ValueError as err:
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter(s) {', '.join(names)} cannot be merged into "
+                    f"the {kind.name} weight ({err})"
+                ) from None
+        kind.write(self.base_layer, dense)
+        self.merged_adapters.extend(names)
+
     def unmerge(self) -> None:
         """Subtract every merged adapter's delta weight, most recent first."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        weight = self._base_weight()
+        kind = self._merge_kind()
+        if kind is not None:  # (one dequantization and one quantization for all merged adapters)
+            dense = kind.dequantize(self.base_layer, torch.float32)
+            for name in reversed(self.merged_adapters):
+                self._merge_into(dense, name, -1.0, False)
+            kind.write(self.base_layer, dense)
+            self.merged_adapters.clear()
+            return
+        weight = self.base_layer.weight
         while self.merged_adapters:
-            name = self.merged_adapters[-1]
-            A, B, ld, lb = self._adapter_operands(name, self.vera_projection.vera_A.dtype, weight.device)
-            ops.vera_merge_(weight.data, A, B, ld, lb, -1.0, self.fan_in_fan_out, False)
+            self._merge_into(weight.data, self.merged_adapters[-1], -1.0, False)
             self.merged_adapters.pop()
 
     # ------------------------------------------------------------------------------------------ forward
@@ -328,6 +364,8 @@ class VeraLinear(nn.Module):
             and not base._forward_pre_hooks
             # (under autocast both are cast to the autocast dtype, as nn.Linear's own GEMM does)
             and compute_dtype == autocast_dtype(base.weight)
+            # (a quantized weight, e.g. torchao's on an nn.Linear: the base layer's own forward computes it)
+            and not quantized.is_quantized(base)
         )
 
     def _dropout_active(self, name: str) -> bool:
@@ -385,7 +423,16 @@ class VeraLinear(nn.Module):
         if self._fusable(compute_dtype, has_args) and not self._dropout_active(active[0]):
             fused, active = active[0], active[1:]
         added = tuple((n, not self._dropout_active(n)) for n in active)
-        return _ForwardPlan(key, "adapters", compute_dtype, fused, added, dropout_modes)
+        adapter_dtype = self._quantized_adapter_dtype(x.dtype)
+        return _ForwardPlan(key, "adapters", compute_dtype, fused, added, dropout_modes, adapter_dtype)
+
+    def _quantized_adapter_dtype(self, x_dtype: torch.dtype) -> Optional[torch.dtype]:
+        """On a quantized base the adapter term runs in the promoted dtype of x and the projection (fp32 for a 16-bit
+        x), as PEFT's does there, and is added to the base output in that dtype (docs/DESIGN.md §6.1). None: a
+        dense base, whose adapter runs in the base output's dtype."""
+        if not quantized.is_quantized(self.base_layer):
+            return None
+        return torch.promote_types(x_dtype, self.vera_projection.vera_A.dtype)
 
     def forward(self, x: Tensor, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs) -> Tensor:
         """``x``: (..., in_features). ``adapter_names``: one adapter name per sample (``x.shape[0]``; for a 1-D x
@@ -411,11 +458,16 @@ class VeraLinear(nn.Module):
             result = _fused(x, w["weight"], w["bias"], A, B, ld, lb, None, projection, self.keep_merged_weight)
         else:
             result = self.base_layer(x, *args, **kwargs)
+        base_dtype = result.dtype
+        if plan.adapter_dtype is not None and result.dtype != plan.adapter_dtype:
+            result = result.to(plan.adapter_dtype)
         for name, share in plan.added:
             x_c = x if x.dtype == result.dtype else x.to(result.dtype)
             A, B, ld, lb = self._adapter_operands(name, autocast_dtype(result), result.device)
             shared = self._modules["vera_projection"] if share else None
             result = _added(self.vera_dropout[name](x_c), result, A, B, ld, lb, None, shared)
+        if result.dtype != base_dtype and plan.adapter_dtype is not None:
+            result = result.to(base_dtype)
         return _restore_dtype(result, previous_dtype)
 
     def _forward_mixed(self, x: Tensor, names: list[str], args, kwargs) -> Tensor:
@@ -462,15 +514,16 @@ class VeraLinear(nn.Module):
                 _fused(x, w.weight, w.bias, A, B, lambda_d, lambda_b, idx, self.vera_projection, False), previous_dtype
             )
         result = self.base_layer(x, *args, **kwargs)
+        base_dtype, adapter_dtype = result.dtype, self._quantized_adapter_dtype(x.dtype)
+        if adapter_dtype is not None and result.dtype != adapter_dtype:
+            result = result.to(adapter_dtype)
         if x_d.dtype != result.dtype:
             x_d = x_d.to(result.dtype)
         A, B = self.vera_projection.sliced(
             r_max, self.in_features, self.out_features, autocast_dtype(result), result.device
         )
-        return _restore_dtype(
-            _added(x_d, result, A, B, lambda_d, lambda_b, idx, self.vera_projection if x_d is x else None),
-            previous_dtype,
-        )
+        result = _added(x_d, result, A, B, lambda_d, lambda_b, idx, self.vera_projection if x_d is x else None)
+        return _restore_dtype(result if adapter_dtype is None else result.to(base_dtype), previous_dtype)
 
     def _mixed_dropout(self, x: Tensor, names: list[str], rows_per_sample: int) -> Tensor:
         """Each sample gets its adapter's dropout (rows of "__base__" need none: their adapter term is 0)."""

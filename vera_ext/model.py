@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import checkpoint, shared_input
+from . import checkpoint, quantized, shared_input
 from .config import VeraConfig
 from .hf_integration import is_transformers_model, peft_recognised_class
 from .layer import BASE_ADAPTER, VeraLinear
@@ -355,6 +355,10 @@ class VeraModel(nn.Module):
                     f"cannot merge into {path} ({type(base).__name__}): only nn.Linear and Conv1D weights can absorb "
                     "the adapter; use it unmerged"
                 )
+            try:
+                quantized.quantization_of(base)
+            except TypeError as err:
+                raise TypeError(f"cannot merge into {path}: {err}") from None
             work.append((layer, names))
         if safe_merge:
             for layer, names in work:
@@ -604,12 +608,20 @@ def _round_like_peft(layer: VeraLinear, name: str, base: nn.Module) -> None:
 
 
 def _check_merge_is_finite(layer: VeraLinear, names: list[str]) -> None:
-    weight = layer.base_layer.weight
-    merged = weight.detach()
+    base = layer.base_layer
+    kind = quantized.quantization_of(base)
+    # (a quantized weight is merged in fp32 and quantized again: check the fp32 sum and that it quantizes finitely)
+    dtype = torch.float32 if kind is not None else base.weight.dtype
+    merged = quantized.dequantize_weight(base, torch.float32) if kind is not None else base.weight.detach()
     for name in names:
         if name in layer.merged_adapters:
             continue
-        delta = layer.get_delta_weight(name).to(weight.device, torch.float32)
-        merged = (merged.float() + delta).to(weight.dtype)
+        delta = layer.get_delta_weight(name).to(merged.device, torch.float32)
+        merged = (merged.float() + delta).to(dtype)
         if not torch.isfinite(merged).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+    if kind is not None:
+        try:
+            kind.check_writable(merged)
+        except ValueError as err:
+            raise ValueError(f"NaNs detected in the merged weights: cannot merge into the {kind.name} weight ({err})")

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import ops, quantized
 from .precision import opmath_dtype
 
 __all__ = ["patch_peft", "unpatch_peft", "is_peft_patched"]
@@ -105,15 +105,8 @@ def _merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = 
     for active_adapter in adapter_names or ():
         if active_adapter not in self.vera_lambda_d.keys():
             continue
-        if self.quantization_backend is not None:  # dequantize / requantize through PEFT's backend
-            weight = self.get_base_weight()
-            merged = weight.clone() if safe_merge else weight
-            merged += self.get_delta_weight(active_adapter).to(merged.device, merged.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"NaNs detected in the merged weights. The adapter {active_adapter} seems to be broken"
-                )
-            self.set_base_weight(merged)
+        if self.quantization_backend is not None:
+            _merge_quantized(self, active_adapter, 1.0, bool(safe_merge))
         else:
             weight = self.get_base_layer().weight.data
             A, B, ld, lb = _operands(self, active_adapter, self.vera_A[active_adapter].dtype, weight.device)
@@ -135,10 +128,34 @@ def _unmerge(self) -> None:
         if active_adapter not in self.vera_lambda_d.keys():
             continue
         if self.quantization_backend is not None:
-            weight = self.get_base_weight()
-            weight -= self.get_delta_weight(active_adapter).to(weight.device, weight.dtype)
-            self.set_base_weight(weight)
+            _merge_quantized(self, active_adapter, -1.0, False)
         else:
             weight = self.get_base_layer().weight.data
             A, B, ld, lb = _operands(self, active_adapter, self.vera_A[active_adapter].dtype, weight.device)
             ops.vera_merge_(weight, A, B, ld, lb, -1.0, self.fan_in_fan_out, False)
+
+
+def _merge_quantized(self, adapter: str, alpha: float, safe: bool) -> None:
+    """A quantized base (PEFT's quantization backend): PEFT's dequantized weight, alpha * delta_W added to an fp32
+    copy of it with the merge op, then rounded to the dequantized weight's dtype and handed to PEFT's backend,
+    which quantizes it again (docs/DESIGN.md §6.1). A refused safe merge hands nothing back."""
+    weight = self.get_base_weight()
+    dense = weight.to(torch.float32, copy=True)
+    A, B, ld, lb = _operands(self, adapter, self.vera_A[adapter].dtype, dense.device)
+    try:
+        ops.vera_merge_(dense, A, B, ld, lb, alpha, self.fan_in_fan_out, safe)
+        merged = dense.to(weight.dtype)
+        if safe:
+            if not torch.isfinite(merged).all():
+                raise ValueError("a merged value is not finite in the dequantized weight's dtype")
+            try:
+                kind = quantized.quantization_of(self.get_base_layer())
+            except TypeError:  # (a kind only PEFT's backend knows: its own quantizer decides)
+                kind = None
+            if kind is not None:
+                kind.check_writable(merged)
+    except ValueError as err:
+        raise ValueError(
+            f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken ({err})"
+        ) from None
+    self.set_base_weight(merged)
