@@ -66,3 +66,29 @@ def test_mixed_adapter_ops_capture_and_replay(rows):
     torch.cuda.synchronize()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+_BAD_INDEX_DECODE = """
+import torch, vera_ext
+g = torch.Generator().manual_seed(0)
+x, w = torch.randn(4, 64, generator=g).cuda().bfloat16(), torch.randn(48, 64, generator=g).cuda().bfloat16()
+A, B = torch.randn(16, 64, generator=g).cuda().bfloat16(), torch.randn(48, 16, generator=g).cuda().bfloat16()
+ld, lb = torch.randn(3, 16).cuda(), torch.randn(3, 48).cuda()
+y, _ = torch.ops.vera_ext.vera_linear_forward(x, w, None, A, B, ld, lb, torch.tensor([0, 3, 1, -1]).cuda())
+torch.cuda.synchronize()
+print("NOT REFUSED", y.float().abs().sum().item())
+"""
+
+
+@pytest.mark.cuda
+def test_decode_refuses_an_out_of_range_index_on_the_device():
+    """The decode path (N <= 32) checks adapter_idx in its kernels (no host read): a bad entry trips a device-side
+    assert naming adapter_idx, as torch's own index kernels do. It ends the CUDA context, so it runs in a child
+    process."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _BAD_INDEX_DECODE], capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr  # the device prints the failed assertion through its printf buffer
+    assert done.returncode != 0 and "NOT REFUSED" not in out
+    assert "device-side assert" in out and "adapter_idx holds a value outside" in out, out
