@@ -4,7 +4,8 @@
 // the params filling is tested on the CPU too.
 //
 // A launch policy L provides: L::Guard (constructed from the tensors' device), L::stream(), L::check(err, what),
-// and L::capturing() (true while a CUDA graph is being captured).
+// L::capturing() (true while a CUDA graph is being captured) and L::clear_partials(t) (zeroes a partials workspace
+// where a launch may skip blocks: the emulated trace's sampling).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -190,6 +191,7 @@ struct KernelPrims {
     p.blocks = max_abs_blocks(max_numel);
     const at::TensorOptions fp32 = tensors[0].options().dtype(at::kFloat);
     Tensor partial = at::empty({p.count, p.blocks}, fp32), maxima = at::empty({p.count}, fp32);
+    L::clear_partials(partial);  // (a no-op on the GPU: see EmuLaunch)
     p.partial = partial.data_ptr<float>();
     p.maxima = maxima.data_ptr<float>();
     L::check(launch_max_abs(p, L::stream()), "max_abs");

@@ -18,6 +18,7 @@ struct CudaLaunch {
   static bool capturing() {
     return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   }
+  static void clear_partials(at::Tensor&) {}  // every block writes its partial
 };
 
 using Prims = KernelPrims<CudaLaunch>;

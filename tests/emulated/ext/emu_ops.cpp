@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -40,6 +41,12 @@ struct EmuLaunch {
   static cudaStream_t stream() { return nullptr; }
   static void check(cudaError_t err, const char* what) { check_launch(err, what); }
   static bool capturing() { return emulated_capture; }
+  // A traced launch may run only a sample of its blocks (emu_trace.h): the partials of the blocks it skips are zeroed
+  // first (below the dispatcher: the trace records no ATen call), so that a decision the host takes from them (the
+  // safe merge's bound) is made on the sampled values instead of uninitialized memory.
+  static void clear_partials(Tensor& partial) {
+    if (vera_emu::trace::sample_blocks() > 0) std::memset(partial.data_ptr(), 0, partial.nbytes());
+  }
 };
 
 using EmuPrims = vera::cuda::KernelPrims<EmuLaunch>;
