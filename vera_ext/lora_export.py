@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from typing import Optional, Union
 
@@ -238,3 +239,148 @@ def _check_out_dir(out_dir) -> str:
                 "replace it with a LoRA. Choose another out_dir (an earlier LoRA export there is replaced)"
             )
     return directory
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+CLI_USAGE = """python -m vera_ext export-lora ADAPTER_DIR OUT_DIR --base MODEL [--rank K] [--adapter-name NAME]
+
+Write the VeRA adapter saved in ADAPTER_DIR (PEFT's format, by PEFT or vera_ext) into OUT_DIR as a PEFT LoRA adapter:
+exact at rank r, or the best rank-K approximation of every layer's delta with --rank K < r.
+
+--base gives the model architecture: a transformers model directory (from save_pretrained) or its config.json. Only
+the config is read: the delta weights do not depend on the base weights, and the projection comes from the adapter
+(save_projection) or from its PRNG key. The model is built from the config on the CPU without initializing its
+weights (memory is reserved for them, not written)."""
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vera_ext export-lora",
+        usage=CLI_USAGE.split("\n\n")[0],
+        description="\n\n".join(CLI_USAGE.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="the VeRA adapter directory")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where the LoRA adapter is written")
+    parser.add_argument(
+        "--base", required=True, metavar="MODEL", help="a transformers model directory or its config.json"
+    )
+    parser.add_argument("--rank", type=_positive_int, help="the LoRA rank K (default: r, exact)")
+    parser.add_argument(
+        "--adapter-name",
+        default="default",
+        metavar="NAME",
+        help="the adapter to export: 'default' (the default) is ADAPTER_DIR itself, another name its sub-folder "
+        "ADAPTER_DIR/NAME (where save_pretrained puts adapters other than 'default')",
+    )
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32", help="of the factors"
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = export_lora_from_dirs(
+            args.adapter_dir,
+            args.out_dir,
+            args.base,
+            rank=args.rank,
+            adapter_name=args.adapter_name,
+            dtype=getattr(torch, args.dtype),
+        )
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"python -m vera_ext export-lora: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.out_dir}: LoRA r={config['r']} (lora_alpha={config['lora_alpha']}) on "
+        f"{len(config['target_modules'])} modules"
+        + (f", modules_to_save {config['modules_to_save']}" if config["modules_to_save"] else "")
+    )
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def export_lora_from_dirs(
+    adapter_dir,
+    out_dir,
+    base,
+    rank: Optional[int] = None,
+    adapter_name: str = "default",
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """What the command line does: the model of ``base`` (a transformers model directory or config.json) built
+    without initializing its weights, the VeRA adapter of ``adapter_dir`` loaded onto it (another than "default":
+    from its sub-folder, after the "default" adapter beside it when there is one), :func:`export_lora`."""
+    from .model import VeraModel
+
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+    adapter_dir = os.fspath(adapter_dir)
+    source = adapter_dir if adapter_name == "default" else os.path.join(adapter_dir, adapter_name)
+    if not os.path.isfile(os.path.join(source, CONFIG_NAME)):
+        where = "ADAPTER_DIR" if adapter_name == "default" else f"ADAPTER_DIR/{adapter_name} (--adapter-name)"
+        raise FileNotFoundError(f"{where}: no {CONFIG_NAME} in {source!r}: not a PEFT adapter directory")
+    out = _check_out_dir(out_dir)
+    if os.path.isdir(out) and os.path.samefile(out, source):
+        raise ValueError(f"OUT_DIR {out!r} is the adapter's own directory; choose another one")
+    model = build_from_config(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the PRNG-projection notice of a save_projection=False adapter
+        if source != adapter_dir and os.path.isfile(os.path.join(adapter_dir, CONFIG_NAME)):
+            # an adapter saved beside "default": its projection is the one shared with "default" (sized for the
+            # targets of both), so it loads after it, as save_pretrained's layout is meant to be read
+            vera_model = VeraModel.from_pretrained(model, adapter_dir)
+            vera_model.load_adapter(source, adapter_name)
+        else:
+            vera_model = VeraModel.from_pretrained(model, source, adapter_name=adapter_name)
+    return export_lora(vera_model, adapter_name, out, rank, dtype=dtype)
+
+
+def build_from_config(base) -> torch.nn.Module:
+    """The transformers model of ``base`` (a directory with config.json, or a config.json), its class from the
+    config's ``architectures``, in the config's dtype, on the CPU with uninitialized weights (built on the meta
+    device, then ``to_empty``: nothing is initialized or read)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("--base: reading a model config needs transformers (pip install transformers)") from None
+    path = os.fspath(base)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--base: no config.json in the directory {os.fspath(base)!r}")
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--base: {path!r} is neither a model directory nor a config.json (vera_ext reads local files only)"
+        )
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--base: {path!r} is not a transformers model config ({err})") from None
+    names = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+    if cls is None:
+        raise ValueError(
+            f"--base: the config {path!r} names no transformers model class in 'architectures' ({names}); "
+            "save the base model with save_pretrained, which records it"
+        )
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, torch.float32)
+    if dtype not in _DTYPES:
+        dtype = torch.float32
+    with torch.device("meta"):
+        model = cls(config).to(dtype)
+    return model.to_empty(device="cpu").eval()
