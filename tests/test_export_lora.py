@@ -234,12 +234,12 @@ def test_refusals_name_the_argument_and_write_nothing(tmp_path):
     assert {p: (tmp_path / "vera" / p).read_bytes() for p in os.listdir(tmp_path / "vera")} == before
 
 
-def test_bias_adapters_are_refused():
+def test_bias_adapters_are_refused(tmp_path):
     base = vm.mlp()
     vera = vm.ours(base, r=4, target_modules=["lin0"], bias="vera_only")
     with pytest.raises(ValueError, match="bias='vera_only'"):
-        export_lora(vera, "default", "never-written")
-    assert not os.path.exists("never-written")
+        export_lora(vera, "default", tmp_path / "lora")
+    assert _listing(tmp_path) == []
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -320,3 +320,22 @@ def test_cli_is_registered():
     with pytest.raises(SystemExit) as exit_:
         __main__.main(["export-lora", "--help"])
     assert exit_.value.code == 0
+
+
+# ------------------------------------------------------------------------------------------------- benchmark
+
+
+def test_export_bench_times_both_and_checks_both_exports():
+    from vera_ext.bench.export_case import export_lora_bench, format_export_table
+
+    result = export_lora_bench(r=16, rounds=1, quick=True)
+    assert {(row["pair"], row["impl"]) for row in result["rows"]} == {
+        (pair, impl) for pair in ("files", "in memory") for impl in ("vera_ext", "peft")
+    }
+    assert all(len(row["samples_s"]) == 1 and row["median_s"] > 0 for row in result["rows"])
+    assert result["adapter_term_max_abs"] > 1e-3
+    assert result["max_abs_diff"]["vera_ext"] <= 1e-5 * max(1.0, result["adapter_term_max_abs"])
+    assert result["delta_rel_error"]["vera_ext"] <= 1e-6  # fp32 rounding of the two factors
+    assert result["delta_rel_error"]["peft"] <= 1e-4  # PEFT's fp32 SVD: close too, not exact
+    table = format_export_table(result)
+    assert "PEFT / vera_ext" in table and "files" in table

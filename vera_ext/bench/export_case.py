@@ -14,7 +14,8 @@ config and the same random nonzero lambdas (``same_lambdas``), target q_proj and
 
 PEFT converts by an SVD of every dense delta weight (``torch.linalg.svd``, fp32); vera_ext writes the VeRA factors
 themselves (docs/DESIGN.md §9). Exactness: both directories are loaded with ``PeftModel.from_pretrained`` onto
-copies of the base model and their logits on random tokens compared with the VeRA model's (max abs difference).
+copies of the base model and their logits on random tokens compared with the VeRA model's (max abs difference), and
+the written factors' product compared with the float64 delta weight of each layer (relative Frobenius error).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from ..lora_export import export_lora, lora_state_dict
+from ..lora_export import export_lora, lora_factors, lora_state_dict
 from .model_cases import MODELS, build_base, peft_vera, same_lambdas, vera_ext_model
 
 __all__ = ["export_lora_bench", "format_export_table", "main"]
@@ -47,8 +48,9 @@ def export_lora_bench(
 ) -> dict:
     """Time the two pairs (module docstring) and check both exports in PEFT; the directories are written into a
     temporary directory (under ``work_dir``) removed at the end. Returns {"setup": ..., "rows": [{"pair", "impl",
-    "median_s", "samples_s"}], "ratios": {pair: peft / vera_ext}, "max_abs_diff": {impl: ...},
-    "adapter_term_max_abs": how much the adapter changes the logits}."""
+    "median_s", "samples_s"}], "ratios": {pair: peft / vera_ext}, "max_abs_diff": {impl: max abs difference of the
+    logits}, "delta_rel_error": {impl: largest relative Frobenius error of the written lora_B @ lora_A against the
+    float64 delta weight over the layers}, "adapter_term_max_abs": how much the adapter changes the logits}."""
     from ..peft_patch import is_peft_patched
 
     if is_peft_patched():
@@ -68,6 +70,7 @@ def export_lora_bench(
 def _measure(spec, targets, rounds, base, peft, ours, tmp) -> dict:
     from peft import PeftModel
     from peft.tuners.lora import convert_to_lora, save_as_lora
+    from safetensors.torch import load_file
 
     counter = iter(range(10**9))
 
@@ -101,10 +104,23 @@ def _measure(spec, targets, rounds, base, peft, ours, tmp) -> dict:
         save_as_lora(peft_dir, peft, rank=spec.r)
         tokens = torch.randint(0, spec.llama["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
         want = ours(tokens).logits
-        diffs = {}
+        diffs, delta_errors = {}, {}
+        exact = {path: B @ A for path, (A, B) in lora_factors(ours, "default").items()}  # float64 dW per layer
         for impl, directory in (("vera_ext", ours_dir), ("peft", peft_dir)):
             loaded = PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
             diffs[impl] = (loaded(tokens).logits - want).abs().max().item()
+            tensors = load_file(os.path.join(directory, "adapter_model.safetensors"))
+            delta_errors[impl] = max(
+                (
+                    tensors[f"base_model.model.{path}.lora_B.weight"].double()
+                    @ tensors[f"base_model.model.{path}.lora_A.weight"].double()
+                    - dW
+                )
+                .norm()
+                .item()
+                / dW.norm().item()
+                for path, dW in exact.items()
+            )
         adapter_term = (want - base(tokens).logits).abs().max().item()
     rows = [
         {"pair": pair, "impl": impl, "median_s": statistics.median(s), "samples_s": s}
@@ -124,6 +140,7 @@ def _measure(spec, targets, rounds, base, peft, ours, tmp) -> dict:
         "rows": rows,
         "ratios": ratios,
         "max_abs_diff": diffs,
+        "delta_rel_error": delta_errors,
         "adapter_term_max_abs": adapter_term,
     }
 
@@ -133,12 +150,15 @@ def format_export_table(result: dict) -> str:
     median = {(row["pair"], row["impl"]): row["median_s"] for row in result["rows"]}
     for pair, ratio in result["ratios"].items():
         lines.append(f"{pair:<10} {median[(pair, 'vera_ext')]:>13.4f} {median[(pair, 'peft')]:>10.4f} {ratio:>15.1f}x")
-    d = result["max_abs_diff"]
+    d, e = result["max_abs_diff"], result["delta_rel_error"]
     lines += [
         "",
         "logits of the exported LoRA loaded with PeftModel.from_pretrained vs the VeRA model (max abs difference; "
         f"the adapter changes the logits by up to {result['adapter_term_max_abs']:.3g}):",
         f"  vera_ext.export_lora: {d['vera_ext']:.3g}    PEFT save_as_lora (SVD): {d['peft']:.3g}",
+        "the written factors' lora_B @ lora_A vs the float64 delta weight (largest relative Frobenius error over the "
+        "layers):",
+        f"  vera_ext.export_lora: {e['vera_ext']:.3g}    PEFT save_as_lora (SVD): {e['peft']:.3g}",
     ]
     return "\n".join(lines)
 
