@@ -293,6 +293,19 @@ def test_cli_exports_a_saved_adapter(tmp_path, capsys, save_projection):
     _assert_same_outputs(_logits(_peft_load(vm.tiny_llama(), tmp_path / "lora2"), x), want["second"], plain)
 
 
+def test_cli_exports_an_adapter_saved_by_peft(tmp_path, capsys):
+    base, twin = vm.twins(vm.tiny_llama)
+    peft_vera = vm.peft_model(base, r=8, target_modules=QV).eval()
+    vm.randomize_lambdas(peft_vera)
+    x = vm.token_ids()
+    want, plain = _logits(peft_vera, x), _logits(twin, x)
+    peft_vera.save_pretrained(tmp_path / "adapter")
+    twin.save_pretrained(tmp_path / "base")
+    argv = [str(tmp_path / "adapter"), str(tmp_path / "lora"), "--base", str(tmp_path / "base")]
+    assert cli_main(argv) == 0
+    _assert_same_outputs(_logits(_peft_load(vm.tiny_llama(), tmp_path / "lora"), x), want, plain)
+
+
 def test_cli_errors(tmp_path, capsys):
     vera, base = _llama_pair()
     vera.save_pretrained(tmp_path / "adapter")

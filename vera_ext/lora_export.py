@@ -244,6 +244,7 @@ def _check_out_dir(out_dir) -> str:
 # ---------------------------------------------------------------------------------------------- command line
 
 CLI_USAGE = """python -m vera_ext export-lora ADAPTER_DIR OUT_DIR --base MODEL [--rank K] [--adapter-name NAME]
+                                    [--dtype D]
 
 Write the VeRA adapter saved in ADAPTER_DIR (PEFT's format, by PEFT or vera_ext) into OUT_DIR as a PEFT LoRA adapter:
 exact at rank r, or the best rank-K approximation of every layer's delta with --rank K < r.
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--base", required=True, metavar="MODEL", help="a transformers model directory or its config.json"
     )
-    parser.add_argument("--rank", type=_positive_int, help="the LoRA rank K (default: r, exact)")
+    parser.add_argument("--rank", type=_positive_int, metavar="K", help="the LoRA rank K (default: r, exact)")
     parser.add_argument(
         "--adapter-name",
         default="default",
@@ -277,7 +278,11 @@ def main(argv=None) -> int:
         "ADAPTER_DIR/NAME (where save_pretrained puts adapters other than 'default')",
     )
     parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32", help="of the factors"
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "float64"],
+        default="float32",
+        metavar="D",
+        help="the factors' dtype: float32 (default), bfloat16, float16 or float64",
     )
     args = parser.parse_args(argv)
     try:
