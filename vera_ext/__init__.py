@@ -5,8 +5,9 @@
 
 Layers (VeraLinear, the shared VeraProjection), model-level VeRA with PEFT's API and checkpoints (VeraConfig,
 VeraModel, get_vera_model), routing PEFT's own VeRA layers through our ops (patch_peft), quantized base layers
-(vera_ext.quantized: bitsandbytes and torchao, both optional), meta-device init (materialize), and the functional
-custom ops (vera_ext.ops; importing it registers their autocast rules).
+(vera_ext.quantized: bitsandbytes and torchao, both optional), meta-device init (materialize), export to a PEFT
+LoRA adapter directory (export_lora), and the functional custom ops (vera_ext.ops; importing it registers their
+autocast rules).
 """
 
 # The one place the version is written: pyproject.toml reads it from here (tool.setuptools.dynamic).
@@ -22,6 +23,7 @@ try:
     from ._C import build_info
     from .config import VeraConfig
     from .layer import BASE_ADAPTER, VeraLinear
+    from .lora_export import export_lora
     from .meta_init import materialize
     from .model import VeraModel, get_vera_model
     from .peft_patch import is_peft_patched, patch_peft, unpatch_peft
@@ -38,6 +40,7 @@ __all__ = [
     "VeraModel",
     "VeraProjection",
     "build_info",
+    "export_lora",
     "generate_projection",
     "get_vera_model",
     "is_peft_patched",

@@ -5,13 +5,14 @@ import sys
 COMMANDS = {
     "bench": "side-by-side benchmark and profiling: base layer vs PEFT's VeRA vs vera_ext",
     "demo": "a short end-to-end demonstration of vera_ext",
+    "export-lora": "write a VeRA adapter directory as a PEFT LoRA adapter (exact, or the best rank-k)",
     "info": "build info, the torch it was built with and the one running, compiled archs, GPU visibility",
 }
 
 
 def _usage() -> str:
     lines = ["usage: python -m vera_ext <command> [options]", "", "commands:"]
-    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:<11} {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -34,6 +35,10 @@ def main(argv=None) -> int:
         from . import bench
 
         return bench.main(rest)
+    if command == "export-lora":
+        from . import lora_export
+
+        return lora_export.main(rest)
     try:
         from . import demo
     except ModuleNotFoundError as err:
