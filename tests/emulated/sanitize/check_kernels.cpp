@@ -241,7 +241,7 @@ struct Checker {
       const int64_t first = i == 2 ? 1 : 0;
       if (poison && i == 1) ms[i].set(0, 4097, INFINITY);
       double m = 0;
-      for (int64_t j = first; j < first + sizes[i]; ++j) m = std::max(m, std::fabs(ms[i].get(0, j)));
+      for (int64_t j = first; j < first + sizes[i]; ++j) m = std::max(m, double(std::fabs(ms[i].get(0, j))));
       want.push_back(m);
       p.data[i] = static_cast<const char*>(ms[i].data()) + first * (t == DType::F32 ? 4 : 2);
       p.numel[i] = sizes[i];
