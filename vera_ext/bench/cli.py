@@ -66,7 +66,7 @@ from .model_cases import (
 )
 from .model_cases import model_cases as build_model_cases
 from .preset import PRESET_CASES, PRESET_HELP, PRESETS, Preset, PresetRun, refused
-from .quantize_base import BASE_HELP, BASES, bitsandbytes_problem
+from .quantize_base import BASE_HELP, BASES, bitsandbytes_problem, quiet_int8_cast_notice
 from .report import (
     Output,
     Result,
@@ -542,7 +542,7 @@ def main(argv=None) -> int:
         print(parser.epilog)
         return 0
     s = parse_settings(parser, args)
-    with Output(args.log) as say:
+    with Output(args.log) as say, quiet_int8_cast_notice():
         return run_preset(s, args, say) if s.preset is not None else run_cases(s, args, say)
 
 

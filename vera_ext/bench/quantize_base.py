@@ -22,7 +22,9 @@ such repack.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import contextlib
+import logging
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -33,7 +35,8 @@ BASE_HELP = {
     "none": "the float nn.Linear (no quantization)",
     "nf4": "bitsandbytes Linear4bit, NF4 (QLoRA's 4-bit NormalFloat), block 64, nested absmax",
     "fp4": "bitsandbytes Linear4bit, FP4, block 64, nested absmax",
-    "int8": "bitsandbytes Linear8bitLt, int8 row-wise weights (has_fp16_weights=False, threshold 0)",
+    "int8": "bitsandbytes Linear8bitLt, int8 row-wise weights (has_fp16_weights=False, threshold 0); its inference "
+    "matmul casts the activations to fp16",
 }
 
 
@@ -114,3 +117,22 @@ def weight_bytes(modules: Iterable[nn.Module]) -> int:
             if isinstance(t, torch.Tensor) and t.numel() > 0:
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
+
+
+class _DropInt8CastNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast from")
+
+
+@contextlib.contextmanager
+def quiet_int8_cast_notice() -> Iterator[None]:
+    """Within the block, drop bitsandbytes' "MatMul8bitLt: inputs will be cast from ... to float16" log line, which
+    it writes on every inference call of an int8 layer on fp32/bf16 inputs (one line per layer per forward); callers
+    say it once instead. Other bitsandbytes messages pass."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    notice = _DropInt8CastNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
