@@ -141,6 +141,27 @@ def test_weight_bytes_count_the_formats():
 
 
 @needs_bnb
+def test_int8_dequantized_copy_holds_the_int8_weights_as_floats():
+    """The copy's Linear holds each weight within half an int8 step (step = row absmax / 127) of the float weight,
+    plus the fp16 rounding of the weight and of its row scale that bitsandbytes quantizes from (2^-11 each), and
+    computes what bitsandbytes' CPU training path computes (the int8 weights dequantized, then an fp32 matmul)."""
+    from vera_ext.bench.quantize_base import has_int8_layers, int8_dequantized_copy, quantize_linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 64)
+    net = nn.Sequential(quantize_linear(lin, "int8", "cpu"), nn.ReLU())
+    x = torch.randn(5, 96)
+    want = net.train()(x).detach()  # (also moves the int8 statistics into the layer's state, as a forward does)
+    plain = int8_dequantized_copy(net)
+    assert has_int8_layers(net) and not has_int8_layers(plain) and type(plain[0]) is nn.Linear
+    step = lin.weight.detach().abs().amax(1, keepdim=True) / 127
+    fp16 = 2 * 2**-11 * lin.weight.detach().abs().amax(1, keepdim=True)
+    assert ((plain[0].weight - lin.weight).abs() <= step / 2 + fp16).all()
+    assert torch.equal(plain[0].bias, lin.bias.detach())
+    torch.testing.assert_close(plain(x), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_bnb
 def test_a_quantized_layer_trains_after_an_eval_forward():
     """bitsandbytes' CPU 4-bit layer repacks its weight on an eval forward without grad, after which a forward with
     grad raises; the layers built here keep the trainable layout (quantize_base's docstring)."""

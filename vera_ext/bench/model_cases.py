@@ -63,7 +63,7 @@ from torch import nn
 from ..config import VeraConfig
 from ..model import get_vera_model
 from .cases import Case, rel_diff
-from .quantize_base import quantize_linears
+from .quantize_base import has_int8_layers, int8_dequantized_copy, quantize_linears
 from .report import Result
 from .timing import saved_bytes
 
@@ -302,8 +302,12 @@ def check_same_targets(ours: nn.Module, peft: nn.Module, what: str) -> None:
 def check_same_function(ours: nn.Module, peft: nn.Module, forward, what: str) -> dict[str, float]:
     """vera_ext's ``ours`` and PEFT's ``peft`` must compute the same function: ``forward(model)`` returns
     ``{name: tensor}``, run on both in eval mode (no dropout) without grad, and every tensor must pass
-    ``check_same``. 16-bit models are compared through fp32 copies: the two round differently by design
+    ``check_same``. Models on an int8 base are compared through ``int8_dequantized_copy`` (the same int8 weights
+    without LLM.int8()'s rounding of the activations, which turns rounding-level differences into whole steps).
+    16-bit models are compared through fp32 copies: the two round differently by design
     (docs/DESIGN.md §5), which does not make them different functions. Returns ``{name: relative difference}``."""
+    if has_int8_layers(ours) or has_int8_layers(peft):
+        ours, peft = int8_dequantized_copy(ours), int8_dequantized_copy(peft)
     if any(p.dtype in (torch.float16, torch.bfloat16) for p in ours.parameters()):
         ours, peft = copy.deepcopy(ours).float(), copy.deepcopy(peft).float()
     with torch.no_grad():

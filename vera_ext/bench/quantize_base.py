@@ -23,6 +23,7 @@ such repack.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from typing import Iterable, Iterator, Optional
 
@@ -117,6 +118,39 @@ def weight_bytes(modules: Iterable[nn.Module]) -> int:
             if isinstance(t, torch.Tensor) and t.numel() > 0:
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
+
+
+def has_int8_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds a bitsandbytes ``Linear8bitLt`` (False without bitsandbytes imported: none can)."""
+    return any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
+
+
+def int8_dequantized_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose ``Linear8bitLt`` layers are ``nn.Linear`` layers holding their dequantized
+    weights (int8 values x row scale / 127, what bitsandbytes' own dequantization computes) and their biases, in the
+    bias's dtype (fp32 without one).
+
+    LLM.int8()'s inference matmul also quantizes each activation row to int8, a step function of its input: two
+    models whose activations differ by one rounding (vera_ext and PEFT add the adapter term in different orders)
+    can then differ by a whole quantization step after a few layers. The same-function check compares such models
+    through these copies: the same int8 weights, without the activation rounding."""
+    import bitsandbytes as bnb
+
+    model = copy.deepcopy(model)
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]:
+        cb = layer.weight.data if layer.weight.dtype == torch.int8 else layer.state.CB
+        scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+        dtype = layer.bias.dtype if layer.bias is not None else torch.float32
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=cb.device)
+        with torch.no_grad():
+            plain.weight.copy_(bnb.functional.int8_vectorwise_dequant(cb, scb))
+            if layer.bias is not None:
+                plain.bias.copy_(layer.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(
+            model.get_submodule(parent_name) if parent_name else model, child, plain.to(dtype).requires_grad_(False)
+        )
+    return model
 
 
 class _DropInt8CastNotice(logging.Filter):
