@@ -32,6 +32,7 @@ from torch import nn
 
 from ..layer import VeraLinear
 from ..projection import VeraProjection
+from .quantize_base import quantize_linear, weight_bytes
 from .timing import saved_activation_bytes
 
 
@@ -152,13 +153,29 @@ def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
 class Layers:
     """``base``, PEFT's VeRA (``peft``, None without peft) and ``vera_ext`` around identical weights, one projection
     and equal lambdas (``init_weights=False``, so lambda_b != 0 and the adapter term is not trivially zero), with
-    ``adapters`` adapters: ``default`` then ``a1``, ``a2``, ..."""
+    ``adapters`` adapters: ``default`` then ``a1``, ``a2``, ...
 
-    def __init__(self, preset: ShapePreset, dtype: torch.dtype, device: str, adapters: int = 1, seed: int = 0):
+    ``quantized``: ``none`` (the float ``nn.Linear``) or a quantized base (``nf4``, ``fp4``, ``int8``:
+    quantize_base.py) built from that layer's weights; PEFT's and our layers then wrap copies of the quantized layer.
+    ``weight_bytes``: the base weight's bytes (for a quantized base, with its quantization statistics; no bias)."""
+
+    def __init__(
+        self,
+        preset: ShapePreset,
+        dtype: torch.dtype,
+        device: str,
+        adapters: int = 1,
+        seed: int = 0,
+        quantized: str = "none",
+    ):
         self.in_f, self.out_f, self.r = preset.in_f, preset.out_f, preset.r
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.quantized = dtype, device, quantized
         torch.manual_seed(seed)
         self.base = nn.Linear(self.in_f, self.out_f, device=device, dtype=dtype).requires_grad_(False)
+        bias_bytes = self.base.bias.numel() * self.base.bias.element_size()
+        if quantized != "none":
+            self.base = quantize_linear(self.base, quantized, device, compute_dtype=dtype)
+        self.weight_bytes = weight_bytes([self.base]) - bias_bytes
         self.names = ["default"] + [f"a{i}" for i in range(1, adapters)]
         self.peft = None
         try:
@@ -203,7 +220,18 @@ class Layers:
 
 
 def _dims(layers: Layers, n: int, **more) -> dict:
-    return {"N": n, "I": layers.in_f, "O": layers.out_f, "r": layers.r, **more}
+    """The case's sizes; with a quantized base, also its kind (``base``)."""
+    quantized = {"base": layers.quantized} if layers.quantized != "none" else {}
+    return {"N": n, "I": layers.in_f, "O": layers.out_f, "r": layers.r, **more, **quantized}
+
+
+def _costs(layers: Layers, case: str, shape: dict, impls) -> dict[str, tuple[int, int]]:
+    """A quantized base's (FLOPs, bytes) per implementation: ``case_cost`` with the quantized weight's bytes
+    (empty for a float base: measure_case then calls case_cost itself)."""
+    if layers.quantized == "none":
+        return {}
+    elem = layers.dtype.itemsize
+    return {k: case_cost(case, shape, k != "base", elem, layers.weight_bytes) for k in impls}
 
 
 def training_cases(layers: Layers, n: int, selected: set[str]) -> list[Case]:
@@ -242,7 +270,7 @@ def training_cases(layers: Layers, n: int, selected: set[str]) -> list[Case]:
     for name, make in (("train_fwd", fwd), ("train_fwd_bwd", fwd_bwd)):
         if name in selected:
             fns = {k: make(m, layers.lambdas(k)) for k, m in impls.items()}
-            cases.append(Case(name, shape, fns, extra=extra))
+            cases.append(Case(name, shape, fns, extra=extra, costs=_costs(layers, name, shape, fns)))
     if "saved_activations" in selected:
         saved = {k: saved_activation_bytes(m, xs[0]) for k, m in impls.items()}
         cases.append(Case("saved_activations", shape, saved_bytes=saved))
@@ -253,7 +281,8 @@ def decode_case(layers: Layers, n: int) -> Case:
     """One adapter, inference, N = n rows."""
     x = torch.randn(n, layers.in_f, device=layers.device, dtype=layers.dtype)
     fns = {k: (lambda m=m: m(x)) for k, m in layers.impls().items()}
-    return Case("decode", _dims(layers, n), fns, grad=False)
+    shape = _dims(layers, n)
+    return Case("decode", shape, fns, grad=False, costs=_costs(layers, "decode", shape, fns))
 
 
 #: Bytes written to evict the caches before each decode_cold call: several times the last-level cache (32 MiB on
@@ -296,7 +325,9 @@ def decode_mixed_case(layers: Layers, n: int) -> Case:
     if layers.peft is not None:
         with torch.inference_mode():
             extra["vera_ext"]["rel_diff_vs_peft_output"] = rel_diff(fns["vera_ext"](), fns["peft"]())
-    return Case("decode_mixed", _dims(layers, n, M=len(layers.names)), fns, grad=False, extra=extra)
+    shape = _dims(layers, n, M=len(layers.names))
+    costs = _costs(layers, "decode_mixed", shape, fns)
+    return Case("decode_mixed", shape, fns, grad=False, extra=extra, costs=costs)
 
 
 def merge_case(layers: Layers) -> Case:
@@ -313,9 +344,10 @@ def merge_case(layers: Layers) -> Case:
     return Case("merge", {"I": layers.in_f, "O": layers.out_f, "r": layers.r}, fns)  # grad mode, as users merge
 
 
-def case_cost(case: str, shape: dict, adapter: bool, elem: int) -> tuple[int, int]:
+def case_cost(case: str, shape: dict, adapter: bool, elem: int, weight_bytes: Optional[int] = None) -> tuple[int, int]:
     """(FLOPs, bytes that must move) of ``case``: lower bounds for any implementation of the base layer's function
     alone, or with the VeRA term (``adapter``). ``elem`` is the activation/weight element size; lambdas are fp32.
+    ``weight_bytes``: the base weight's bytes when they are not ``elem * I * O`` (a quantized base).
 
     FLOPs count the GEMMs (elementwise work, a few flops an element, is left out). Training forward: 2NIO (base)
     + 2Nr(I+O) (x A^T, h B^T). Backward with a frozen base: 2NIO for dx; the adapter needs at least g B^ (2NOr) and
@@ -325,16 +357,17 @@ def case_cost(case: str, shape: dict, adapter: bool, elem: int) -> tuple[int, in
     """
     i, o, r = shape["I"], shape["O"], shape["r"]
     n = shape.get("N", 0)
+    w = elem * i * o if weight_bytes is None else weight_bytes
     lam = 4 * (r + o)  # one adapter's lambdas
     proj = elem * r * (i + o)  # A_l and B_l
     if case == "merge":  # delta_W = B^ A^ (an O x r by r x I GEMM), W read and written; twice (merge, unmerge)
-        return 2 * 2 * o * r * i, 2 * (2 * elem * i * o + proj + lam)
+        return 2 * 2 * o * r * i, 2 * (2 * w + proj + lam)
     if case == "train_fwd_bwd":
         flops = 4 * n * i * o + (4 * n * r * (i + o) if adapter else 0)
-        moved = elem * (2 * n * i + i * o + 2 * n * o) + ((proj + 2 * lam) if adapter else 0)
+        moved = elem * (2 * n * i + 2 * n * o) + w + ((proj + 2 * lam) if adapter else 0)
         return flops, moved
     flops = 2 * n * i * o + (2 * n * r * (i + o) if adapter else 0)
-    moved = elem * (n * i + i * o + n * o)
+    moved = elem * (n * i + n * o) + w
     if adapter:
         used = min(n, shape.get("M", 1))
         moved += proj + used * lam + (8 * n if "M" in shape else 0)  # + the row -> adapter index

@@ -6,6 +6,7 @@
     python -m vera_ext bench --list                        # the cases and shape presets
     python -m vera_ext bench --device cuda --preset h200 --json out.json --log out.log   # the GPU plan
     python -m vera_ext bench --device cpu --preset h200    # its dry run at small sizes (seconds)
+    python -m vera_ext bench --base nf4                    # on a bitsandbytes 4-bit base (needs bitsandbytes)
 
 Implementations run interleaved, one timed sample of each per round, so machine noise hits all alike (CUDA: events
 after warm-up; CPU: perf_counter); a sample of short calls starts with untimed ones, which refill the caches the
@@ -20,6 +21,10 @@ The table goes to stdout, a progress bar to stderr (when it is a terminal); --lo
 the others run, TARGET lines, and with --json one document (environment, settings, ceilings, records, targets,
 errors). Exit status: 0; 1 when a plan's section failed (or --plot could not draw); 2 for unusable arguments (and
 --device cuda without a GPU).
+
+``--base nf4|fp4|int8`` quantizes the base layer (and, in the model cases, every linear layer of the model but the
+head) with bitsandbytes before PEFT's VeRA and vera_ext wrap copies of it (quantize_base.py): every case but
+``merge`` (merging into a quantized layer is not benchmarked) then compares the three on the same quantized base.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from .model_cases import (
 )
 from .model_cases import model_cases as build_model_cases
 from .preset import PRESET_CASES, PRESET_HELP, PRESETS, Preset, PresetRun, refused
+from .quantize_base import BASE_HELP, BASES, bitsandbytes_problem, quiet_int8_cast_notice
 from .report import (
     Output,
     Result,
@@ -89,6 +95,8 @@ DTYPES = {
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 #: Every case, and the default list: the model cases at --quick sizes add a second or two to --quick.
 ALL_CASES = CASES + MODEL_CASES
+#: The cases that do not run on a quantized base (--base other than none), and why.
+NOT_QUANTIZED = {"merge": "merging into a quantized base layer is not benchmarked"}
 
 
 @dataclass
@@ -104,6 +112,7 @@ class Settings:
     preset: Optional[Preset] = None  # a plan (--preset): its sizes; ``shape`` is then its training shape
     model: ModelSpec = MODELS[DEFAULT_MODEL]  # the model cases' model, sized
     targets: Optional[str] = None  # the model cases' target set (None: each case's default)
+    base: str = "none"  # the base layers: float (none) or quantized (nf4, fp4, int8; quantize_base.py)
 
     @property
     def dry_run(self) -> bool:
@@ -147,7 +156,7 @@ def build_cases(s: Settings):
     """Yield the selected cases in CASES order, building layers only for what is selected."""
     selected = set(s.cases)
     if selected & {"train_fwd", "train_fwd_bwd", "saved_activations", "decode", "decode_cold", "merge"}:
-        layers = Layers(s.shape, s.dtype, s.device)
+        layers = Layers(s.shape, s.dtype, s.device, quantized=s.base)
         if selected & {"train_fwd", "train_fwd_bwd", "saved_activations"}:
             yield from training_cases(layers, s.shape.n_train, selected)
         if "decode" in selected:
@@ -156,10 +165,11 @@ def build_cases(s: Settings):
             yield decode_cold_case(layers, s.shape.n_decode)
     if "decode_mixed" in selected:
         # Own layers: the PEFT loop switches adapters (and their requires_grad), which must not leak into others.
-        yield decode_mixed_case(Layers(s.shape, s.dtype, s.device, adapters=s.shape.adapters), s.shape.n_mixed)
+        mixed = Layers(s.shape, s.dtype, s.device, adapters=s.shape.adapters, quantized=s.base)
+        yield decode_mixed_case(mixed, s.shape.n_mixed)
     if "merge" in selected:  # last: merge+unmerge round-trips the weight, up to rounding
         yield merge_case(layers)
-    yield from build_model_cases(s.model, selected, s.targets, s.dtype, s.device)
+    yield from build_model_cases(s.model, selected, s.targets, s.dtype, s.device, s.base)
 
 
 def measure_case(case: Case, s: Settings, ceilings: dict) -> list[Result]:
@@ -262,6 +272,7 @@ def describe(s: Settings, ceilings: dict) -> str:
     return (
         f"vera_ext bench: {s.device} ({where}), {_dtype_name(s.dtype)}, {what}; {s.rounds} rounds"
         f"{' (quick)' if s.quick else ''}; torch {torch.__version__}, peft {peft_version}\n"
+        + (f"base layers: {s.base}, {BASE_HELP[s.base]}\n" if s.base != "none" else "")
         + (_describe_model(s) + "\n" if _model_selected(s) else "")
         + describe_ceilings(ceilings)
     )
@@ -282,6 +293,7 @@ def plot_title(s: Settings) -> str:
         f"vera_ext bench: {s.device}, {_dtype_name(s.dtype)}, {sh.name} (I={sh.in_f}, O={sh.out_f}, r={sh.r}, "
         f"train N={sh.n_train}, mixed N={sh.n_mixed} over M={sh.adapters})"
         + (f"; model {s.model.name} (r={s.model.r})" if _model_selected(s) else "")
+        + (f"; base {s.base}" if s.base != "none" else "")
     )
 
 
@@ -357,6 +369,13 @@ def make_parser() -> argparse.ArgumentParser:
         "the head); default: qkvo for model_train, qv for model_decode",
     )
     p.add_argument(
+        "--base",
+        choices=BASES,
+        default="none",
+        help="the base layers: none (float nn.Linear, the default), nf4 or fp4 (bitsandbytes Linear4bit), int8 "
+        "(bitsandbytes Linear8bitLt); quantized, every case but merge runs on them (needs bitsandbytes)",
+    )
+    p.add_argument(
         "--preset",
         choices=list(PRESETS),
         help="run a fixed plan instead (see the list below; --device cpu: its dry run at small sizes); "
@@ -386,6 +405,7 @@ def parse_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(f"--shape: unknown preset {shape_name!r}; choose from {', '.join(listed)}")
     cases = _selected_cases(parser, args.case, ALL_CASES)
     cases, model = _model_settings(parser, args, cases)
+    cases = _base_cases(parser, args, cases)
     _check_outputs(parser, args)
     return Settings(
         device=device,
@@ -396,7 +416,28 @@ def parse_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         quick=args.quick,
         model=model,
         targets=args.targets,
+        base=args.base,
     )
+
+
+def _base_cases(parser: argparse.ArgumentParser, args: argparse.Namespace, cases: tuple[str, ...]) -> tuple[str, ...]:
+    """The cases that run on ``--base``: a quantized base needs bitsandbytes, and a case of NOT_QUANTIZED asked for
+    with --case is refused; from the default list it is left out (said on stderr)."""
+    if args.base == "none":
+        return cases
+    problem = bitsandbytes_problem(args.base)
+    if problem:
+        parser.error(problem)
+    refused_cases = [c for c in cases if c in NOT_QUANTIZED]
+    if refused_cases and args.case:
+        c = refused_cases[0]
+        parser.error(
+            f"--case {c}: not with --base {args.base} ({NOT_QUANTIZED[c]}); choose from "
+            f"{', '.join(x for x in ALL_CASES if x not in NOT_QUANTIZED)}"
+        )
+    for c in refused_cases:
+        print(f"python -m vera_ext bench: no {c} case with --base {args.base}: {NOT_QUANTIZED[c]}", file=sys.stderr)
+    return tuple(c for c in cases if c not in NOT_QUANTIZED)
 
 
 def _model_settings(
@@ -448,6 +489,8 @@ def _preset_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     for flag, value in (("--model", args.model), ("--targets", args.targets)):
         if value is not None:
             parser.error(f"{flag}: --preset {args.preset} runs no model case")
+    if args.base != "none":
+        parser.error(f"--base {args.base}: --preset {args.preset} runs on float base layers only (drop --base)")
     cases = _selected_cases(parser, args.case, PRESET_CASES, f" of --preset {args.preset}")
     return Settings(
         device=device,
@@ -499,7 +542,7 @@ def main(argv=None) -> int:
         print(parser.epilog)
         return 0
     s = parse_settings(parser, args)
-    with Output(args.log) as say:
+    with Output(args.log) as say, quiet_int8_cast_notice():
         return run_preset(s, args, say) if s.preset is not None else run_cases(s, args, say)
 
 

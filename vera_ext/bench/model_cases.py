@@ -40,6 +40,10 @@ every linear layer but the output head, as PEFT defines it). Default: qkvo for m
   "decode" is a forward of batch sequences of one token each (batch rows through every layer: the small-N
   inference path).
 
+``--base nf4|fp4|int8``: every linear layer of the base model but the output head is quantized with bitsandbytes
+(quantize_base.py, QLoRA's convention) before the implementations copy it, so all of them run on the same quantized
+weights; before timing, vera_ext and PEFT must also have adapted the same modules (``check_same_targets``).
+
 Times are per call (one step, or one token for each sequence of the batch). ``tokens_per_s`` counts the tokens a
 call processes (batch x seq for a step, batch for a decode call). The layer cases' floors do not apply: these rows
 have none.
@@ -59,6 +63,7 @@ from torch import nn
 from ..config import VeraConfig
 from ..model import get_vera_model
 from .cases import Case, rel_diff
+from .quantize_base import has_int8_layers, int8_dequantized_copy, quantize_linears
 from .report import Result
 from .timing import saved_bytes
 
@@ -191,8 +196,9 @@ def check_model_available(spec: ModelSpec) -> Optional[str]:
     return None
 
 
-def build_base(spec: ModelSpec, dtype: torch.dtype, device: str) -> nn.Module:
-    """The base model, every parameter frozen: the Llama from its config seeded with SEED, or MiniLM's weights."""
+def build_base(spec: ModelSpec, dtype: torch.dtype, device: str, quantized: str = "none") -> nn.Module:
+    """The base model, every parameter frozen: the Llama from its config seeded with SEED, or MiniLM's weights;
+    with ``quantized`` (nf4, fp4, int8), every linear layer but the output head quantized (quantize_base.py)."""
     if spec.llama is None:
         from ..demo.model import load_encoder
 
@@ -202,7 +208,10 @@ def build_base(spec: ModelSpec, dtype: torch.dtype, device: str) -> nn.Module:
 
         torch.manual_seed(SEED)
         model = LlamaForCausalLM(LlamaConfig(**spec.llama))
-    return model.to(device=device, dtype=dtype).requires_grad_(False)
+    model = model.to(device=device, dtype=dtype).requires_grad_(False)
+    if quantized != "none":
+        quantize_linears(model, quantized, device)
+    return model
 
 
 def peft_vera(base: nn.Module, spec: ModelSpec, targets) -> nn.Module:
@@ -280,11 +289,25 @@ def check_same(got: torch.Tensor, want: torch.Tensor, what: str) -> float:
     return rel_diff(got, want)
 
 
+def check_same_targets(ours: nn.Module, peft: nn.Module, what: str) -> None:
+    """vera_ext's ``ours`` and PEFT's ``peft`` must have adapted the same modules, else a ValueError."""
+    mine, theirs = set(ours.targeted_module_names), set(peft.base_model.targeted_module_names)
+    if mine != theirs:
+        raise ValueError(
+            f"{what}: vera_ext and PEFT adapted different modules (only vera_ext: {sorted(mine - theirs)}; only "
+            f"PEFT: {sorted(theirs - mine)}); the benchmark would compare different models"
+        )
+
+
 def check_same_function(ours: nn.Module, peft: nn.Module, forward, what: str) -> dict[str, float]:
     """vera_ext's ``ours`` and PEFT's ``peft`` must compute the same function: ``forward(model)`` returns
     ``{name: tensor}``, run on both in eval mode (no dropout) without grad, and every tensor must pass
-    ``check_same``. 16-bit models are compared through fp32 copies: the two round differently by design
+    ``check_same``. Models on an int8 base are compared through ``int8_dequantized_copy`` (the same int8 weights
+    without LLM.int8()'s rounding of the activations, which turns rounding-level differences into whole steps).
+    16-bit models are compared through fp32 copies: the two round differently by design
     (docs/DESIGN.md §5), which does not make them different functions. Returns ``{name: relative difference}``."""
+    if has_int8_layers(ours) or has_int8_layers(peft):
+        ours, peft = int8_dequantized_copy(ours), int8_dequantized_copy(peft)
     if any(p.dtype in (torch.float16, torch.bfloat16) for p in ours.parameters()):
         ours, peft = copy.deepcopy(ours).float(), copy.deepcopy(peft).float()
     with torch.no_grad():
@@ -362,12 +385,13 @@ def _train_forward(spec: ModelSpec) -> Callable[[nn.Module, torch.Tensor], dict[
     return encoder
 
 
-def train_case(spec: ModelSpec, target_set: str, dtype: torch.dtype, device: str) -> ModelCase:
+def train_case(spec: ModelSpec, target_set: str, dtype: torch.dtype, device: str, quantized: str = "none") -> ModelCase:
     """``model_train`` (see the module docstring)."""
     targets = spec.targets(target_set)
-    base = build_base(spec, dtype, device)
+    base = build_base(spec, dtype, device, quantized)
     ours = vera_ext_model(base, spec, targets)
     peft = peft_vera(base, spec, targets)
+    check_same_targets(ours, peft, "model_train")
     same_lambdas(ours, peft)
     frozen = copy.deepcopy(base)
     require_output_grad(frozen, ours.targeted_module_names)
@@ -395,18 +419,21 @@ def train_case(spec: ModelSpec, target_set: str, dtype: torch.dtype, device: str
     saved = {k: saved_bytes(m, lambda m=m: forward(m, ids)) for k, m in models.items()}
     extra = {k: {"trainable_params": trainable_params(m)} for k, m in models.items()}
     extra["vera_ext"].update({f"rel_diff_vs_peft_vera_{k}": v for k, v in rel.items()})
-    shape = _shape(spec, targets, batch=spec.batch, seq=spec.seq)
+    shape = _shape(spec, targets, quantized, batch=spec.batch, seq=spec.seq)
     return ModelCase(
         "model_train", shape, fns, extra=extra, tokens=spec.batch * spec.seq, saved=saved, reference="frozen"
     )
 
 
-def decode_cases(spec: ModelSpec, target_set: str, dtype: torch.dtype, device: str) -> list[ModelCase]:
+def decode_cases(
+    spec: ModelSpec, target_set: str, dtype: torch.dtype, device: str, quantized: str = "none"
+) -> list[ModelCase]:
     """``model_decode`` at each of ``spec.decode_batches`` (see the module docstring)."""
     targets = spec.targets(target_set)
-    base = build_base(spec, dtype, device)
+    base = build_base(spec, dtype, device, quantized)
     ours = vera_ext_model(base, spec, targets)
     peft = peft_vera(base, spec, targets)
+    check_same_targets(ours, peft, "model_decode")
     same_lambdas(ours, peft)
     ids = _token_ids(base, 2, spec.context if spec.causal else 1, SEED, device)
     if spec.causal:
@@ -421,10 +448,10 @@ def decode_cases(spec: ModelSpec, target_set: str, dtype: torch.dtype, device: s
     for batch in spec.decode_batches:
         if spec.causal:
             fns = _cached_decode(models, spec, batch, device)
-            shape = _shape(spec, targets, batch=batch, context=spec.context)
+            shape = _shape(spec, targets, quantized, batch=batch, context=spec.context)
         else:
             fns = _encoder_rows(models, spec, batch, device)
-            shape = _shape(spec, targets, batch=batch, seq=1)
+            shape = _shape(spec, targets, quantized, batch=batch, seq=1)
         cases.append(ModelCase("model_decode", shape, fns, grad=False, extra=extra, tokens=batch, reference="base"))
     return cases
 
@@ -458,16 +485,24 @@ def _encoder_rows(models: dict[str, nn.Module], spec: ModelSpec, batch: int, dev
     return {k: (lambda m=m: m(input_ids=ids).last_hidden_state) for k, m in models.items()}
 
 
-def _shape(spec: ModelSpec, targets, **sizes) -> dict:
-    return {"model": spec.name, **sizes, "r": spec.r, "targets": targets}
+def _shape(spec: ModelSpec, targets, quantized: str, **sizes) -> dict:
+    """The case's description; with a quantized base, also its kind (``base``)."""
+    base = {"base": quantized} if quantized != "none" else {}
+    return {"model": spec.name, **sizes, "r": spec.r, "targets": targets, **base}
 
 
 def model_cases(
-    spec: ModelSpec, selected: set[str], target_set: Optional[str], dtype: torch.dtype, device: str
+    spec: ModelSpec,
+    selected: set[str],
+    target_set: Optional[str],
+    dtype: torch.dtype,
+    device: str,
+    quantized: str = "none",
 ) -> Iterator[ModelCase]:
     """Yield the selected model cases, in MODEL_CASES order, building each case's models only when it is reached
-    (the training models can be freed before the decode ones exist); ``target_set`` None: each case's default."""
+    (the training models can be freed before the decode ones exist); ``target_set`` None: each case's default;
+    ``quantized``: the base model's linear layers (none, or nf4, fp4, int8)."""
     if "model_train" in selected:
-        yield train_case(spec, target_set or DEFAULT_TARGETS["model_train"], dtype, device)
+        yield train_case(spec, target_set or DEFAULT_TARGETS["model_train"], dtype, device, quantized)
     if "model_decode" in selected:
-        yield from decode_cases(spec, target_set or DEFAULT_TARGETS["model_decode"], dtype, device)
+        yield from decode_cases(spec, target_set or DEFAULT_TARGETS["model_decode"], dtype, device, quantized)

@@ -4,6 +4,12 @@ Stages, each printed: trainable parameters (VeRA vs LoRA at the same rank), held
 training with a progress bar, accuracy after, the saved PEFT-format adapter and its size on disk, reload into a
 fresh base model (outputs must be identical), merge (merged vs unmerged outputs must agree) and unmerge.
 ``run(argv)`` returns a summary dict (used by the tests); ``main(argv)`` returns the exit status.
+
+``--quantize nf4|int8`` first replaces every linear layer of the encoder by its bitsandbytes version (4-bit NF4 or
+int8, built from the pretrained weights: ``vera_ext.bench.quantize_base``; the classification head stays fp32 and
+trainable) and prints the weight memory of those layers before and after; the adapter then trains on the quantized
+base, the reload goes into a fresh base quantized the same way, and the merge and unmerge stages are skipped with
+the reason printed (the adapter stays unmerged).
 """
 
 from __future__ import annotations
@@ -19,6 +25,13 @@ from typing import Any, Optional
 
 import torch
 
+from ..bench.quantize_base import (
+    BASE_HELP,
+    bitsandbytes_problem,
+    quantize_linears,
+    quiet_int8_cast_notice,
+    weight_bytes,
+)
 from ..config import VeraConfig
 from ..model import VeraModel, get_vera_model
 from .dataset import DATASET_LICENSE, DATASET_NAME, LABELS, Split, batches, load_split
@@ -31,6 +44,8 @@ CENTROID_PER_CLASS = 128  # enough examples to place the class means; more only 
 CENTROID_SCALE = 20.0  # temperature of the nearest-centroid head: softmax neither flat nor saturated
 FP32_MERGE_RTOL = 1e-4  # merged weights are rounded once in fp32: logits move by ~1e-6 relative
 CHECK_PER_CLASS = 64  # held-out sentences per label for the reload / merge / unmerge comparisons
+QUANTIZE = ("none", "nf4", "int8")
+NO_MERGE_REASON = "merging into a quantized base layer is not part of this demo; the adapter stays unmerged"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,8 +75,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="reduced run for CI: 32 training and 16 held-out sentences, 12 steps, every stage",
     )
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default="none",
+        help="the encoder's linear layers: none (fp32, the default), nf4 (bitsandbytes 4-bit NormalFloat) or int8 "
+        "(bitsandbytes LLM.int8() weights); quantized, the merge stages are skipped (needs bitsandbytes)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    problem = bitsandbytes_problem(args.quantize, "--quantize")
+    if problem:
+        p.error(problem)
     if args.smoke:
         for key, value in SMOKE.items():  # options given explicitly still win
             if getattr(args, key) == p.get_default(key):
@@ -89,12 +114,13 @@ def run(argv=None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    summary: dict[str, Any] = {"stages": [], "device": str(device), "seed": args.seed}
+    summary: dict[str, Any] = {"stages": [], "device": str(device), "seed": args.seed, "quantize": args.quantize}
     out_dir, temporary = args.output, args.output is None
     if temporary:
         out_dir = tempfile.mkdtemp(prefix="vera_demo_")
     try:
-        _run(args, device, out_dir, temporary, summary)
+        with quiet_int8_cast_notice():  # (BASE_HELP, printed by _quantize, says it once)
+            _run(args, device, out_dir, temporary, summary)
     finally:
         if temporary:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -119,6 +145,8 @@ def _run(args, device, out_dir, temporary, summary) -> None:
 
     encoder, tokenizer = load_encoder()
     classifier = SentenceClassifier(encoder, len(LABELS)).to(device)
+    if args.quantize != "none":
+        _quantize(classifier, args.quantize, device, summary)
     # Before: the pretrained embeddings with a nearest-centroid head (no training), the honest baseline.
     centroid_data = train.subset(min(CENTROID_PER_CLASS, len(train)))
     embeddings = _embed(classifier, centroid_data, tokenizer, args, device)
@@ -154,11 +182,30 @@ def _run(args, device, out_dir, temporary, summary) -> None:
     check = test.subset(min(CHECK_PER_CLASS, len(test)))
     logits_check = _logits(vera, check, tokenizer, args, device)
     _reload_merge_unmerge(vera, out_dir, logits_check, check, tokenizer, args, device, summary)
+    if args.quantize != "none":
+        summary["merge_skipped"] = NO_MERGE_REASON
+        say(f"\nmerge and unmerge skipped (--quantize {args.quantize}): {NO_MERGE_REASON}")
     summary["total_seconds"] = time.perf_counter() - t_start
     say(f"\ntotal wall time {summary['total_seconds']:.1f} s")
 
 
 # ------------------------------------------------------------------------------------------------ stages
+
+
+def _quantize(classifier: SentenceClassifier, kind: str, device, summary: dict) -> None:
+    """Quantize every linear layer of the encoder in place (the head stays fp32); print and record the bytes of
+    those layers' weights, biases and quantization statistics, measured before and after."""
+    linears = {n: m for n, m in classifier.encoder.named_modules() if type(m) is torch.nn.Linear}
+    before = weight_bytes(linears.values())
+    names = quantize_linears(classifier.encoder, kind, device)
+    after = weight_bytes(classifier.encoder.get_submodule(n) for n in names)
+    say(
+        f"\nquantized {len(names)} linear layers of the encoder to {kind} ({BASE_HELP[kind]}); the head stays fp32\n"
+        f"  their weight memory (weights, biases, quantization statistics): {_size(before)} fp32 -> "
+        f"{_size(after)} {kind}, {_size(before - after)} saved ({before / after:.1f}x smaller)"
+    )
+    summary.update(quantized_layers=len(names), weight_bytes_before=before, weight_bytes_after=after)
+    summary["stages"].append("quantize")
 
 
 def _report_parameters(vera: VeraModel, rank: int, summary: dict) -> None:
@@ -283,7 +330,9 @@ def _save(vera: VeraModel, out_dir: str, temporary: bool, summary: dict) -> None
 
 def _reload_merge_unmerge(vera, out_dir, logits_trained, test, tokenizer, args, device, summary) -> None:
     fresh_encoder, _ = load_encoder()
-    fresh = SentenceClassifier(fresh_encoder, len(LABELS))  # a new head: its weights must come from the adapter
+    fresh = SentenceClassifier(fresh_encoder, len(LABELS)).to(device)  # a new head: it must come from the adapter
+    if args.quantize != "none":  # the same quantized base (quantization is deterministic)
+        quantize_linears(fresh.encoder, args.quantize, device)
     reloaded = VeraModel.from_pretrained(fresh, out_dir).to(device)
     same_tensors = _adapter_tensors_equal(vera, reloaded)
     logits_reloaded = _logits(reloaded, test, tokenizer, args, device)
@@ -299,6 +348,8 @@ def _reload_merge_unmerge(vera, out_dir, logits_trained, test, tokenizer, args, 
         + ("  (bit-identical)" if reload_diff == 0 else "")
     )
     summary["stages"].append("reload")
+    if args.quantize != "none":
+        return
 
     reloaded.merge_adapter()
     logits_merged = _logits(reloaded, test, tokenizer, args, device)
@@ -373,9 +424,11 @@ def say(text: str) -> None:
 
 
 def main(argv: Optional[list] = None) -> int:
-    """Run the demo; 0 when reload, merge and unmerge all checked out, 1 otherwise."""
+    """Run the demo; 0 when reload, merge and unmerge all checked out (merge and unmerge: unless skipped on a
+    quantized base), 1 otherwise."""
     summary = run(argv)
-    ok = summary["reload_ok"] and summary["merge_ok"] and summary["unmerge_ok"]
+    merged_ok = "merge_skipped" in summary or (summary["merge_ok"] and summary["unmerge_ok"])
+    ok = summary["reload_ok"] and merged_ok
     if not ok:
         print("demo: a check failed (see above)", file=sys.stderr)
     return 0 if ok else 1
