@@ -30,6 +30,8 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from .. import quantized
+
 BASES = ("none", "nf4", "fp4", "int8")
 #: What each quantized base is, for headers and docs.
 BASE_HELP = {
@@ -57,34 +59,21 @@ def bitsandbytes_problem(base: str, flag: str = "--base") -> Optional[str]:
 
 def quantize_linear(linear: nn.Linear, base: str, device, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """A bitsandbytes layer of kind ``base`` (nf4, fp4 or int8) holding ``linear``'s weight quantized on ``device``
-    and its bias (in its dtype), frozen. ``compute_dtype``: a 4-bit layer's matmul dtype (default: the weight's)."""
-    import bitsandbytes as bnb
-
+    and its bias (in its dtype), frozen; ``linear`` is left as it was. ``compute_dtype``: a 4-bit layer's matmul
+    dtype (default: the weight's). Built by ``vera_ext.quantized.quantize_linears`` (bitsandbytes' defaults: block
+    64, nested absmax, int8 threshold 0) on a CPU copy, then moved."""
     if type(linear) is not nn.Linear:
         raise TypeError(f"quantize_linear: expected an nn.Linear, got {type(linear).__name__}")
-    weight = linear.weight.detach().to("cpu", copy=True)
-    has_bias = linear.bias is not None
-    if base in ("nf4", "fp4"):
-        layer = bnb.nn.Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias=has_bias,
-            compute_dtype=compute_dtype or linear.weight.dtype,
-            quant_type=base,
-            device="meta",
-        )
-        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=base, module=layer)
-        layer.support_avx512bf16_for_cpu = False  # see the module docstring
-    elif base == "int8":
-        layer = bnb.nn.Linear8bitLt(
-            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, device="meta"
-        )
-        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-    else:
+    if base not in ("nf4", "fp4", "int8"):
         raise ValueError(f"quantize_linear: base must be one of nf4, fp4, int8, got {base!r}")
-    if has_bias:
-        layer.bias = nn.Parameter(linear.bias.detach().to("cpu", copy=True), requires_grad=False)
-    return layer.to(device)  # bitsandbytes quantizes here
+    holder = nn.Sequential(copy.deepcopy(linear).to("cpu"))
+    quantized.quantize_linears(holder, base, compute_dtype=compute_dtype or linear.weight.dtype)
+    layer = holder[0]
+    if layer.bias is not None:
+        layer.bias.requires_grad_(False)
+    if base != "int8":
+        layer.support_avx512bf16_for_cpu = False  # see the module docstring
+    return layer.to(device)
 
 
 def output_head_names(model: nn.Module) -> set[str]:
