@@ -113,7 +113,7 @@ def save_pretrained(
                 )
             else:
                 staged.write(os.path.join(out_dir, LEGACY_WEIGHTS_NAME), lambda tmp: torch.save(tensors, tmp))
-            staged.write_text(os.path.join(out_dir, CONFIG_NAME), _config_to_write(vera_model, name).json_text())
+            staged.write_text(os.path.join(out_dir, CONFIG_NAME), config_to_write(vera_model, name).json_text())
         staged.commit()
     except BaseException:
         staged.discard()
@@ -125,7 +125,9 @@ def save_pretrained(
         raise
 
 
-def _config_to_write(vera_model, name: str) -> VeraConfig:
+def config_to_write(vera_model, name: str) -> VeraConfig:
+    """The config ``save_pretrained`` writes for adapter ``name`` (a copy: inference mode, the base model's name or
+    path, the auto mapping of a model without a task type); the LoRA export writes the same fields."""
     config = copy.deepcopy(vera_model.peft_config[name])
     config.inference_mode = True
     if config.base_model_name_or_path is None:

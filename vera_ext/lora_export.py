@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .atomic_files import StagedFiles, missing_dirs
-from .checkpoint import PREFIX, WEIGHTS_NAME, _config_to_write
+from .checkpoint import PREFIX, WEIGHTS_NAME, config_to_write
 from .config import CONFIG_NAME
 
 __all__ = ["export_lora", "lora_factors", "lora_state_dict", "best_rank_k"]
@@ -121,7 +121,7 @@ def lora_state_dict(
                 tensors[f"{PREFIX}{path}.{key}"] = value.detach().to("cpu").clone().contiguous()
     ranks = {a.shape[0] for a, _ in factors.values()}
     (k,) = ranks  # one adapter has one r, and every truncated layer gets exactly `rank`
-    written = _config_to_write(vera_model, adapter_name)  # base_model_name_or_path / auto_mapping as save writes
+    written = config_to_write(vera_model, adapter_name)  # base_model_name_or_path / auto_mapping as save writes
     lora_config = {
         "peft_type": "LORA",
         "task_type": written.task_type,
