@@ -55,6 +55,9 @@ class SlotRegistry:
         self._holders[name] = self._holders.get(name, 0) + 1
         return slot
 
+    def free_slots(self) -> int:
+        return len(self._free)
+
     def release(self, name: str) -> None:
         held = self._holders.get(name, 0) - 1
         if held > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from contextlib import contextmanager
@@ -146,12 +147,7 @@ class VeraModel(nn.Module):
     def plan_adapter(self, adapter_name: str, config: VeraConfig) -> AdapterPlan:
         """Everything :meth:`add_adapter` would do, checked; raises on any problem. Changes nothing."""
         config = VeraConfig.from_peft(config)
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
-        if adapter_name == BASE_ADAPTER:
-            raise ValueError(f"adapter_name {BASE_ADAPTER!r} is reserved: it means 'no adapter' in mixed batches")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+        self.check_adapter_name(adapter_name)
         for existing in self.peft_config.values():
             if existing.projection_prng_key != config.projection_prng_key:
                 raise ValueError(
@@ -172,6 +168,22 @@ class VeraModel(nn.Module):
             )
         return plan_adapter(self.model, config, adapter_name, self.vera_projection)
 
+    def check_adapter_name(self, adapter_name: str) -> None:
+        """ValueError unless ``adapter_name`` can name a new adapter."""
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+        if adapter_name == BASE_ADAPTER:
+            raise ValueError(f"adapter_name {BASE_ADAPTER!r} is reserved: it means 'no adapter' in mixed batches")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+
+    def reserve_adapter_slots(self, count: int) -> None:
+        """Grow every layer's adapter bank once for ``count`` more adapters (what load_adapters does first)."""
+        registry = self._adapter_slots
+        rows = registry.high_water + max(0, count - registry.free_slots())
+        for layer in self.vera_layers().values():
+            layer._bank.reserve(rows, layer._lambda_stores())
+
     def apply_adapter_plan(self, plan: AdapterPlan, config: VeraConfig) -> None:
         """Carry out a plan from :meth:`plan_adapter` (``config`` is stored as the adapter's config, with its
         resolved target_modules/modules_to_save and fan_in_fan_out corrected as PEFT does)."""
@@ -183,8 +195,8 @@ class VeraModel(nn.Module):
         previous = {} if first or fast else {p: p.requires_grad for p in self.parameters()}
         if first:
             self.vera_projection = _projection_as_peft_makes_it(plan)
-        config.target_modules = plan.config.target_modules
-        config.modules_to_save = plan.config.modules_to_save
+        config.target_modules = copy.copy(plan.config.target_modules)  # (a plan may serve several adapters)
+        config.modules_to_save = copy.copy(plan.config.modules_to_save)
         self.peft_config[plan.name] = config
         name, r = plan.name, config.r
         active = self.active_adapters
@@ -576,6 +588,13 @@ class VeraModel(nn.Module):
         return checkpoint.from_pretrained(
             cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs
         )
+
+    def load_adapters(self, paths_or_dict, is_trainable: bool = False) -> list[str]:
+        """Load many adapters into the bank at once (none made active): ``paths_or_dict`` is {name: adapter
+        directory (PEFT's format) or (config, tensors)}, or a list of directories named by their last component.
+        All are read and checked (each against the model, and against each other) before any is inserted: a refused
+        call inserts nothing. Returns the names loaded."""
+        return checkpoint.load_adapters(self, paths_or_dict, is_trainable=is_trainable)
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False, **kwargs):
         """Load an adapter directory as ``adapter_name`` (not made active). A refused load changes nothing.
