@@ -551,10 +551,12 @@ class VeraLinear(nn.Module):
             raise ValueError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge()` first."
             )
-        if x.dim() <= 2:
-            idx = sample_idx
-        else:
-            idx = sample_idx.unsqueeze(1).expand(x.shape[0], math.prod(x.shape[1:-1])).reshape(-1)
+        if sample_idx.device != x.device:  # (a model spread over devices: one copy per layer, no host read)
+            sample_idx = sample_idx.to(x.device, non_blocking=True)
+        rows_per_sample = 1 if x.dim() <= 2 else math.prod(x.shape[1:-1])
+        idx = sample_idx
+        if rows_per_sample != 1:  # (each sample's rows share its slot)
+            idx = sample_idx.unsqueeze(1).expand(x.shape[0], rows_per_sample).reshape(-1)
         bank = self._bank
         acc = opmath_dtype(x.dtype)
         ld, lb = _as(bank.lambda_d_table, acc), _as(bank.lambda_b_table, acc)

@@ -16,12 +16,12 @@ a time.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .batch_context import BATCH_ADAPTER_NAMES, MixedBatch
-from .layer import BASE_ADAPTER
+from .layer import BASE_ADAPTER, VeraLinear
 from .modules_to_save import ModulesToSave
 
 __all__ = [
@@ -31,13 +31,28 @@ __all__ = [
     "slot_indices",
     "run_mixed_batch",
     "run_with_adapter_names",
+    "receivers",
 ]
 
 _BATCH_KWARGS = ("input_ids", "inputs_embeds", "x", "input", "hidden_states", "pixel_values")
 
 
-def check_adapter_names(vera_model, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> list[str]:
-    """``adapter_names`` as a list, after checking it against the model and the batch (TypeError/ValueError)."""
+def receivers(vera_model) -> tuple[list, list]:
+    """(VeRA layers, modules_to_save wrappers) of the model, found in one walk of its modules."""
+    layers, wrappers = [], []
+    for module in vera_model.model.modules():
+        if isinstance(module, VeraLinear):
+            layers.append(module)
+        elif isinstance(module, ModulesToSave):
+            wrappers.append(module)
+    return layers, wrappers
+
+
+def check_adapter_names(
+    vera_model, adapter_names: Sequence[str], args: tuple, kwargs: dict, found: Optional[tuple] = None
+) -> list[str]:
+    """``adapter_names`` as a list, after checking it against the model and the batch (TypeError/ValueError).
+    ``found``: :func:`receivers` of the model, when the caller has them."""
     if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of str (one per sample), got {adapter_names!r}")
     names = list(adapter_names)
@@ -47,7 +62,7 @@ def check_adapter_names(vera_model, adapter_names: Sequence[str], args: tuple, k
             f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Known adapters: "
             f"{list(vera_model.peft_config)} and {BASE_ADAPTER!r} (no adapter)"
         )
-    _check_unmerged(vera_model, "adapter_names")
+    _check_unmerged(found or receivers(vera_model), "adapter_names")
     batch = _batch_tensor(args, kwargs)
     if batch is not None and batch.dim() > 0 and len(names) != batch.shape[0]:
         raise ValueError(
@@ -62,7 +77,9 @@ def check_adapter_names(vera_model, adapter_names: Sequence[str], args: tuple, k
     return names
 
 
-def check_adapter_indices(vera_model, adapter_indices, args: tuple, kwargs: dict) -> torch.Tensor:
+def check_adapter_indices(
+    vera_model, adapter_indices, args: tuple, kwargs: dict, found: Optional[tuple] = None
+) -> torch.Tensor:
     """``adapter_indices`` (from :meth:`VeraModel.adapter_indices`) checked against the model and the batch by its
     type, dtype, shape and device only: its values are not read (that would be a host synchronization; the ops
     refuse an out-of-range slot, on CUDA's decode path with a device-side assert, §2.6)."""
@@ -76,8 +93,9 @@ def check_adapter_indices(vera_model, adapter_indices, args: tuple, kwargs: dict
             "adapter_indices must be a 1-D int64 tensor (one slot per sample, -1: no adapter), got "
             f"{adapter_indices.dtype} of shape {tuple(adapter_indices.shape)}"
         )
-    _check_unmerged(vera_model, "adapter_indices")
-    if vera_model.modules_to_save_wrappers():
+    found = found or receivers(vera_model)
+    _check_unmerged(found, "adapter_indices")
+    if found[1]:
         raise ValueError(
             "adapter_indices cannot route modules_to_save (they pick a module per sample by name): pass adapter_names"
         )
@@ -102,13 +120,13 @@ def slot_indices(vera_model, names: list[str], device) -> torch.Tensor:
     return idx.to(device, non_blocking=True)
 
 
-def lambdas_need_grad(vera_model, names: list[str]) -> bool:
+def lambdas_need_grad(vera_model, names: list[str], found: Optional[tuple] = None) -> bool:
     """Whether this call must give the lambdas of the adapters in ``names`` a gradient (then the layers take the
     names and stack those adapters' Parameters; the bank's tables are read without gradients)."""
     if not torch.is_grad_enabled():
         return False
     used = {n for n in names if n != BASE_ADAPTER}
-    for layer in vera_model.vera_layers().values():
+    for layer in (found or receivers(vera_model))[0]:
         ld, lb = layer.vera_lambda_d._parameters, layer.vera_lambda_b._parameters
         for n in used:
             p = ld.get(n)
@@ -117,37 +135,39 @@ def lambdas_need_grad(vera_model, names: list[str]) -> bool:
     return False
 
 
-def run_mixed_batch(vera_model, batch: MixedBatch, call):
+def run_mixed_batch(vera_model, batch: MixedBatch, call, found: Optional[tuple] = None):
     """``call()`` with every VeRA layer and modules_to_save wrapper seeing ``batch`` (checked) as its per-sample
     adapters; a layer without some adapter runs those samples on the base layer alone."""
-    receivers = list(vera_model.vera_layers().values())
-    receivers += [m for m in vera_model.model.modules() if isinstance(m, ModulesToSave)]
+    layers, wrappers = found or receivers(vera_model)
+    targets = layers + wrappers
     if torch.compiler.is_compiling():
-        for module in receivers:
+        for module in targets:
             module._batch_adapter_names = batch.names
             module._batch_adapter_idx = batch.idx
         try:
             return call()
         finally:
-            for module in receivers:
+            for module in targets:
                 module._batch_adapter_names = None
                 module._batch_adapter_idx = None
-    token = BATCH_ADAPTER_NAMES.set({id(module): batch for module in receivers})
+    token = BATCH_ADAPTER_NAMES.set({id(module): batch for module in targets})
     try:
         return call()
     finally:
         BATCH_ADAPTER_NAMES.reset(token)
 
 
-def run_with_adapter_names(vera_model, names: list[str], call):
+def run_with_adapter_names(vera_model, names: list[str], call, found: Optional[tuple] = None):
     """``call()`` with every VeRA layer and modules_to_save wrapper seeing ``names`` (checked) as its
     per-sample adapters (the layers read the bank's tables by slot unless the lambdas need gradients)."""
-    idx = None if lambdas_need_grad(vera_model, names) else slot_indices(vera_model, names, vera_model.bank_device())
-    return run_mixed_batch(vera_model, MixedBatch(names, idx), call)
+    found = found or receivers(vera_model)
+    device = found[0][0]._bank.lambda_b_table.device if found[0] else None
+    idx = None if lambdas_need_grad(vera_model, names, found) else slot_indices(vera_model, names, device)
+    return run_mixed_batch(vera_model, MixedBatch(names, idx), call, found)
 
 
-def _check_unmerged(vera_model, what: str) -> None:
-    if any(layer.merged for layer in vera_model.vera_layers().values()):
+def _check_unmerged(found: tuple, what: str) -> None:
+    if any(layer.merged for layer in found[0]):
         raise ValueError(f"Cannot pass `{what}` when there are merged adapters, please call `unmerge_adapter` first.")
 
 

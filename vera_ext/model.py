@@ -20,6 +20,7 @@ from .layer import BASE_ADAPTER, VeraLinear
 from .mixed_batch import (
     check_adapter_indices,
     check_adapter_names,
+    receivers,
     run_mixed_batch,
     run_with_adapter_names,
     slot_indices,
@@ -473,13 +474,14 @@ class VeraModel(nn.Module):
         if adapter_names is None and adapter_indices is None:
             return self.model(*args, **kwargs)
         call = lambda: self.model(*args, **kwargs)  # noqa: E731
+        found = receivers(self)  # (one walk of the model per call)
         if adapter_indices is not None:
             if adapter_names is not None:
                 raise ValueError("pass adapter_names or adapter_indices, not both")
-            idx = check_adapter_indices(self, adapter_indices, args, kwargs)
-            return run_mixed_batch(self, MixedBatch(None, idx), call)
-        names = check_adapter_names(self, adapter_names, args, kwargs)
-        return run_with_adapter_names(self, names, call)
+            idx = check_adapter_indices(self, adapter_indices, args, kwargs, found)
+            return run_mixed_batch(self, MixedBatch(None, idx), call, found)
+        names = check_adapter_names(self, adapter_names, args, kwargs, found)
+        return run_with_adapter_names(self, names, call, found)
 
     def generate(
         self,
