@@ -148,7 +148,10 @@ class VeraLinear(nn.Module):
         self.vera_projection.check_fits(r, self.in_features, self.out_features)
 
         lambda_d, lambda_b = self._bank.insert(adapter_name, r, self._lambda_stores())
-        init = {"d_initial": d_initial, "init_weights": init_weights, "round_to": None}
+        # (one shared, never mutated, record per initialization: thousands of adapters hold a reference each)
+        init = _INITS.setdefault(
+            (d_initial, init_weights), {"d_initial": d_initial, "init_weights": init_weights, "round_to": None}
+        )
         _initialize_lambdas(lambda_b, lambda_d, init)
         self._plan = None
         self.r[adapter_name] = int(r)
@@ -175,7 +178,7 @@ class VeraLinear(nn.Module):
         with torch.no_grad():
             for store in (self.vera_lambda_b, self.vera_lambda_d):
                 store[adapter_name].copy_(store[adapter_name].to(dtype))
-        self._lambda_init[adapter_name]["round_to"] = dtype
+        self._lambda_init[adapter_name] = {**self._lambda_init[adapter_name], "round_to": dtype}
 
     def reset_lambdas_(self, adapter_name: str) -> None:
         """Initialize the adapter's lambdas in place as :meth:`update_layer` did (e.g. after ``to_empty()``):
@@ -688,6 +691,8 @@ class AdapterDropouts(nn.ModuleDict):
         return f"{plain} adapter(s) without dropout" if plain else ""
 
 
+#: The initialization records VeraLinear.update_layer shares: {(d_initial, init_weights): record}.
+_INITS: dict[tuple, dict] = {}
 #: The one Identity every adapter without dropout shares (AdapterDropouts).
 _NO_DROPOUT = nn.Identity()
 

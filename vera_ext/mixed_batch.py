@@ -112,7 +112,7 @@ def slot_indices(vera_model, names: list[str], device) -> torch.Tensor:
     """The slots of checked ``names`` (-1 for "__base__") as one int64 tensor on ``device``: one host list, one
     copy (from pinned memory, non-blocking, to a CUDA device)."""
     slots = vera_model._adapter_slots.slots
-    idx = torch.tensor([-1 if n == BASE_ADAPTER else slots[n] for n in names], dtype=torch.int64)
+    idx = torch.tensor([-1 if n == BASE_ADAPTER else slots.get(n, -1) for n in names], dtype=torch.int64)
     if device is None or torch.device(device).type == "cpu":
         return idx
     if torch.device(device).type == "cuda" and not torch.compiler.is_compiling():

@@ -516,7 +516,8 @@ class VeraModel(nn.Module):
         if isinstance(names, str) or not all(isinstance(n, str) for n in names):
             raise TypeError(f"names must be a list of str (one adapter name per sample), got {names!r}")
         names = list(names)
-        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self._adapter_slots.slots})
+        slots = self._adapter_slots.slots
+        unknown = sorted({n for n in names if n != BASE_ADAPTER and (n not in self.peft_config or n not in slots)})
         if unknown:
             raise ValueError(
                 f"names: unknown adapter(s) {', '.join(unknown)}; known adapters: {list(self.peft_config)} and "
