@@ -28,7 +28,7 @@ import torch
 
 from ..config import VeraConfig
 from ..model import get_vera_model
-from .model_cases import MODELS, SEED, _decode_call, _token_ids, build_base
+from .model_cases import MODELS, SEED, build_base
 from .timing import time_interleaved
 
 __all__ = ["add_adapters_timed", "serve_case", "lambda_bytes_per_adapter", "bank_bytes"]
@@ -37,6 +37,25 @@ __all__ = ["add_adapters_timed", "serve_case", "lambda_bytes_per_adapter", "bank
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _token_ids(model, batch: int, seq: int, seed: int, device: str) -> torch.Tensor:
+    vocab = model.config.vocab_size
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _decode_call(model, token: torch.Tensor, cache, context: int):
+    """One decoded token against ``cache``, which is cropped back after each call (as model_cases' decode case)."""
+
+    def run():
+        logits = model(input_ids=token, cache=cache, use_cache=True).logits
+        cache.crop(-1)
+        return logits
+
+    run()
+    if cache.get_seq_length() != context:
+        raise RuntimeError(f"serve: the cache holds {cache.get_seq_length()} tokens after a call, not {context}")
+    return run
 
 
 def lambda_bytes_per_adapter(vera_model, name: str) -> int:
