@@ -106,18 +106,18 @@ class AdapterBank:
         self._point(stores, self.slot_of)
 
     def insert(self, name: str, r: int, stores: tuple[nn.ParameterDict, nn.ParameterDict]) -> tuple[Tensor, Tensor]:
-        """Rows for adapter ``name`` (zeroed; its old Parameters, if any, detached from the table): returns the
+        """Rows for adapter ``name`` (all zeros; its old Parameters, if any, detached from the table): returns the
         new (λ_d, λ_b) Parameters, views of its rows, for the caller to initialize and store."""
         slot = self.slot_of.get(name)
-        if slot is None:
+        if slot is None:  # (a free row is all zeros: zeroed when the table grew or its adapter was removed)
             slot = self.registry.acquire(name)
             self.slot_of[name] = slot
             self.reserve(max(slot + 1, self.registry.high_water), stores)
         else:
             _detach(stores, name)
-        with torch.no_grad():
-            self.lambda_d_table[slot].zero_()
-            self.lambda_b_table[slot].zero_()
+            with torch.no_grad():
+                self.lambda_d_table[slot].zero_()
+                self.lambda_b_table[slot].zero_()
         return (
             nn.Parameter(self.lambda_d_table[slot, :r]),
             nn.Parameter(self.lambda_b_table[slot]),

@@ -240,7 +240,10 @@ def load_adapters(vera_model, paths_or_dict, is_trainable: bool = False) -> list
             )
             vera_model.apply_adapter_plan(plan, config)
             loaded.append(name)
-            _fill(vera_model, name, tensors, load_projection=False)
+            if config.bias == "none" and not plan.modules_to_save:
+                _fill_lambdas(vera_model, plan, name, tensors)
+            else:
+                _fill(vera_model, name, tensors, load_projection=False)
             if is_trainable:
                 for param in _own_parameters(vera_model, name):
                     param.requires_grad_(True)
@@ -251,6 +254,15 @@ def load_adapters(vera_model, paths_or_dict, is_trainable: bool = False) -> list
     if not is_trainable:
         vera_model.eval()
     return loaded
+
+
+def _fill_lambdas(vera_model, plan: AdapterPlan, name: str, tensors: dict) -> None:
+    """_fill for an adapter that has only λ: straight into its targets' rows (no walk of the model per adapter)."""
+    with torch.no_grad():
+        for t in plan.targets:
+            layer = vera_model.model.get_submodule(t.path)
+            layer.vera_lambda_b[name].copy_(tensors[f"{PREFIX}{t.path}.vera_lambda_b"])
+            layer.vera_lambda_d[name].copy_(tensors[f"{PREFIX}{t.path}.vera_lambda_d"])
 
 
 def _adapters_to_load(vera_model, paths_or_dict) -> list[tuple[str, object]]:
@@ -404,7 +416,8 @@ def _check_checkpoint(tensors: dict, expected: dict, config: VeraConfig, project
         raise ValueError(f"{where} has non-floating-point tensors: {_few(not_float)}")
     if projection is not None and config.save_projection:
         same = all(
-            torch.equal(tensors[key].to(torch.float32), buf.detach().to("cpu", torch.float32))
+            tensors[key] is buf  # (in-memory adapters handing the model's own projection)
+            or torch.equal(tensors[key].to(torch.float32), buf.detach().to("cpu", torch.float32))
             for key, buf in ((VERA_A, projection.vera_A), (VERA_B, projection.vera_B))
         )
         if not same:

@@ -156,8 +156,8 @@ class VeraLinear(nn.Module):
         self._plan = None
         self.r[adapter_name] = int(r)
         self._lambda_init[adapter_name] = init
-        self.vera_lambda_b[adapter_name] = lambda_b
-        self.vera_lambda_d[adapter_name] = lambda_d
+        _store(self.vera_lambda_b, adapter_name, lambda_b)
+        _store(self.vera_lambda_d, adapter_name, lambda_d)
         # (a new module is in training mode: it must follow the layer's mode, or an eval model would drop out)
         self.vera_dropout[adapter_name] = (
             nn.Dropout(p=vera_dropout).train(self.training) if vera_dropout > 0.0 else _NO_DROPOUT
@@ -618,6 +618,29 @@ class VeraLinear(nn.Module):
 
     def __repr__(self) -> str:
         return "vera." + super().__repr__()
+
+
+def _store(store: nn.ParameterDict, name: str, param: nn.Parameter) -> None:
+    """``store[name] = param``. For a plain new name it writes the ParameterDict's two tables directly: its
+    ``setattr`` path first probes ``hasattr(store, name)``, an AttributeError raised and caught per adapter, which
+    was half of an adapter's add (everything else, and any global registration hook, goes the ordinary way)."""
+    plain = (
+        "." not in name
+        and name not in store.__dict__
+        and name not in store._buffers
+        and name not in store._modules
+        and not type(store).__dict__.get(name)
+        and not _global_parameter_hooks()
+    )
+    if not plain:
+        store[name] = param
+        return
+    store._keys[name] = None
+    store._parameters[name] = param
+
+
+def _global_parameter_hooks() -> bool:
+    return bool(getattr(nn.modules.module, "_global_parameter_registration_hooks", None))
 
 
 def _relink_after_load(layer: "VeraLinear", incompatible_keys) -> None:
