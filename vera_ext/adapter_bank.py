@@ -9,8 +9,9 @@ slots to the ops, which read the rows by index; nothing is stacked per call.
 
 ``SlotRegistry`` gives each adapter name one slot, shared by every layer of a model (so one index tensor serves all
 layers); a layer without that adapter has a zero row there (λ_b = 0: its adapter term is 0). A deleted name's slot
-is reused (lowest first). Tables grow by ``GROWTH`` when a slot beyond their capacity is needed (amortised O(1)
-adds); every Parameter is then re-pointed at its row of the new tables (``p.data = row``: the same object).
+is reused (lowest first). Tables grow by ``GROWTH`` (at least ``GROWTH_ROWS`` rows) when a slot beyond their
+capacity is needed (amortised O(1) adds); every Parameter is then re-pointed at its row of the new tables
+(``p.data = row``: the same object).
 
 Whatever replaces a Parameter's data without the layer knowing breaks its link to the table: ``Module._apply``
 (``to()``, ``half()``, ``to_empty()``), ``load_state_dict(assign=True)`` and unpickling/deepcopy are caught by the
@@ -27,12 +28,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AdapterBank", "SlotRegistry", "GROWTH"]
+__all__ = ["AdapterBank", "SlotRegistry", "GROWTH", "GROWTH_ROWS"]
 
-#: Capacity growth factor of the tables: amortised O(1) adds (each row is copied about 1 / (GROWTH - 1) times over
-#: the life of the bank) and at most GROWTH - 1 of the rows unused.
+#: Capacity growth of the tables: by GROWTH, and at least GROWTH_ROWS rows: amortised O(1) adds (each row is
+#: copied about 1 / (GROWTH - 1) times over the life of the bank) and at most max(GROWTH - 1 of the rows,
+#: GROWTH_ROWS rows) unused.
 GROWTH = 1.1
-_MIN_CAPACITY = 4
+GROWTH_ROWS = 64
 
 
 class SlotRegistry:
@@ -92,7 +94,7 @@ class AdapterBank:
         """Capacity for at least ``rows`` rows (grown by GROWTH at least), every Parameter re-pointed."""
         if rows <= self.capacity:
             return
-        capacity = max(rows, _MIN_CAPACITY, math.ceil(self.capacity * GROWTH))
+        capacity = max(rows, self.capacity + GROWTH_ROWS, math.ceil(self.capacity * GROWTH))
         old_d, old_b = self.lambda_d_table, self.lambda_b_table
         d = old_d.new_empty(capacity, self.width)
         b = old_b.new_empty(capacity, self.out_features)
