@@ -279,28 +279,24 @@ def test_load_adapters_checks_every_checkpoint_before_inserting(tmp_path):
 
 @pytest.mark.cuda
 def test_mixed_decode_step_captures_in_a_cuda_graph_and_replays_any_mix():
-    """The model-level mixed decode step (adapter_indices) captured once, replayed with other mixes written into the
-    same index tensor: equal to eager each time."""
-    vm = ours(tiny_llama(), r=8, target_modules=["q_proj", "v_proj"], init_weights=False)
-    for name in ("b", "c"):
-        vm.add_adapter(name, VeraConfig(r=8, target_modules=["q_proj", "v_proj"], init_weights=False))
-    randomize_lambdas(vm)
-    vm = vm.cuda().eval()
-    ids = token_ids(batch=4, seq=1).cuda()
-    idx = vm.adapter_indices(["b", "c", "default", "__base__"])
+    """A model-level mixed decode step (adapter_indices=, 4 rows: the ops' decode path) captured once, replayed with
+    other mixes written into the same index tensor: equal to eager each time. (A model whose own code reads back to
+    the host, e.g. some attention-mask paths, is not capturable whatever the adapters do: plain Linear layers here.)"""
+    vm = _model().cuda().eval()
+    x = torch.randn(4, 10, device="cuda")
+    idx = vm.adapter_indices(["a0", "c", "default", "__base__"])
     assert idx.device.type == "cuda"
     with torch.inference_mode():
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # (warm up: the projection's casts are cached outside the capture)
             for _ in range(2):
-                vm(input_ids=ids, adapter_indices=idx, use_cache=False)
+                vm(x, adapter_indices=idx)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = vm(input_ids=ids, adapter_indices=idx, use_cache=False).logits
-        for names in (["b", "c", "default", "__base__"], ["__base__"] * 4, ["c"] * 4, ["default", "b", "b", "c"]):
+            y = vm(x, adapter_indices=idx)
+        for names in (["a0", "c", "default", "__base__"], ["__base__"] * 4, ["c"] * 4, ["default", "a1", "a1", "c"]):
             idx.copy_(vm.adapter_indices(names))
             graph.replay()
-            want = vm(input_ids=ids, adapter_names=names, use_cache=False).logits
-            torch.testing.assert_close(logits, want, msg=str(names))
+            torch.testing.assert_close(y, vm(x, adapter_names=names), msg=str(names))
