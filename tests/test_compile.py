@@ -157,3 +157,29 @@ def test_inductor_forward_and_grads_equal_eager():
     model = vera_mlp().train()
     compiled = torch.compile(model, fullgraph=True)
     assert_matches_eager(model, compiled, torch.randn(5, 10))
+
+
+def test_one_graph_serves_every_mix_of_adapter_indices():
+    """The index tensor is a graph input: any mix of adapters (all base, all one adapter, all distinct, ...) runs
+    through the one graph compiled for the shape, equal to eager."""
+    model = vera_mlp()
+    model.add_adapter("b", vera_ext.VeraConfig(r=6, target_modules=["lin1", "lin2"], init_weights=False))
+    model.add_adapter("c", vera_ext.VeraConfig(r=8, target_modules=TARGETS, init_weights=False))
+    randomize_lambdas(model)
+    model.eval()
+    compiled = torch.compile(lambda x, idx: model(x, adapter_indices=idx), backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 10)
+    mixes = [
+        ["default", "b", "c", "__base__"],
+        ["__base__"] * 4,
+        ["b"] * 4,
+        ["c", "c", "default", "default"],
+        ["b", "__base__", "b", "c"],
+        ["default"] * 4,
+    ]
+    with torch.no_grad():
+        compiled(x, model.adapter_indices(mixes[0]))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for names in mixes:
+                want = model(x, adapter_names=names)
+                torch.testing.assert_close(compiled(x, model.adapter_indices(names)), want, msg=str(names))

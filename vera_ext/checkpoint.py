@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from dataclasses import replace
 from typing import Optional, Union
 
 import torch
@@ -27,7 +28,14 @@ from .layer import VeraLinear
 from .modules_to_save import ModulesToSave
 from .plan import AdapterPlan, adapter_internals, plan_adapter
 
-__all__ = ["save_pretrained", "from_pretrained", "load_adapter", "adapter_state_dict", "WEIGHTS_NAME"]
+__all__ = [
+    "save_pretrained",
+    "from_pretrained",
+    "load_adapter",
+    "load_adapters",
+    "adapter_state_dict",
+    "WEIGHTS_NAME",
+]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -192,6 +200,124 @@ def load_adapter(vera_model, model_id: PathLike, adapter_name: str, is_trainable
         vera_model.eval()
 
 
+def load_adapters(vera_model, paths_or_dict, is_trainable: bool = False) -> list[str]:
+    """Add many adapters at once (none activated): ``paths_or_dict`` is {adapter name: adapter directory, or a
+    (config, tensors) pair in the checkpoint's keys}, or a list of directories (each named by its last path
+    component). Every adapter is read and checked against the model, the adapters already there and each other
+    (as :func:`load_adapter` checks one) before any is inserted, so a refused call inserts nothing. Adapters with
+    the same config share one plan, and the banks grow once for all. Returns the names, in order."""
+    items = _adapters_to_load(vera_model, paths_or_dict)
+    loaded, plans, checked = [], {}, []
+    for name, source in items:
+        if isinstance(source, tuple):
+            config, tensors = VeraConfig.from_peft(source[0]), source[1]
+            where = f"adapter {name!r} (in memory)"
+            if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
+                raise TypeError(
+                    f"paths_or_dict[{name!r}]: tensors must be a dict of Tensors, got {type(tensors).__name__}"
+                )
+            config = copy.deepcopy(config)
+        else:
+            config, tensors = read_adapter_dir(source)
+            where = source
+        config.inference_mode = not is_trainable
+        key = config.json_text()
+        if key not in plans:
+            plan = vera_model.plan_adapter(name, config)
+            plans[key] = (plan, _expected_shapes(vera_model.model, plan))
+        else:
+            vera_model.check_adapter_name(name)
+        plan, expected = plans[key]
+        _check_checkpoint(tensors, expected, config, vera_model.vera_projection, where)
+        checked.append((name, config, tensors, key))
+    _check_together([(n, c) for n, c, _, _ in checked])
+    vera_model.reserve_adapter_slots(len(checked))
+    try:
+        changed = False
+        for name, config, tensors, key in checked:
+            plan = vera_model.plan_adapter(name, config) if changed else replace(plans[key][0], name=name)
+            # (an adapter that wraps new modules changes the model the later plans were made on: re-plan those)
+            changed = (
+                changed or bool(plan.modules_to_save) or any(not isinstance(t.module, VeraLinear) for t in plan.targets)
+            )
+            vera_model.apply_adapter_plan(plan, config)
+            loaded.append(name)
+            if config.bias == "none" and not plan.modules_to_save:
+                _fill_lambdas(vera_model, plan, name, tensors)
+            else:
+                _fill(vera_model, name, tensors, load_projection=False)
+            if is_trainable:
+                for param in _own_parameters(vera_model, name):
+                    param.requires_grad_(True)
+    except BaseException:
+        for name in reversed(loaded):
+            vera_model.delete_adapter(name)
+        raise
+    if not is_trainable:
+        vera_model.eval()
+    return loaded
+
+
+def _fill_lambdas(vera_model, plan: AdapterPlan, name: str, tensors: dict) -> None:
+    """_fill for an adapter that has only λ: straight into its targets' rows (no walk of the model per adapter)."""
+    with torch.no_grad():
+        for t in plan.targets:
+            layer = vera_model.model.get_submodule(t.path)
+            layer.vera_lambda_b[name].copy_(tensors[f"{PREFIX}{t.path}.vera_lambda_b"])
+            layer.vera_lambda_d[name].copy_(tensors[f"{PREFIX}{t.path}.vera_lambda_d"])
+
+
+def _adapters_to_load(vera_model, paths_or_dict) -> list[tuple[str, object]]:
+    if isinstance(paths_or_dict, dict):
+        items = list(paths_or_dict.items())
+    elif isinstance(paths_or_dict, (list, tuple)):
+        items = [(os.path.basename(os.path.normpath(os.fspath(p))), p) for p in paths_or_dict]
+    else:
+        raise TypeError(
+            "paths_or_dict must be a dict {adapter name: directory or (config, tensors)} or a list of adapter "
+            f"directories, got {type(paths_or_dict).__name__}"
+        )
+    if not items:
+        raise ValueError("paths_or_dict is empty: no adapters to load")
+    seen: set[str] = set()
+    for name, source in items:
+        vera_model.check_adapter_name(name)
+        if name in seen:
+            raise ValueError(f"paths_or_dict names adapter {name!r} twice")
+        seen.add(name)
+        if isinstance(source, tuple):
+            if len(source) != 2:
+                raise TypeError(f"paths_or_dict[{name!r}] must be a directory or a (config, tensors) pair")
+        elif not isinstance(source, (str, os.PathLike)):
+            raise TypeError(
+                f"paths_or_dict[{name!r}] must be a directory or a (config, tensors) pair, got {type(source).__name__}"
+            )
+    return items
+
+
+def _check_together(adapters: list[tuple[str, VeraConfig]]) -> None:
+    """What add_adapter checks between an adapter and those already added, among the adapters of one load."""
+    first_name, first = adapters[0]
+    for name, config in adapters[1:]:
+        if config.projection_prng_key != first.projection_prng_key:
+            raise ValueError(
+                "Vera PRNG initialisation key must be the same for all adapters. Got "
+                f"projection_prng_key={config.projection_prng_key} for {name!r} but {first.projection_prng_key} for "
+                f"{first_name!r}."
+            )
+        if config.save_projection != first.save_projection:
+            raise ValueError(
+                "VeRA projection weights must be saved for all adapters or none, but got multiple different values: "
+                f"{first_name!r} {first.save_projection}, {name!r} {config.save_projection}"
+            )
+    with_bias = [name for name, config in adapters if config.bias != "none"]
+    if len(with_bias) > 1:
+        raise ValueError(
+            f"VeraModel supports only 1 adapter with bias, got {with_bias}. When using multiple adapters, set bias "
+            "to 'none' for all adapters."
+        )
+
+
 def reload_adapter(vera_model, model_id: PathLike, adapter_name: str) -> None:
     """Overwrite the weights of the existing adapter ``adapter_name`` with those stored in ``model_id``, as PEFT's
     ``load_adapter`` does for a name it has (what Trainer's resume and load_best_model_at_end call): its config,
@@ -292,7 +418,8 @@ def _check_checkpoint(tensors: dict, expected: dict, config: VeraConfig, project
         raise ValueError(f"{where} has non-floating-point tensors: {_few(not_float)}")
     if projection is not None and config.save_projection:
         same = all(
-            torch.equal(tensors[key].to(torch.float32), buf.detach().to("cpu", torch.float32))
+            tensors[key] is buf  # (in-memory adapters handing the model's own projection)
+            or torch.equal(tensors[key].to(torch.float32), buf.detach().to("cpu", torch.float32))
             for key, buf in ((VERA_A, projection.vera_A), (VERA_B, projection.vera_B))
         )
         if not same:

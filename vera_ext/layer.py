@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
@@ -10,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _C, ops, quantized, shared_input
+from .adapter_bank import AdapterBank, SlotRegistry
 from .autocast import autocast_dtype, autocast_enabled
-from .batch_context import batch_adapter_names
+from .batch_context import batch_adapter_indices, batch_adapter_names
 from .precision import opmath_dtype
 from .projection import VeraProjection
 from .targets import in_out_features, is_conv1d
@@ -72,9 +74,10 @@ class VeraLinear(nn.Module):
     #: dW formed once per step and fewer products, at the price of an (out, in) fp32 tensor per layer saved for
     #: the backward. Off by default (VeRA's point is memory); VeraModel.set_keep_merged_weight switches it.
     keep_merged_weight: bool = False
-    #: Per-sample adapter names set by VeraModel for one compiled mixed-batch call (see batch_adapter_names),
-    #: None otherwise. Adapters this layer lacks run on the base layer alone.
+    #: Per-sample adapter names (or slot indices) set by VeraModel for one compiled mixed-batch call (see
+    #: batch_context), None otherwise. Adapters this layer lacks run on the base layer alone.
     _batch_adapter_names: Optional[list[str]] = None
+    _batch_adapter_idx: Optional[Tensor] = None
     _plan: Optional[_ForwardPlan] = None  # the last forward plan (dropped when adapters change)
 
     def __init__(
@@ -88,6 +91,7 @@ class VeraLinear(nn.Module):
         d_initial: float = 0.1,
         init_weights: bool = True,
         fan_in_fan_out: bool = False,
+        slots: Optional[SlotRegistry] = None,
     ):
         super().__init__()
         if not isinstance(base_layer, nn.Module):
@@ -104,7 +108,11 @@ class VeraLinear(nn.Module):
         self.vera_projection = projection
         self.vera_lambda_b = nn.ParameterDict()
         self.vera_lambda_d = nn.ParameterDict()
-        self.vera_dropout = nn.ModuleDict()
+        self.vera_dropout = AdapterDropouts()
+        # Every adapter's lambdas as rows of two tables; the ParameterDict entries are views of them (§2.6).
+        # ``slots``: the model's registry, so that a slot means the same adapter in every layer.
+        self._bank = AdapterBank(projection.r, self.out_features, _base_device(base_layer), slots)
+        self.register_load_state_dict_post_hook(_relink_after_load)
         self.r: dict[str, int] = {}
         self.merged_adapters: list[str] = []
         self._lambda_init: dict[str, dict] = {}  # how each adapter's lambdas were initialized (reset_lambdas_)
@@ -139,19 +147,20 @@ class VeraLinear(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before updating it")
         self.vera_projection.check_fits(r, self.in_features, self.out_features)
 
-        device = _base_device(self.base_layer)
-        lambda_b = nn.Parameter(torch.empty(self.out_features, device=device))
-        lambda_d = nn.Parameter(torch.empty(r, device=device))
-        init = {"d_initial": d_initial, "init_weights": init_weights, "round_to": None}
+        lambda_d, lambda_b = self._bank.insert(adapter_name, r, self._lambda_stores())
+        # (one shared, never mutated, record per initialization: thousands of adapters hold a reference each)
+        init = _INITS.setdefault(
+            (d_initial, init_weights), {"d_initial": d_initial, "init_weights": init_weights, "round_to": None}
+        )
         _initialize_lambdas(lambda_b, lambda_d, init)
         self._plan = None
         self.r[adapter_name] = int(r)
         self._lambda_init[adapter_name] = init
-        self.vera_lambda_b[adapter_name] = lambda_b
-        self.vera_lambda_d[adapter_name] = lambda_d
+        _store(self.vera_lambda_b, adapter_name, lambda_b)
+        _store(self.vera_lambda_d, adapter_name, lambda_d)
         # (a new module is in training mode: it must follow the layer's mode, or an eval model would drop out)
-        self.vera_dropout[adapter_name] = (nn.Dropout(p=vera_dropout) if vera_dropout > 0.0 else nn.Identity()).train(
-            self.training
+        self.vera_dropout[adapter_name] = (
+            nn.Dropout(p=vera_dropout).train(self.training) if vera_dropout > 0.0 else _NO_DROPOUT
         )
 
     add_adapter = update_layer
@@ -169,7 +178,7 @@ class VeraLinear(nn.Module):
         with torch.no_grad():
             for store in (self.vera_lambda_b, self.vera_lambda_d):
                 store[adapter_name].copy_(store[adapter_name].to(dtype))
-        self._lambda_init[adapter_name]["round_to"] = dtype
+        self._lambda_init[adapter_name] = {**self._lambda_init[adapter_name], "round_to": dtype}
 
     def reset_lambdas_(self, adapter_name: str) -> None:
         """Initialize the adapter's lambdas in place as :meth:`update_layer` did (e.g. after ``to_empty()``):
@@ -206,6 +215,7 @@ class VeraLinear(nn.Module):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before deleting it")
         self._plan = None
+        self._bank.remove(adapter_name, self._lambda_stores())
         for store in (self.vera_lambda_b, self.vera_lambda_d, self.vera_dropout):
             del store[adapter_name]
         del self.r[adapter_name]
@@ -438,10 +448,18 @@ class VeraLinear(nn.Module):
         """``x``: (..., in_features). ``adapter_names``: one adapter name per sample (``x.shape[0]``; for a 1-D x
         one name), ``"__base__"`` for none: the whole mixed batch runs in one pass."""
         self._check_input(x)
-        if adapter_names is None:
+        if adapter_names is None and not self._disable_adapters:
+            batch_idx = batch_adapter_indices(self)
+            if batch_idx is not None and not self.vera_dropout.any_active():
+                return self._forward_indexed(x, batch_idx, args, kwargs)
             batch_names = batch_adapter_names(self)
-            if batch_names is not None and not self._disable_adapters:
+            if batch_names is not None:
                 adapter_names = [n if n in self.vera_lambda_d else BASE_ADAPTER for n in batch_names]
+            elif batch_idx is not None:
+                raise ValueError(
+                    "adapter_indices cannot run with vera_dropout active (training mode): pass adapter_names, or "
+                    "call model.eval() first"
+                )
         if adapter_names is not None and not self._disable_adapters:
             return self._forward_mixed(x, list(adapter_names), args, kwargs)
         plan = self._forward_plan(x, bool(args or kwargs))
@@ -490,22 +508,67 @@ class VeraLinear(nn.Module):
                 f"known: {list(self.vera_lambda_d.keys())} and {BASE_ADAPTER!r}"
             )
         used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER))
-        previous_dtype = x.dtype
         if not used or samples == 0:
             return self.base_layer(x, *args, **kwargs)
 
-        slot = {name: i for i, name in enumerate(used)}
         rows_per_sample = x.numel() // max(1, x.shape[-1]) // samples
+        acc = opmath_dtype(x.dtype)
+        if self._bank_serves(used, acc):
+            # The bank's tables as they are, rows picked by slot: nothing stacked (§2.6).
+            slot_of = self._bank.slot_of
+            idx = torch.tensor([slot_of.get(n, -1) for n in names], dtype=torch.int64)
+            idx = idx.repeat_interleave(rows_per_sample).to(x.device, non_blocking=True)
+            bank = self._bank
+            return self._mixed_terms(x, x, idx, bank.lambda_d_table, bank.lambda_b_table, bank.width, args, kwargs)
+
+        slot = {name: i for i, name in enumerate(used)}
         idx = torch.tensor([slot.get(n, -1) for n in names], dtype=torch.int64)
         idx = idx.repeat_interleave(rows_per_sample).to(x.device, non_blocking=True)
 
         # Adapters of different rank share one u = x A[:r_max]^T; zero-padded lambda_d masks the extra columns.
         r_max = max(self.r[n] for n in used)
-        acc = opmath_dtype(x.dtype)
         lambda_d = torch.stack([F.pad(_as(self.vera_lambda_d[n], acc), (0, r_max - self.r[n])) for n in used])
         lambda_b = torch.stack([_as(self.vera_lambda_b[n], acc) for n in used])
         x_d = self._mixed_dropout(x, names, rows_per_sample)
+        return self._mixed_terms(x, x_d, idx, lambda_d, lambda_b, r_max, args, kwargs)
 
+    def _bank_serves(self, used: list[str], acc: torch.dtype) -> bool:
+        """Whether a names-given mixed batch can read the bank's tables: no gradient wanted for the lambdas of the
+        adapters it uses (the tables are not the Parameters autograd tracks), no dropout, tables in op math."""
+        bank = self._bank
+        if bank.lambda_d_table.dtype != acc or bank.lambda_d_table.device != self.vera_lambda_d[used[0]].device:
+            return False
+        if any(self._dropout_active(n) for n in used):
+            return False
+        if torch.is_grad_enabled():
+            ld, lb = self.vera_lambda_d._parameters, self.vera_lambda_b._parameters
+            if any(ld[n].requires_grad or lb[n].requires_grad for n in used):
+                return False
+        return True
+
+    def _forward_indexed(self, x: Tensor, sample_idx: Tensor, args, kwargs) -> Tensor:
+        """A model-level mixed batch given as one slot per sample (``sample_idx`` (samples,) int64 on the device,
+        -1: none), read from the bank's tables: no host work, no stacking, no loop over adapters (§2.6). The
+        lambdas get no gradient on this path (VeraModel sends names instead when they need one)."""
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge()` first."
+            )
+        if sample_idx.device != x.device:  # (a model spread over devices: one copy per layer, no host read)
+            sample_idx = sample_idx.to(x.device, non_blocking=True)
+        rows_per_sample = 1 if x.dim() <= 2 else math.prod(x.shape[1:-1])
+        idx = sample_idx
+        if rows_per_sample != 1:  # (each sample's rows share its slot)
+            idx = sample_idx.unsqueeze(1).expand(x.shape[0], rows_per_sample).reshape(-1)
+        bank = self._bank
+        acc = opmath_dtype(x.dtype)
+        ld, lb = _as(bank.lambda_d_table, acc), _as(bank.lambda_b_table, acc)
+        return self._mixed_terms(x, x, idx, ld, lb, bank.width, args, kwargs)
+
+    def _mixed_terms(self, x, x_d, idx, lambda_d, lambda_b, r_max: int, args, kwargs) -> Tensor:
+        """The base layer's output plus each row's adapter term: ``lambda_d`` (K, r_max) / ``lambda_b`` (K, O)
+        stacked, ``idx`` (rows,) one entry of [-1, K) per row of x; ``x_d``: x after dropout."""
+        previous_dtype = x.dtype
         compute_dtype = autocast_dtype(x)
         if self._fusable(compute_dtype, bool(args or kwargs)) and x_d is x:
             A, B = self.vera_projection.sliced(r_max, self.in_features, self.out_features, compute_dtype, x.device)
@@ -537,8 +600,124 @@ class VeraLinear(nn.Module):
         keep = torch.rand(x.shape, device=x.device) >= p
         return x * keep / (1.0 - p).to(x.dtype)
 
+    def _lambda_stores(self) -> tuple[nn.ParameterDict, nn.ParameterDict]:
+        return self.vera_lambda_d, self.vera_lambda_b
+
+    def _apply(self, fn, recurse=True):
+        # to()/half()/to_empty() give the lambdas new data: rebuild the bank's tables from them (on their device).
+        result = super()._apply(fn, recurse)
+        if "_bank" in self.__dict__:
+            self._bank.relink(self._lambda_stores())
+        return result
+
+    def __setstate__(self, state):
+        # (unpickling and deepcopy give each Parameter its own copy: make them views of the tables again)
+        super().__setstate__(state)
+        if "_bank" in self.__dict__:
+            self._bank.relink(self._lambda_stores())
+
     def __repr__(self) -> str:
         return "vera." + super().__repr__()
+
+
+def _store(store: nn.ParameterDict, name: str, param: nn.Parameter) -> None:
+    """``store[name] = param``. For a plain new name it writes the ParameterDict's two tables directly: its
+    ``setattr`` path first probes ``hasattr(store, name)``, an AttributeError raised and caught per adapter, which
+    was half of an adapter's add (everything else, and any global registration hook, goes the ordinary way)."""
+    plain = (
+        "." not in name
+        and name not in store.__dict__
+        and name not in store._buffers
+        and name not in store._modules
+        and not type(store).__dict__.get(name)
+        and not _global_parameter_hooks()
+    )
+    if not plain:
+        store[name] = param
+        return
+    store._keys[name] = None
+    store._parameters[name] = param
+
+
+def _global_parameter_hooks() -> bool:
+    return bool(getattr(nn.modules.module, "_global_parameter_registration_hooks", None))
+
+
+def _relink_after_load(layer: "VeraLinear", incompatible_keys) -> None:
+    # load_state_dict post-hook: with assign=True the lambdas are new tensors, no longer views of the tables.
+    layer._bank.relink(layer._lambda_stores())
+
+
+class AdapterDropouts(nn.ModuleDict):
+    """``vera_dropout``: {adapter: nn.Dropout or nn.Identity}, as PEFT's ModuleDict, except that the adapters
+    without dropout share one Identity that is not registered as a submodule. So a layer with thousands of adapters
+    adds no modules to ``named_modules()`` (which every model-level walk pays for) and no per-adapter module
+    memory; the Dropout modules are registered (train()/eval() reach them, repr shows them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._entries: dict[str, nn.Module] = {}
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        self._entries.pop(key, None)
+        self._modules.pop(key, None)
+        if isinstance(module, nn.Identity):
+            module = _NO_DROPOUT
+        else:
+            self.add_module(key, module)
+        self._entries[key] = module
+
+    def __getitem__(self, key: str) -> nn.Module:
+        return self._entries[key]
+
+    def __delitem__(self, key: str) -> None:
+        del self._entries[key]
+        self._modules.pop(key, None)
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def keys(self):
+        return self._entries.keys()
+
+    def items(self):
+        return self._entries.items()
+
+    def values(self):
+        return self._entries.values()
+
+    def pop(self, key: str) -> nn.Module:
+        module = self[key]
+        del self[key]
+        return module
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._modules.clear()
+
+    def update(self, modules) -> None:
+        for key, module in dict(modules).items():
+            self[key] = module
+
+    def any_active(self) -> bool:
+        """Whether any adapter's dropout would drop now (a registered Dropout with p > 0 in training mode)."""
+        return any(m.training and m.p > 0 for m in self._modules.values())
+
+    def extra_repr(self) -> str:
+        plain = len(self._entries) - len(self._modules)
+        return f"{plain} adapter(s) without dropout" if plain else ""
+
+
+#: The initialization records VeraLinear.update_layer shares: {(d_initial, init_weights): record}.
+_INITS: dict[tuple, dict] = {}
+#: The one Identity every adapter without dropout shares (AdapterDropouts).
+_NO_DROPOUT = nn.Identity()
 
 
 #: Rows up to which the forward ops take their fused one-pass path, per device type (csrc: kDecodeMaxRows).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from contextlib import contextmanager
@@ -11,10 +12,19 @@ import torch
 from torch import nn
 
 from . import checkpoint, quantized, shared_input
+from .adapter_bank import SlotRegistry
+from .batch_context import MixedBatch
 from .config import VeraConfig
 from .hf_integration import is_transformers_model, peft_recognised_class
 from .layer import BASE_ADAPTER, VeraLinear
-from .mixed_batch import check_adapter_names, run_with_adapter_names
+from .mixed_batch import (
+    check_adapter_indices,
+    check_adapter_names,
+    receivers,
+    run_mixed_batch,
+    run_with_adapter_names,
+    slot_indices,
+)
 from .modules_to_save import ModulesToSave
 from .plan import AdapterPlan, plan_adapter
 from .projection import VeraProjection
@@ -63,6 +73,9 @@ class VeraModel(nn.Module):
         self.targeted_module_names: list[str] = []
         self.active_adapter: Union[str, list[str]] = adapter_name
         self._adapters_disabled = False
+        # One slot per adapter name, the same row of every layer's adapter bank (docs/DESIGN.md §2.6).
+        self._adapter_slots = SlotRegistry()
+        self._min_bank_capacity = 0
         try:
             self.add_adapter(adapter_name, config)
         except Exception:
@@ -135,12 +148,7 @@ class VeraModel(nn.Module):
     def plan_adapter(self, adapter_name: str, config: VeraConfig) -> AdapterPlan:
         """Everything :meth:`add_adapter` would do, checked; raises on any problem. Changes nothing."""
         config = VeraConfig.from_peft(config)
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
-        if adapter_name == BASE_ADAPTER:
-            raise ValueError(f"adapter_name {BASE_ADAPTER!r} is reserved: it means 'no adapter' in mixed batches")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+        self.check_adapter_name(adapter_name)
         for existing in self.peft_config.values():
             if existing.projection_prng_key != config.projection_prng_key:
                 raise ValueError(
@@ -161,17 +169,38 @@ class VeraModel(nn.Module):
             )
         return plan_adapter(self.model, config, adapter_name, self.vera_projection)
 
+    def check_adapter_name(self, adapter_name: str) -> None:
+        """ValueError unless ``adapter_name`` can name a new adapter."""
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+        if adapter_name == BASE_ADAPTER:
+            raise ValueError(f"adapter_name {BASE_ADAPTER!r} is reserved: it means 'no adapter' in mixed batches")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+
+    def reserve_adapter_slots(self, count: int) -> None:
+        """Grow every layer's adapter bank once for ``count`` more adapters (what load_adapters does first)."""
+        registry = self._adapter_slots
+        rows = registry.high_water + max(0, count - registry.free_slots())
+        for layer in self.vera_layers().values():
+            layer._bank.reserve(rows, layer._lambda_stores())
+
     def apply_adapter_plan(self, plan: AdapterPlan, config: VeraConfig) -> None:
         """Carry out a plan from :meth:`plan_adapter` (``config`` is stored as the adapter's config, with its
         resolved target_modules/modules_to_save and fan_in_fan_out corrected as PEFT does)."""
         first = self.vera_projection is None
-        previous = {} if first else {p: p.requires_grad for p in self.parameters()}
+        # Adding an adapter that wraps no modules_to_save changes no other parameter's trainability: only its own
+        # lambdas (frozen: it is not active) and the base parameters of the layers it wraps are touched, so the
+        # add costs O(its targets), not O(adapters) (docs/DESIGN.md §2.6).
+        fast = not first and not plan.modules_to_save
+        previous = {} if first or fast else {p: p.requires_grad for p in self.parameters()}
         if first:
             self.vera_projection = _projection_as_peft_makes_it(plan)
-        config.target_modules = plan.config.target_modules
-        config.modules_to_save = plan.config.modules_to_save
+        config.target_modules = copy.copy(plan.config.target_modules)  # (a plan may serve several adapters)
+        config.modules_to_save = copy.copy(plan.config.modules_to_save)
         self.peft_config[plan.name] = config
         name, r = plan.name, config.r
+        active = self.active_adapters
         for target in plan.targets:
             if isinstance(target.module, VeraLinear):
                 layer = target.module
@@ -184,6 +213,7 @@ class VeraModel(nn.Module):
                 )
             else:
                 _warn_fan_in_fan_out(config, target.conv1d)
+                base_grads = {p: p.requires_grad for p in target.module.parameters()} if fast else {}
                 layer = VeraLinear(
                     target.module,
                     r,
@@ -193,11 +223,22 @@ class VeraModel(nn.Module):
                     d_initial=config.d_initial,
                     init_weights=config.init_weights,
                     fan_in_fan_out=target.conv1d,
+                    slots=self._adapter_slots,
                 )
                 _replace(self.model, target.path, layer)
                 if target.path not in self.targeted_module_names:
                     self.targeted_module_names.append(target.path)
+                if fast:
+                    layer.set_adapter([n for n in active if n in layer.vera_lambda_d])
+                    for p, requires_grad in base_grads.items():
+                        p.requires_grad_(requires_grad)
             _round_like_peft(layer, name, target.base)
+            if fast:
+                layer.vera_lambda_d[name].requires_grad_(False)
+                layer.vera_lambda_b[name].requires_grad_(False)
+        self._reserve_bank_rows()
+        if fast:
+            return
         for path in plan.modules_to_save:
             module = self.model.get_submodule(path)
             if isinstance(module, ModulesToSave):
@@ -213,6 +254,17 @@ class VeraModel(nn.Module):
         self._mark_bias_trainable()
         for p, requires_grad in previous.items():
             p.requires_grad_(requires_grad)
+
+    def _reserve_bank_rows(self) -> None:
+        """Every layer's bank holds a row for every slot handed out (a layer lacking an adapter: a zero row), so
+        one index tensor serves all layers. Banks grow geometrically: this walks the layers O(log adapters) times."""
+        rows = self._adapter_slots.high_water
+        if rows <= self._min_bank_capacity:
+            return
+        layers = self.vera_layers().values()
+        for layer in layers:
+            layer._bank.reserve(rows, layer._lambda_stores())
+        self._min_bank_capacity = min((layer._bank.capacity for layer in layers), default=0)
 
     def _adapter_parameters(self):
         for layer in self.vera_layers().values():
@@ -393,36 +445,91 @@ class VeraModel(nn.Module):
         self.peft_config = {}
         self.vera_projection = None
         self.active_adapter = []
+        self._adapter_slots = SlotRegistry()
+        self._min_bank_capacity = 0
         return self.model
 
     # ----------------------------------------------------------------------------------------- running
 
-    def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
-        """Run the model. ``adapter_names``: one adapter per sample (``"__base__"``: none) for a mixed batch."""
+    def forward(
+        self,
+        *args: Any,
+        adapter_names: Optional[Sequence[str]] = None,
+        adapter_indices: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ):
+        """Run the model. A mixed batch, one adapter per sample: ``adapter_names`` (``"__base__"``: none) or
+        ``adapter_indices``, the tensor :meth:`adapter_indices` makes of such names (one compiled graph serves
+        every mix; the lambdas get no gradient through it)."""
         if torch.compiler.is_compiling() and _may_share_under_compile(self.model):
             # (eager shares u without a scope; a compiled forward needs one: see vera_ext.shared_input)
             previous = shared_input.open_scope()
             try:
-                return self._run(args, kwargs, adapter_names)
+                return self._run(args, kwargs, adapter_names, adapter_indices)
             finally:
                 shared_input.close_scope(previous)
-        return self._run(args, kwargs, adapter_names)
+        return self._run(args, kwargs, adapter_names, adapter_indices)
 
-    def _run(self, args, kwargs, adapter_names):
-        if adapter_names is None:
+    def _run(self, args, kwargs, adapter_names, adapter_indices=None):
+        if adapter_names is None and adapter_indices is None:
             return self.model(*args, **kwargs)
-        names = check_adapter_names(self, adapter_names, args, kwargs)
-        return run_with_adapter_names(self, names, lambda: self.model(*args, **kwargs))
+        call = lambda: self.model(*args, **kwargs)  # noqa: E731
+        found = receivers(self)  # (one walk of the model per call)
+        if adapter_indices is not None:
+            if adapter_names is not None:
+                raise ValueError("pass adapter_names or adapter_indices, not both")
+            idx = check_adapter_indices(self, adapter_indices, args, kwargs, found)
+            return run_mixed_batch(self, MixedBatch(None, idx), call, found)
+        names = check_adapter_names(self, adapter_names, args, kwargs, found)
+        return run_with_adapter_names(self, names, call, found)
 
-    def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any):
-        """``model.generate`` with optional per-sample adapters (repeated for each beam with ``num_beams``)."""
-        if adapter_names is None:
+    def generate(
+        self,
+        *args: Any,
+        adapter_names: Optional[Sequence[str]] = None,
+        adapter_indices: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ):
+        """``model.generate`` with optional per-sample adapters, by name or index tensor (repeated for each beam
+        with ``num_beams``)."""
+        if adapter_names is None and adapter_indices is None:
             return self.model.generate(*args, **kwargs)
+        if adapter_names is not None and adapter_indices is not None:
+            raise ValueError("pass adapter_names or adapter_indices, not both")
         beams = kwargs.get("num_beams", 1)
+        call = lambda: self.model.generate(*args, **kwargs)  # noqa: E731
+        if adapter_indices is not None:
+            idx = check_adapter_indices(self, adapter_indices, (), {})
+            if isinstance(beams, int) and beams > 1:
+                idx = idx.repeat_interleave(beams)
+            return run_mixed_batch(self, MixedBatch(None, idx), call)
         if isinstance(beams, int) and beams > 1:
             adapter_names = [n for n in adapter_names for _ in range(beams)]
         names = check_adapter_names(self, adapter_names, (), {})
-        return run_with_adapter_names(self, names, lambda: self.model.generate(*args, **kwargs))
+        return run_with_adapter_names(self, names, call)
+
+    def adapter_indices(self, names: Sequence[str], device=None) -> torch.Tensor:
+        """The index tensor of a mixed batch, for callers that build their own batches: one int64 slot per name
+        (``"__base__"``: -1), on ``device`` (default: the layers' device). Pass it as ``adapter_indices=`` to
+        :meth:`forward` / :meth:`generate`; it stays valid while those adapters exist (a deleted adapter's slot
+        is reused by the next one added)."""
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"names must be a list of str (one adapter name per sample), got {names!r}")
+        names = list(names)
+        slots = self._adapter_slots.slots
+        unknown = sorted({n for n in names if n != BASE_ADAPTER and (n not in self.peft_config or n not in slots)})
+        if unknown:
+            raise ValueError(
+                f"names: unknown adapter(s) {', '.join(unknown)}; known adapters: {list(self.peft_config)} and "
+                f"{BASE_ADAPTER!r} (no adapter)"
+            )
+        return slot_indices(self, names, self.bank_device() if device is None else device)
+
+    def bank_device(self) -> Optional[torch.device]:
+        """The device of the layers' adapter banks (the first layer's), where index tensors are made."""
+        for layer in self.vera_layers().values():
+            return layer._bank.lambda_b_table.device
+        return None
 
     # ----------------------------------------------------------------------------------------- parameters
 
@@ -484,6 +591,13 @@ class VeraModel(nn.Module):
         return checkpoint.from_pretrained(
             cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs
         )
+
+    def load_adapters(self, paths_or_dict, is_trainable: bool = False) -> list[str]:
+        """Load many adapters into the bank at once (none made active): ``paths_or_dict`` is {name: adapter
+        directory (PEFT's format) or (config, tensors)}, or a list of directories named by their last component.
+        All are read and checked (each against the model, and against each other) before any is inserted: a refused
+        call inserts nothing. Returns the names loaded."""
+        return checkpoint.load_adapters(self, paths_or_dict, is_trainable=is_trainable)
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False, **kwargs):
         """Load an adapter directory as ``adapter_name`` (not made active). A refused load changes nothing.

@@ -1,0 +1,167 @@
+"""Serving many adapters (issue 19): adding them to the adapter bank, their memory, and a mixed decode step.
+
+Functions only (a ``--case serve`` entry is wired elsewhere). :func:`serve_case` builds the llama-1024 model of
+``model_cases`` (or its quick sizes), VeRA r=256 on q_proj and v_proj, adds ``adapters`` adapters and reports, side
+by side in one run (CPU, fp32 by default):
+
+- ``add_s``: seconds to add them, one ``add_adapter`` call each (``how="add_adapter"``) or one
+  ``load_adapters`` call with in-memory (config, tensors) pairs (``how="load_adapters"``);
+- ``bank_bytes_per_adapter`` / ``lambda_bytes_per_adapter``: the banks' table bytes (all layers) per adapter, and
+  the bytes of one adapter's λ (sum over layers of (r + O) fp32); ``rss_bytes_per_adapter``: the growth of the
+  process's resident memory while adding, per adapter (Python objects included);
+- decode: one token for each of ``rows`` sequences against a prefilled ``DynamicCache`` (``model_cases``'s
+  ``_decode_call``: the cache is cropped back after each call), medians of interleaved rounds: ``base`` (the base
+  model alone, its own copy), ``single`` (the VeRA model, one active adapter, a plain call) and ``mixed`` (each
+  row its own adapter out of all of them, ``adapter_indices=``), with ``mixed / single`` and ``mixed / base``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import time
+import warnings
+from typing import Optional
+
+import torch
+
+from ..config import VeraConfig
+from ..model import get_vera_model
+from .model_cases import MODELS, SEED, build_base
+from .timing import time_interleaved
+
+__all__ = ["add_adapters_timed", "serve_case", "lambda_bytes_per_adapter", "bank_bytes"]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _token_ids(model, batch: int, seq: int, seed: int, device: str) -> torch.Tensor:
+    vocab = model.config.vocab_size
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _decode_call(model, token: torch.Tensor, cache, context: int):
+    """One decoded token against ``cache``, which is cropped back after each call (as model_cases' decode case)."""
+
+    def run():
+        logits = model(input_ids=token, cache=cache, use_cache=True).logits
+        cache.crop(-1)
+        return logits
+
+    run()
+    if cache.get_seq_length() != context:
+        raise RuntimeError(f"serve: the cache holds {cache.get_seq_length()} tokens after a call, not {context}")
+    return run
+
+
+def lambda_bytes_per_adapter(vera_model, name: str) -> int:
+    """Bytes of adapter ``name``'s λ over all layers."""
+    total = 0
+    for layer in vera_model.vera_layers().values():
+        if name in layer.vera_lambda_d:
+            for p in (layer.vera_lambda_d[name], layer.vera_lambda_b[name]):
+                total += p.numel() * p.element_size()
+    return total
+
+
+def bank_bytes(vera_model) -> int:
+    """Bytes of every layer's λ tables (capacity included)."""
+    return sum(layer._bank.nbytes() for layer in vera_model.vera_layers().values())
+
+
+def add_adapters_timed(vera_model, count: int, config: VeraConfig, how: str = "add_adapter", prefix: str = "a"):
+    """Add ``count`` adapters named ``{prefix}{i}`` with ``config`` (λ random: init_weights=False draws them, the
+    in-memory pairs of load_adapters are drawn here); returns (seconds, names)."""
+    names = [f"{prefix}{i}" for i in range(count)]
+    if how == "add_adapter":
+        t0 = time.perf_counter()
+        for name in names:
+            vera_model.add_adapter(name, copy.deepcopy(config))
+        return time.perf_counter() - t0, names
+    if how != "load_adapters":
+        raise ValueError(f"how must be 'add_adapter' or 'load_adapters', got {how!r}")
+    shapes = {}
+    for path, layer in vera_model.vera_layers().items():
+        shapes[f"base_model.model.{path}.vera_lambda_d"] = (config.r,)
+        shapes[f"base_model.model.{path}.vera_lambda_b"] = (layer.out_features,)
+    projection = {}
+    if config.save_projection:
+        projection = {
+            "base_model.vera_A": vera_model.vera_projection.vera_A,
+            "base_model.vera_B": vera_model.vera_projection.vera_B,
+        }
+    g = torch.Generator().manual_seed(SEED)
+    pairs = {
+        name: (config, {**{k: torch.randn(s, generator=g) for k, s in shapes.items()}, **projection}) for name in names
+    }
+    t0 = time.perf_counter()
+    vera_model.load_adapters(pairs)
+    return time.perf_counter() - t0, names
+
+
+def serve_case(
+    model: str = "llama-1024",
+    adapters: int = 10_000,
+    rows: int = 16,
+    how: str = "add_adapter",
+    rounds: int = 15,
+    quick: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    r: Optional[int] = None,
+) -> dict:
+    """The serve measurements (module docstring) as a dict."""
+    if rows > adapters:
+        raise ValueError(f"rows ({rows}) must be at most adapters ({adapters}): each row gets its own adapter")
+    spec = MODELS[model].sized(quick, r)
+    base = build_base(spec, dtype, device).eval()
+    base_copy = copy.deepcopy(base)
+    config = VeraConfig(r=spec.r, target_modules=spec.targets("qv"), init_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vm = get_vera_model(base, copy.deepcopy(config), adapter_name="first")
+        rss0 = _rss_bytes()
+        add_s, names = add_adapters_timed(vm, adapters, config, how)
+        rss1 = _rss_bytes()
+    vm.eval()
+    lam = lambda_bytes_per_adapter(vm, names[0])
+    bank = bank_bytes(vm)
+
+    # rows distinct adapters spread over the bank, and one adapter active for the single-adapter call
+    chosen = [names[(i * len(names)) // rows] for i in range(rows)]
+    idx = vm.adapter_indices(chosen)
+    vm.set_adapter(chosen[0])
+    prompt = _token_ids(base_copy, rows, spec.context, SEED + rows, device)
+    token = _token_ids(base_copy, rows, 1, SEED + rows + 1, device)
+    with torch.inference_mode():
+        fns = {}
+        for key, mdl, kwargs in (
+            ("base", base_copy, {}),
+            ("single", vm, {}),
+            ("mixed", vm, {"adapter_indices": idx}),
+        ):
+            cache = mdl(input_ids=prompt, use_cache=True, **kwargs).cache
+            fns[key] = _decode_call(functools.partial(mdl, **kwargs), token, cache, spec.context)
+        times = time_interleaved(fns, device, rounds)
+    ms = {k: v[0] for k, v in times.items()}
+    return {
+        "model": spec.summary(),
+        "adapters": adapters,
+        "how": how,
+        "add_s": add_s,
+        "lambda_bytes_per_adapter": lam,
+        "bank_bytes_per_adapter": bank / (adapters + 1),
+        "bank_over_lambda": bank / (adapters + 1) / lam,
+        "rss_bytes_per_adapter": (rss1 - rss0) / adapters,
+        "rss_over_lambda": (rss1 - rss0) / adapters / lam,
+        "decode_rows": rows,
+        "decode_ms": ms,
+        "decode_iqr_ms": {k: v[1] for k, v in times.items()},
+        "mixed_over_single": ms["mixed"] / ms["single"],
+        "mixed_over_base": ms["mixed"] / ms["base"],
+        "single_over_base": ms["single"] / ms["base"],
+    }
