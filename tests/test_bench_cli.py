@@ -542,3 +542,31 @@ def test_h200_plan_decode_stack_and_graphs_on_the_gpu(capsys, tmp_path):
         if r["implementation"] not in failed.get(f"N={r['shape']['N']}", {})
     )
     assert "graph_probe_mixed_layer_call" in doc["info"]
+
+
+def test_serve_case_runs_alone_and_prints_its_three_parts(capsys, tmp_path):
+    """--case serve (quick sizes): the adds with their memory, the mixed decode against one adapter and the base
+    model, and the LoRA export against PEFT's conversion, exact; the JSON holds the same numbers."""
+    out = tmp_path / "serve.json"
+    assert cli.main(["--case", "serve", "--quick", "--rounds", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    for fragment in ("add_adapter", "load_adapters", "mixed / single", "mixed / base", "PEFT / vera_ext"):
+        assert fragment in text, fragment
+    doc = json.loads(out.read_text())
+    assert [a["adapters"] for a in doc["adds"]] == [16, 16, 100, 100]
+    assert all(a["bank_over_lambda"] >= 1.0 for a in doc["adds"])
+    assert doc["export"]["max_abs_diff"]["vera_ext"] < 1e-4
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--case", "serve,decode"], "--case serve runs alone"),
+        (["--case", "serve", "--base", "nf4"], "--case serve takes only"),
+        (["--case", "serve", "--device", "cuda"], "runs on the CPU only"),
+    ],
+)
+def test_serve_case_refuses_other_options(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and fragment in capsys.readouterr().err

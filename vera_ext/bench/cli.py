@@ -330,7 +330,10 @@ def make_parser() -> argparse.ArgumentParser:
         + "\nmodel cases (a whole transformers model; --model NAME, --targets qkvo|qv|all):\n"
         + "\n".join(f"  {c:<18} {MODEL_CASE_HELP[c]}" for c in MODEL_CASES)
         + "\nmodels (--model):\n"
-        + "\n".join(f"  {n:<18} {m.source}" for n, m in MODELS.items()),
+        + "\n".join(f"  {n:<18} {m.source}" for n, m in MODELS.items())
+        + "\nserving (runs alone, CPU, not in the default list):\n"
+        + "  serve              adding 100 / 1,000 / 10,000 adapters, a decode step over 16 distinct adapters vs one "
+        "adapter vs the base model, and the LoRA export vs PEFT's conversion (llama-1024; --quick: seconds)",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
     p.add_argument(
@@ -541,9 +544,30 @@ def main(argv=None) -> int:
     if args.list:
         print(parser.epilog)
         return 0
+    if _serve_asked(parser, args):
+        from .serve import run_serve
+
+        device = args.device or "cpu"
+        if device != "cpu":
+            parser.error("--case serve: runs on the CPU only (--device cpu)")
+        with Output(args.log) as say:
+            return run_serve(args.quick, args.rounds, device, say, args.json)
     s = parse_settings(parser, args)
     with Output(args.log) as say, quiet_int8_cast_notice():
         return run_preset(s, args, say) if s.preset is not None else run_cases(s, args, say)
+
+
+def _serve_asked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
+    """Whether --case asks for ``serve`` (serve.py), which runs alone: an error if other cases or the layer/model
+    options come with it."""
+    asked = [c.strip() for entry in args.case or () for c in entry.split(",") if c.strip()]
+    if "serve" not in asked:
+        return False
+    if len(asked) > 1:
+        parser.error("--case serve runs alone: drop the other cases")
+    if args.preset or args.base != "none" or args.plot or args.trace:
+        parser.error("--case serve takes only --quick, --rounds, --json, --log and --no-progress")
+    return True
 
 
 def run_cases(s: Settings, args: argparse.Namespace, say: Callable[[str], None]) -> int:
