@@ -144,6 +144,17 @@ def _remove(path: str) -> None:
         pass
 
 
+def abandon(staged: StagedFiles, created: list[str]) -> None:
+    """Undo a save that failed before its commit: drop ``staged``'s temporary files and remove the directories in
+    ``created`` (missing_dirs' lists, made for the save) that are still empty, innermost first."""
+    staged.discard()
+    for made in reversed(created):
+        try:
+            os.rmdir(made)  # only if still empty
+        except OSError:
+            pass
+
+
 def missing_dirs(path: str) -> list[str]:
     """The directories ``os.makedirs(path)`` would create, outermost first."""
     missing = []

@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .atomic_files import StagedFiles, missing_dirs
+from .atomic_files import StagedFiles, abandon, missing_dirs
 from .config import CONFIG_NAME, VeraConfig
 from .layer import VeraLinear
 from .modules_to_save import ModulesToSave
@@ -124,12 +124,7 @@ def save_pretrained(
             staged.write_text(os.path.join(out_dir, CONFIG_NAME), config_to_write(vera_model, name).json_text())
         staged.commit()
     except BaseException:
-        staged.discard()
-        for directory in reversed(created):
-            try:
-                os.rmdir(directory)  # only if still empty
-            except OSError:
-                pass
+        abandon(staged, created)
         raise
 
 

@@ -31,7 +31,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .atomic_files import StagedFiles, missing_dirs
+from .atomic_files import StagedFiles, abandon, missing_dirs
 from .checkpoint import PREFIX, WEIGHTS_NAME, config_to_write
 from .config import CONFIG_NAME
 
@@ -175,12 +175,7 @@ def export_lora(
         staged.write_text(os.path.join(directory, CONFIG_NAME), json.dumps(lora_config, indent=2, sort_keys=True))
         staged.commit()
     except BaseException:
-        staged.discard()
-        for made in reversed(created):
-            try:
-                os.rmdir(made)  # only if still empty
-            except OSError:
-                pass
+        abandon(staged, created)
         raise
     return lora_config
 
