@@ -10,8 +10,8 @@ slots to the ops, which read the rows by index; nothing is stacked per call.
 ``SlotRegistry`` gives each adapter name one slot, shared by every layer of a model (so one index tensor serves all
 layers); a layer without that adapter has a zero row there (λ_b = 0: its adapter term is 0). A deleted name's slot
 is reused (lowest first). Tables grow by ``GROWTH`` (at least ``GROWTH_ROWS`` rows) when a slot beyond their
-capacity is needed (amortised O(1) adds); every Parameter is then re-pointed at its row of the new tables
-(``p.data = row``: the same object).
+capacity is needed (amortised O(1) adds): the tables' storage is resized in place, and the Parameters, views of it,
+follow (the same objects, no step per adapter).
 
 Whatever replaces a Parameter's data without the layer knowing breaks its link to the table: ``Module._apply``
 (``to()``, ``half()``, ``to_empty()``), ``load_state_dict(assign=True)`` and unpickling/deepcopy are caught by the
@@ -90,22 +90,22 @@ class AdapterBank:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.lambda_d_table, self.lambda_b_table))
 
-    def reserve(self, rows: int, stores: tuple[nn.ParameterDict, nn.ParameterDict]) -> None:
-        """Capacity for at least ``rows`` rows (grown by GROWTH at least), every Parameter re-pointed."""
+    def reserve(self, rows: int) -> None:
+        """Capacity for at least ``rows`` rows (grown by GROWTH at least); the Parameters stay views of their rows."""
         if rows <= self.capacity:
             return
         capacity = max(rows, self.capacity + GROWTH_ROWS, math.ceil(self.capacity * GROWTH))
-        old_d, old_b = self.lambda_d_table, self.lambda_b_table
-        d = old_d.new_empty(capacity, self.width)
-        b = old_b.new_empty(capacity, self.out_features)
-        used = old_d.shape[0]
-        with torch.no_grad():  # (each page written once: the old rows copied, the new ones zeroed)
-            d[:used] = old_d
-            b[:used] = old_b
-            d[used:].zero_()
-            b[used:].zero_()
-        self.lambda_d_table, self.lambda_b_table = d, b
-        self._point(stores, self.slot_of)
+        used = self.capacity
+        with torch.no_grad():
+            for table in (self.lambda_d_table, self.lambda_b_table):
+                # The table's own storage grows (reallocated, the old rows copied by the allocator): the Parameters
+                # are views of that storage, so they follow without being re-pointed one by one (a growth costs a
+                # copy of the table, not a Python step per adapter). Rows keep their offsets: the table is
+                # row-major from offset 0.
+                storage = table.untyped_storage()
+                storage.resize_(capacity * table.shape[1] * table.element_size())
+                table.set_(storage, 0, (capacity, table.shape[1]))
+                table[used:].zero_()
 
     def insert(self, name: str, r: int, stores: tuple[nn.ParameterDict, nn.ParameterDict]) -> tuple[Tensor, Tensor]:
         """Rows for adapter ``name`` (all zeros; its old Parameters, if any, detached from the table): returns the
@@ -114,7 +114,7 @@ class AdapterBank:
         if slot is None:  # (a free row is all zeros: zeroed when the table grew or its adapter was removed)
             slot = self.registry.acquire(name)
             self.slot_of[name] = slot
-            self.reserve(max(slot + 1, self.registry.high_water), stores)
+            self.reserve(max(slot + 1, self.registry.high_water))
         else:
             _detach(stores, name)
             with torch.no_grad():

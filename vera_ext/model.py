@@ -149,18 +149,19 @@ class VeraModel(nn.Module):
         """Everything :meth:`add_adapter` would do, checked; raises on any problem. Changes nothing."""
         config = VeraConfig.from_peft(config)
         self.check_adapter_name(adapter_name)
-        for existing in self.peft_config.values():
-            if existing.projection_prng_key != config.projection_prng_key:
-                raise ValueError(
-                    "Vera PRNG initialisation key must be the same for all adapters. Got "
-                    f"config.projection_prng_key={config.projection_prng_key} but previous config had "
-                    f"{existing.projection_prng_key}."
-                )
-        save_values = sorted({c.save_projection for c in self.peft_config.values()} | {config.save_projection})
-        if len(save_values) > 1:
+        # Every adapter added so far passed these checks, so all share one key and one save_projection: comparing
+        # with the first is comparing with all (O(1) per add, not O(adapters): adding K adapters stays linear).
+        existing = next(iter(self.peft_config.values()), None)
+        if existing is not None and existing.projection_prng_key != config.projection_prng_key:
+            raise ValueError(
+                "Vera PRNG initialisation key must be the same for all adapters. Got "
+                f"config.projection_prng_key={config.projection_prng_key} but previous config had "
+                f"{existing.projection_prng_key}."
+            )
+        if existing is not None and existing.save_projection != config.save_projection:
             raise ValueError(
                 "VeRA projection weights must be saved for all adapters or none, but got multiple different values: "
-                f"{save_values}"
+                f"{sorted({existing.save_projection, config.save_projection})}"
             )
         if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
             raise ValueError(
@@ -183,7 +184,7 @@ class VeraModel(nn.Module):
         registry = self._adapter_slots
         rows = registry.high_water + max(0, count - registry.free_slots())
         for layer in self.vera_layers().values():
-            layer._bank.reserve(rows, layer._lambda_stores())
+            layer._bank.reserve(rows)
 
     def apply_adapter_plan(self, plan: AdapterPlan, config: VeraConfig) -> None:
         """Carry out a plan from :meth:`plan_adapter` (``config`` is stored as the adapter's config, with its
@@ -263,7 +264,7 @@ class VeraModel(nn.Module):
             return
         layers = self.vera_layers().values()
         for layer in layers:
-            layer._bank.reserve(rows, layer._lambda_stores())
+            layer._bank.reserve(rows)
         self._min_bank_capacity = min((layer._bank.capacity for layer in layers), default=0)
 
     def _adapter_parameters(self):

@@ -112,6 +112,8 @@ def _modules_to_save(model: nn.Module, config: VeraConfig, targets: list[Target]
     """Paths PEFT wraps for ``modules_to_save``: every module whose path ends with one of the names (PEFT matches
     the plain suffix), not nested in another match, a VeRA layer or a wrapper's internals."""
     names = config.modules_to_save or []
+    if not names:
+        return []  # (no walk of the model: most adapters save no module)
     chosen: list[str] = []
     for path, module in model.named_modules(remove_duplicate=False):
         if not path or path.startswith(inside) or not any(path.endswith(n) for n in names):
