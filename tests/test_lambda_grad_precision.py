@@ -1,4 +1,4 @@
-"""Low-precision numerics against PEFT 0.21.2 and float64 (issue: bf16 lambda gradients as good as PEFT's).
+"""Low-precision numerics against PEFT 0.21.2 and float64 (bf16 and fp16 lambda gradients as good as PEFT's).
 
 Each case is a random layer as a new user would make one (dims 1-257, r 1-300, 0-3 leading dims of x, bias on or
 off) trained in bf16 or fp16 the two ways PEFT users do: under autocast with fp32 weights, or with the whole model

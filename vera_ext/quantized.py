@@ -12,6 +12,7 @@ that library cannot exist otherwise), so importing vera_ext never imports them.
 
 from __future__ import annotations
 
+import abc
 import copy
 import sys
 from typing import Optional
@@ -40,28 +41,28 @@ SUPPORTED = (
 _FP16_MAX = torch.finfo(torch.float16).max
 
 
-class QuantizedKind:
-    """One kind of quantized base layer. ``name`` says which; subclasses implement the three methods."""
+class QuantizedKind(abc.ABC):
+    """One kind of quantized base layer. ``name`` says which; subclasses implement the three abstract methods."""
 
     name = ""
 
+    @abc.abstractmethod
     def dequantize(self, base: nn.Module, dtype: torch.dtype) -> Tensor:
         """The layer's weight as a new dense (out_features, in_features) tensor in ``dtype``; changes nothing."""
-        raise NotImplementedError
 
     def check_writable(self, weight: Tensor) -> None:
         """Raise ValueError when quantizing ``weight`` again would store a non-finite value."""
         if not torch.isfinite(weight).all():
             raise ValueError("the weight to quantize again has non-finite values")
 
+    @abc.abstractmethod
     def write(self, base: nn.Module, weight: Tensor) -> None:
         """Quantize the dense (out, in) ``weight`` with the layer's own settings and install it in ``base``; the
         layer stays the same type with the same settings. Nothing is installed if quantizing fails."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def settings(self, base: nn.Module) -> dict:
         """The quantization settings of ``base`` (what :meth:`write` keeps)."""
-        raise NotImplementedError
 
 
 # ------------------------------------------------------------------------------------------------ bitsandbytes

@@ -138,6 +138,15 @@ inline void check_linear_args(const Tensor& x, const Tensor& weight, const OptTe
   }
 }
 
+// A forward's adapter_idx check: on the host before any kernel, except on a decode path whose kernels check it on
+// the device (P::kDecodeChecksIdx: a host read would synchronize a decode step).
+template <class P>
+void check_forward_idx(const AdapterArgs& a, bool decode) {
+  if (a.adapter_idx.has_value() && !(decode && P::kDecodeChecksIdx)) {
+    P::check_adapter_idx(*a.adapter_idx, num_adapters(a));
+  }
+}
+
 template <class P>
 std::tuple<Tensor, Tensor> vera_forward(const Tensor& x, const Tensor& base_out, const Tensor& A, const Tensor& B,
                                         const Tensor& lambda_d, const Tensor& lambda_b,
@@ -148,11 +157,9 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x, const Tensor& base_out,
   TORCH_CHECK(base_out.dim() == 2, "base_out must be 2-D (rows, out_features), got shape ", base_out.sizes());
   check_like(base_out, "base_out", {x.size(0), base_out.size(1)}, x, "x");
   check_adapter(a, x, "x", x.size(1), base_out.size(1));
-  if (use_decode<P>(x)) {
-    if (adapter_idx.has_value() && !P::kDecodeChecksIdx) P::check_adapter_idx(*adapter_idx, num_adapters(a));
-    return P::decode_forward(x, c10::nullopt, c10::nullopt, base_out, a);
-  }
-  if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
+  const bool decode = use_decode<P>(x);
+  check_forward_idx<P>(a, decode);
+  if (decode) return P::decode_forward(x, c10::nullopt, c10::nullopt, base_out, a);
 
   Tensor u = at::mm(x, A.t());
   return {adapter_output<P>(u, a, base_out, /*base_is_ours=*/false), u};
@@ -166,11 +173,9 @@ std::tuple<Tensor, Tensor> vera_linear_forward(const Tensor& x, const Tensor& we
   const AdapterArgs a{A, B, lambda_d, lambda_b, adapter_idx};
   check_linear_args(x, weight, bias);
   check_adapter(a, x, "x", x.size(1), weight.size(0));
-  if (use_decode<P>(x)) {
-    if (adapter_idx.has_value() && !P::kDecodeChecksIdx) P::check_adapter_idx(*adapter_idx, num_adapters(a));
-    return P::decode_forward(x, weight, bias, c10::nullopt, a);
-  }
-  if (adapter_idx.has_value()) P::check_adapter_idx(*adapter_idx, num_adapters(a));
+  const bool decode = use_decode<P>(x);
+  check_forward_idx<P>(a, decode);
+  if (decode) return P::decode_forward(x, weight, bias, c10::nullopt, a);
 
   Tensor u = at::mm(x, A.t());
   if (use_merged_forward(x.size(0), weight.size(1), lambda_d.size(-1), a)) {

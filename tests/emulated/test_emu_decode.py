@@ -152,25 +152,25 @@ def test_decode_mixed_adapters_read_only_the_rows_lambdas(emu):
     assert read_bytes(emu, p) == read_bytes(emu, compact)
 
 
-def read_bytes(emu, p):
-    """The distinct bytes the decode call's launches read (all blocks traced)."""
+def traced_launches(emu, p):
+    """The emulator's trace records of one decode call's launches (every block traced)."""
     emu.trace_start(1 << 20)
     try:
         emu.decode(**p)
     finally:
         launches = json.loads(emu.trace_stop())
     assert all(ev["executed_blocks"] == ev["blocks"] for ev in launches)
-    return sum(ev["unique_read_bytes_private"] + ev["unique_read_bytes_shared"] for ev in launches)
+    return launches
+
+
+def read_bytes(emu, p):
+    """The distinct bytes the decode call's launches read."""
+    return sum(ev["unique_read_bytes_private"] + ev["unique_read_bytes_shared"] for ev in traced_launches(emu, p))
 
 
 def launched_kernels(emu, p):
-    """The kernel names (with template arguments) one decode call launches, from the emulator's trace."""
-    emu.trace_start(1 << 20)
-    try:
-        emu.decode(**p)
-    finally:
-        launches = json.loads(emu.trace_stop())
-    return [ev["kernel"] for ev in launches]
+    """The kernel names (with template arguments) one decode call launches."""
+    return [ev["kernel"] for ev in traced_launches(emu, p)]
 
 
 @pytest.mark.parametrize(
@@ -216,11 +216,7 @@ def test_decode_unaligned_slices(emu):
 def test_decode_pass_2_is_a_programmatic_dependent_of_pass_1(emu):
     """Pass 2 is launched as a programmatic dependent (PDL) of pass 1, so its launch and its W stream overlap pass 1
     on the GPU (the cost model counts one launch overhead for the pair): the trace marks it, and only it."""
-    emu.trace_start(1 << 20)
-    try:
-        emu.decode(**problem(4, 64, 40, 16, torch.bfloat16))
-    finally:
-        launches = json.loads(emu.trace_stop())
+    launches = traced_launches(emu, problem(4, 64, 40, 16, torch.bfloat16))
     assert [(("decode_u" in ev["kernel"]), ev["programmatic"]) for ev in launches] == [(True, False), (False, True)]
 
 

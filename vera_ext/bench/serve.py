@@ -38,7 +38,7 @@ def run_serve(
         for how in ("add_adapter", "load_adapters"):
             decode = k == counts[-1] and how == "load_adapters"  # one decode measurement, at the largest bank
             res = serve_case(
-                adapters=k, rows=rows, how=how, rounds=decode_rounds if decode else 1, quick=quick, device=device
+                adapters=k, rows=rows, how=how, rounds=decode_rounds, quick=quick, device=device, decode=decode
             )
             adds.append(res)
     say(f"serve: {adds[0]['model']}, {device}, fp32")

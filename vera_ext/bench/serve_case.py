@@ -1,4 +1,4 @@
-"""Serving many adapters (issue 19): adding them to the adapter bank, their memory, and a mixed decode step.
+"""Serving many adapters: adding them to the adapter bank, their memory, and a mixed decode step.
 
 Functions only (a ``--case serve`` entry is wired elsewhere). :func:`serve_case` builds the llama-1024 model of
 ``model_cases`` (or its quick sizes), VeRA r=256 on q_proj and v_proj, adds ``adapters`` adapters and reports, side
@@ -113,13 +113,14 @@ def serve_case(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     r: Optional[int] = None,
+    decode: bool = True,
 ) -> dict:
-    """The serve measurements (module docstring) as a dict."""
+    """The serve measurements (module docstring) as a dict; without ``decode``, the adds and their memory only."""
     if rows > adapters:
         raise ValueError(f"rows ({rows}) must be at most adapters ({adapters}): each row gets its own adapter")
     spec = MODELS[model].sized(quick, r)
     base = build_base(spec, dtype, device).eval()
-    base_copy = copy.deepcopy(base)
+    base_copy = copy.deepcopy(base) if decode else None  # (the base model alone, for the decode comparison)
     config = VeraConfig(r=spec.r, target_modules=spec.targets("qv"), init_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -130,6 +131,19 @@ def serve_case(
     vm.eval()
     lam = lambda_bytes_per_adapter(vm, names[0])
     bank = bank_bytes(vm)
+    adds = {
+        "model": spec.summary(),
+        "adapters": adapters,
+        "how": how,
+        "add_s": add_s,
+        "lambda_bytes_per_adapter": lam,
+        "bank_bytes_per_adapter": bank / (adapters + 1),
+        "bank_over_lambda": bank / (adapters + 1) / lam,
+        "rss_bytes_per_adapter": (rss1 - rss0) / adapters,
+        "rss_over_lambda": (rss1 - rss0) / adapters / lam,
+    }
+    if not decode:
+        return adds
 
     # rows distinct adapters spread over the bank, and one adapter active for the single-adapter call
     chosen = [names[(i * len(names)) // rows] for i in range(rows)]
@@ -149,15 +163,7 @@ def serve_case(
         times = time_interleaved(fns, device, rounds)
     ms = {k: v[0] for k, v in times.items()}
     return {
-        "model": spec.summary(),
-        "adapters": adapters,
-        "how": how,
-        "add_s": add_s,
-        "lambda_bytes_per_adapter": lam,
-        "bank_bytes_per_adapter": bank / (adapters + 1),
-        "bank_over_lambda": bank / (adapters + 1) / lam,
-        "rss_bytes_per_adapter": (rss1 - rss0) / adapters,
-        "rss_over_lambda": (rss1 - rss0) / adapters / lam,
+        **adds,
         "decode_rows": rows,
         "decode_ms": ms,
         "decode_iqr_ms": {k: v[1] for k, v in times.items()},
