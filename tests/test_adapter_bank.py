@@ -24,7 +24,7 @@ def _model(extra: int = 2):
 
 
 def _linked(vm) -> bool:
-    return all(layer._bank.linked(layer._lambda_stores()) for layer in vm.vera_layers().values())
+    return all(layer._bank.linked() for layer in vm.vera_layers().values())
 
 
 def _row(layer, name):

@@ -1,22 +1,24 @@
 """The adapter bank (docs/DESIGN.md §2.6): every adapter's λ of a VeRA layer in two preallocated stacked tables.
 
 ``AdapterBank`` holds, per layer, ``lambda_d_table`` (capacity, R) and ``lambda_b_table`` (capacity, O) on the
-layer's device. The layer's ``vera_lambda_d[name]`` / ``vera_lambda_b[name]`` Parameters are views of one row each
-(``lambda_d_table[slot, :r]``, ``lambda_b_table[slot]``): leaves of their own, so state dicts, optimizers, training
-and ``requires_grad_`` see the same Parameters as before, while every in-place change to them (an optimizer step,
-``load_state_dict``, ``copy_``) is a change to the table. A mixed batch hands the tables and one int64 index of
-slots to the ops, which read the rows by index; nothing is stacked per call.
+layer's device. The layer's ``vera_lambda_d`` / ``vera_lambda_b`` (:mod:`vera_ext.lambda_store`) hand out each
+adapter's λ as a Parameter that is a view of its row (``lambda_d_table[slot, :r]``, ``lambda_b_table[slot]``),
+created when first asked for: state dicts, optimizers, training and ``requires_grad_`` see Parameters as in PEFT,
+while every in-place change to them (an optimizer step, ``load_state_dict``, ``copy_``) is a change to the table. A
+mixed batch hands the tables and one int64 index of slots to the ops, which read the rows by index; nothing is
+stacked per call.
 
 ``SlotRegistry`` gives each adapter name one slot, shared by every layer of a model (so one index tensor serves all
 layers); a layer without that adapter has a zero row there (λ_b = 0: its adapter term is 0). A deleted name's slot
 is reused (lowest first). Tables grow by ``GROWTH`` (at least ``GROWTH_ROWS`` rows) when a slot beyond their
-capacity is needed (amortised O(1) adds): the tables' storage is resized in place, and the Parameters, views of it,
-follow (the same objects, no step per adapter).
+capacity is needed (amortised O(1) adds): both tables move to one new allocation and the Parameters created so
+far are pointed at their new rows.
 
 Whatever replaces a Parameter's data without the layer knowing breaks its link to the table: ``Module._apply``
 (``to()``, ``half()``, ``to_empty()``), ``load_state_dict(assign=True)`` and unpickling/deepcopy are caught by the
-layer, which rebuilds its tables from its Parameters (:meth:`AdapterBank.relink`); a direct ``p.data = ...`` or a
-parameter swap (FSDP, ``torch.func.functional_call``) is not, and then only the tables' mixed batches are stale.
+layer, which converts the tables and re-points the Parameters (:meth:`AdapterBank.relink`); a direct
+``p.data = ...`` or a parameter swap (FSDP, ``torch.func.functional_call``) is not, and then only the tables'
+mixed batches are stale.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import math
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = ["AdapterBank", "SlotRegistry", "GROWTH", "GROWTH_ROWS"]
 
@@ -73,111 +75,115 @@ class SlotRegistry:
 
 class AdapterBank:
     """The λ tables of one layer (see the module docstring). ``width``: λ_d's row length (the projection's rank R:
-    an adapter of rank r < R uses the first r columns, the rest stay 0)."""
+    an adapter of rank r < R uses the first r columns, the rest stay 0). Both tables are views of one allocation
+    (``storage``), so a bank of thousands of adapters is one large block: the allocator maps it and unmaps the old
+    one when it grows, instead of leaving freed tables behind in its heap. ``stores``: the layer's LambdaStores
+    (set by the layer), whose created Parameters the bank keeps pointed at their rows."""
 
     def __init__(self, width: int, out_features: int, device, registry: Optional[SlotRegistry] = None):
         self.width = int(width)
         self.out_features = int(out_features)
         self.registry = registry if registry is not None else SlotRegistry()
         self.slot_of: dict[str, int] = {}  # this layer's adapters and their slots
-        self.lambda_d_table = torch.zeros(0, self.width, device=device)
-        self.lambda_b_table = torch.zeros(0, self.out_features, device=device)
+        self.stores: tuple = ()
+        self._hold(torch.zeros(0, device=device), 0)
+
+    def _hold(self, storage: Tensor, capacity: int) -> None:
+        """Make ``storage`` (capacity * (width + out_features) elements) the tables: λ_d rows first, then λ_b."""
+        split = capacity * self.width
+        self.storage = storage
+        self.lambda_d_table = storage[:split].view(capacity, self.width)
+        self.lambda_b_table = storage[split:].view(capacity, self.out_features)
 
     @property
     def capacity(self) -> int:
         return self.lambda_d_table.shape[0]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.lambda_d_table, self.lambda_b_table))
+        return self.storage.numel() * self.storage.element_size()
 
     def reserve(self, rows: int) -> None:
-        """Capacity for at least ``rows`` rows (grown by GROWTH at least); the Parameters stay views of their rows."""
+        """Capacity for at least ``rows`` rows (grown by GROWTH at least): a new allocation, the rows copied, the
+        created Parameters re-pointed (O(created), not O(adapters))."""
         if rows <= self.capacity:
             return
         capacity = max(rows, self.capacity + GROWTH_ROWS, math.ceil(self.capacity * GROWTH))
-        used = self.capacity
-        with torch.no_grad():
-            for table in (self.lambda_d_table, self.lambda_b_table):
-                # The table's own storage grows (reallocated, the old rows copied by the allocator): the Parameters
-                # are views of that storage, so they follow without being re-pointed one by one (a growth costs a
-                # copy of the table, not a Python step per adapter). Rows keep their offsets: the table is
-                # row-major from offset 0.
-                storage = table.untyped_storage()
-                storage.resize_(capacity * table.shape[1] * table.element_size())
-                table.set_(storage, 0, (capacity, table.shape[1]))
-                table[used:].zero_()
+        self._regrow(capacity, self.storage.dtype, self.storage.device)
 
-    def insert(self, name: str, r: int, stores: tuple[nn.ParameterDict, nn.ParameterDict]) -> tuple[Tensor, Tensor]:
-        """Rows for adapter ``name`` (all zeros; its old Parameters, if any, detached from the table): returns the
-        new (λ_d, λ_b) Parameters, views of its rows, for the caller to initialize and store."""
+    def _regrow(self, capacity: int, dtype: torch.dtype, device) -> None:
+        old_d, old_b = self.lambda_d_table, self.lambda_b_table
+        used = min(old_d.shape[0], capacity)
+        self._hold(torch.empty(capacity * (self.width + self.out_features), dtype=dtype, device=device), capacity)
+        with torch.no_grad():
+            for new, old in ((self.lambda_d_table, old_d), (self.lambda_b_table, old_b)):
+                new[:used].copy_(old[:used])
+                new[used:].zero_()
+        self._point(copy_values=False)
+
+    def insert(self, name: str) -> int:
+        """A row for adapter ``name`` (all zeros), its slot returned. For a name already here the caller has
+        dropped its old Parameters (LambdaStore.forget) first."""
         slot = self.slot_of.get(name)
         if slot is None:  # (a free row is all zeros: zeroed when the table grew or its adapter was removed)
             slot = self.registry.acquire(name)
             self.slot_of[name] = slot
             self.reserve(max(slot + 1, self.registry.high_water))
         else:
-            _detach(stores, name)
             with torch.no_grad():
                 self.lambda_d_table[slot].zero_()
                 self.lambda_b_table[slot].zero_()
-        return (
-            nn.Parameter(self.lambda_d_table[slot, :r]),
-            nn.Parameter(self.lambda_b_table[slot]),
-        )
+        return slot
 
-    def remove(self, name: str, stores: tuple[nn.ParameterDict, nn.ParameterDict]) -> None:
-        """Free ``name``'s rows (zeroed: a layer lacking an adapter adds nothing for it). Its Parameters, which the
-        caller then drops from the stores, get their own copy: an optimizer still holding them cannot write into
-        the adapter that reuses the slot."""
+    def row(self, column: str, name: str, r: int) -> Tensor:
+        """Adapter ``name``'s λ_d (``column`` "d": the first ``r`` entries of its row) or λ_b ("b"), a view."""
+        slot = self.slot_of[name]
+        return self.lambda_d_table[slot, :r] if column == "d" else self.lambda_b_table[slot]
+
+    def remove(self, name: str) -> None:
+        """Free ``name``'s rows (zeroed: a layer lacking an adapter adds nothing for it); the caller has dropped
+        its Parameters (LambdaStore.forget, which gives them their own copy)."""
         slot = self.slot_of.pop(name)
-        _detach(stores, name)
         with torch.no_grad():
             self.lambda_d_table[slot].zero_()
             self.lambda_b_table[slot].zero_()
         self.registry.release(name)
 
-    def relink(self, stores: tuple[nn.ParameterDict, nn.ParameterDict]) -> None:
-        """Rebuild the tables from the Parameters (after something replaced their data: ``to()``, ``to_empty()``,
-        ``load_state_dict(assign=True)``, unpickling) on their device and dtype, and re-point them."""
-        store_d, store_b = stores
-        params = list(store_b.values())
-        ref = params[0] if params else self.lambda_b_table
-        capacity = max(self.capacity, self.registry.high_water)
-        d = torch.zeros(capacity, self.width, device=ref.device, dtype=ref.dtype)
-        b = torch.zeros(capacity, self.out_features, device=ref.device, dtype=ref.dtype)
+    def relink(self, fn=None) -> None:
+        """Make every created Parameter a view of its row again, after something gave it other data. With ``fn``
+        (Module._apply's conversion: ``to()``, ``half()``, ``to_empty()``), the tables are converted by ``fn``
+        first; without (deepcopy, unpickling, ``load_state_dict(assign=True)``), they move to the first created
+        Parameter's device and dtype. Each created Parameter's values are copied into its row; one of another
+        dtype or device stays its own."""
+        storage = self.storage
+        if fn is not None:
+            storage = fn(storage)
+        else:
+            ref = next((p for store in self.stores for p in store.lambdas.created().values()), None)
+            if ref is not None:
+                storage = storage.to(ref.device, ref.dtype)
+        self._hold(storage.contiguous(), self.capacity)
+        if self.capacity < self.registry.high_water:
+            self.reserve(self.registry.high_water)
+        self._point(copy_values=True)
+
+    def _point(self, copy_values: bool) -> None:
+        """Point every created Parameter (of the tables' dtype and device) at its row; ``copy_values``: its values
+        are the adapter's (copied into the row first), else the row's are."""
         with torch.no_grad():
-            for name, slot in self.slot_of.items():
-                ld = store_d[name]
-                d[slot, : ld.shape[0]] = ld.detach()
-                b[slot] = store_b[name].detach()
-        self.lambda_d_table, self.lambda_b_table = d, b
-        self._point(stores, self.slot_of)
+            for store in self.stores:
+                lambdas = store.lambdas
+                for name, param in lambdas.created().items():
+                    row = lambdas.row(name)
+                    if param.dtype != row.dtype or param.device != row.device or param.data_ptr() == row.data_ptr():
+                        continue
+                    if copy_values:
+                        row.copy_(param.detach())
+                    param.data = row
 
-    def _point(self, stores, slots: dict[str, int]) -> None:
-        store_d, store_b = stores
-        d, b = self.lambda_d_table, self.lambda_b_table
-        for name, slot in slots.items():
-            ld = store_d._parameters.get(name)
-            lb = store_b._parameters.get(name)
-            if ld is None or lb is None:  # (insert() reserves before the new Parameters are stored)
-                continue
-            if ld.dtype != d.dtype or lb.dtype != b.dtype or ld.device != d.device or lb.device != b.device:
-                continue  # (relink made the tables in their dtype; a Parameter of another dtype stays its own)
-            ld.data = d[slot, : ld.shape[0]]
-            lb.data = b[slot]
-
-    def linked(self, stores) -> bool:
-        """Whether every Parameter is a view of its row (O(adapters): for tests and checks, not the forward)."""
-        store_d, store_b = stores
-        d, b = self.lambda_d_table, self.lambda_b_table
-        for name, slot in self.slot_of.items():
-            if store_d[name].data_ptr() != d[slot].data_ptr() or store_b[name].data_ptr() != b[slot].data_ptr():
-                return False
+    def linked(self) -> bool:
+        """Whether every created Parameter is a view of its row (O(created): for tests and checks)."""
+        for store in self.stores:
+            for name, param in store.lambdas.created().items():
+                if param.data_ptr() != store.lambdas.row(name).data_ptr():
+                    return False
         return True
-
-
-def _detach(stores, name: str) -> None:
-    for store in stores:
-        p = store._parameters.get(name)
-        if p is not None:
-            p.data = p.data.clone()

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .atomic_files import StagedFiles, abandon, missing_dirs
 from .config import CONFIG_NAME, VeraConfig
+from .lambda_store import named_parameters_besides_lambdas
 from .layer import VeraLinear
 from .modules_to_save import ModulesToSave
 from .plan import AdapterPlan, adapter_internals, plan_adapter
@@ -57,15 +58,15 @@ def adapter_state_dict(vera_model, adapter_name: str) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     wrappers = vera_model.modules_to_save_wrappers()
     for path, layer in vera_model.vera_layers().items():
-        if adapter_name in layer.vera_lambda_d:
-            out[f"{PREFIX}{path}.vera_lambda_b"] = layer.vera_lambda_b[adapter_name]
-            out[f"{PREFIX}{path}.vera_lambda_d"] = layer.vera_lambda_d[adapter_name]
+        if adapter_name in layer.vera_lambda_d:  # (saving or filling them creates no Parameters)
+            out[f"{PREFIX}{path}.vera_lambda_b"] = layer.vera_lambda_b.live(adapter_name)
+            out[f"{PREFIX}{path}.vera_lambda_d"] = layer.vera_lambda_d.live(adapter_name)
             bias = getattr(layer.base_layer, "bias", None)
             if config.bias == "vera_only" and isinstance(bias, Tensor):
                 out[f"{PREFIX}{path}.base_layer.bias"] = bias
     if config.bias == "all":
         inside = tuple(f"{p}." for p in wrappers)
-        for name, param in vera_model.model.named_parameters():
+        for name, param in named_parameters_besides_lambdas(vera_model.model):
             if _is_bias(name) and not name.startswith(inside):
                 out[PREFIX + name] = param
     for path, wrapper in wrappers.items():
@@ -189,8 +190,7 @@ def load_adapter(vera_model, model_id: PathLike, adapter_name: str, is_trainable
     vera_model.apply_adapter_plan(plan, config)
     _fill(vera_model, adapter_name, tensors, load_projection=False)
     if is_trainable:  # PEFT makes a trainable loaded adapter's weights require grad even while inactive
-        for param in _own_parameters(vera_model, adapter_name):
-            param.requires_grad_(True)
+        _make_trainable(vera_model, adapter_name)
     else:
         vera_model.eval()
 
@@ -242,8 +242,7 @@ def load_adapters(vera_model, paths_or_dict, is_trainable: bool = False) -> list
             else:
                 _fill(vera_model, name, tensors, load_projection=False)
             if is_trainable:
-                for param in _own_parameters(vera_model, name):
-                    param.requires_grad_(True)
+                _make_trainable(vera_model, name)
     except BaseException:
         for name in reversed(loaded):
             vera_model.delete_adapter(name)
@@ -258,8 +257,8 @@ def _fill_lambdas(vera_model, plan: AdapterPlan, name: str, tensors: dict) -> No
     with torch.no_grad():
         for t in plan.targets:
             layer = vera_model.model.get_submodule(t.path)
-            layer.vera_lambda_b[name].copy_(tensors[f"{PREFIX}{t.path}.vera_lambda_b"])
-            layer.vera_lambda_d[name].copy_(tensors[f"{PREFIX}{t.path}.vera_lambda_d"])
+            layer.vera_lambda_b.live(name).copy_(tensors[f"{PREFIX}{t.path}.vera_lambda_b"])
+            layer.vera_lambda_d.live(name).copy_(tensors[f"{PREFIX}{t.path}.vera_lambda_d"])
 
 
 def _adapters_to_load(vera_model, paths_or_dict) -> list[tuple[str, object]]:
@@ -324,14 +323,15 @@ def reload_adapter(vera_model, model_id: PathLike, adapter_name: str) -> None:
     _fill(vera_model, adapter_name, tensors, load_projection=False)
 
 
-def _own_parameters(vera_model, adapter_name: str):
+def _make_trainable(vera_model, adapter_name: str) -> None:
+    """requires_grad_(True) on every weight of the adapter (its λ without creating Parameters)."""
     for layer in vera_model.vera_layers().values():
         if adapter_name in layer.vera_lambda_d:
-            yield layer.vera_lambda_b[adapter_name]
-            yield layer.vera_lambda_d[adapter_name]
+            layer.set_lambdas_requires_grad([adapter_name], True)
     for wrapper in vera_model.modules_to_save_wrappers().values():
         if adapter_name in wrapper.modules_to_save:
-            yield from wrapper.modules_to_save[adapter_name].parameters()
+            for param in wrapper.modules_to_save[adapter_name].parameters():
+                param.requires_grad_(True)
 
 
 def _expected_shapes(model: nn.Module, plan: AdapterPlan) -> dict[str, tuple]:
@@ -349,7 +349,7 @@ def _expected_shapes(model: nn.Module, plan: AdapterPlan) -> dict[str, tuple]:
     if config.bias == "all":
         wrapped = [p for p, m in internals.items() if isinstance(m, ModulesToSave)] + plan.modules_to_save
         inside = tuple(f"{p}." for p in wrapped)
-        for name, param in model.named_parameters():
+        for name, param in named_parameters_besides_lambdas(model):
             if _is_bias(name) and not name.startswith(inside):
                 out[PREFIX + _name_after_wrapping(name, new_targets)] = tuple(param.shape)
     for path in plan.modules_to_save:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from . import _C, ops, quantized, shared_input
 from .adapter_bank import AdapterBank, SlotRegistry
+from .lambda_store import LambdaStore
 from .autocast import autocast_dtype, autocast_enabled
 from .batch_context import batch_adapter_indices, batch_adapter_names
 from .precision import opmath_dtype
@@ -106,14 +107,15 @@ class VeraLinear(nn.Module):
         elif not isinstance(projection, VeraProjection):
             raise TypeError(f"projection must be a VeraProjection, got {type(projection).__name__}")
         self.vera_projection = projection
-        self.vera_lambda_b = nn.ParameterDict()
-        self.vera_lambda_d = nn.ParameterDict()
-        self.vera_dropout = AdapterDropouts()
-        # Every adapter's lambdas as rows of two tables; the ParameterDict entries are views of them (§2.6).
+        self.r: dict[str, int] = {}
+        # Every adapter's lambdas as rows of two tables; the ParameterDicts hand out views of them (§2.6).
         # ``slots``: the model's registry, so that a slot means the same adapter in every layer.
         self._bank = AdapterBank(projection.r, self.out_features, _base_device(base_layer), slots)
+        self.vera_lambda_b = LambdaStore(self._bank, "b", self.r)
+        self.vera_lambda_d = LambdaStore(self._bank, "d", self.r)
+        self._bank.stores = (self.vera_lambda_d, self.vera_lambda_b)
+        self.vera_dropout = AdapterDropouts()
         self.register_load_state_dict_post_hook(_relink_after_load)
-        self.r: dict[str, int] = {}
         self.merged_adapters: list[str] = []
         self._lambda_init: dict[str, dict] = {}  # how each adapter's lambdas were initialized (reset_lambdas_)
         self._active_adapter: list[str] = []
@@ -147,17 +149,21 @@ class VeraLinear(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before updating it")
         self.vera_projection.check_fits(r, self.in_features, self.out_features)
 
-        lambda_d, lambda_b = self._bank.insert(adapter_name, r, self._lambda_stores())
+        stores = self._lambda_stores()
+        if adapter_name in self.r:  # (re-initialized: its old Parameters keep their values, apart from the rows)
+            for store in stores:
+                store.forget(adapter_name)
+        self._bank.insert(adapter_name)
+        self.r[adapter_name] = int(r)
         # (one shared, never mutated, record per initialization: thousands of adapters hold a reference each)
         init = _INITS.setdefault(
             (d_initial, init_weights), {"d_initial": d_initial, "init_weights": init_weights, "round_to": None}
         )
-        _initialize_lambdas(lambda_b, lambda_d, init)
+        _initialize_lambdas(self.vera_lambda_b.row(adapter_name), self.vera_lambda_d.row(adapter_name), init)
         self._plan = None
-        self.r[adapter_name] = int(r)
         self._lambda_init[adapter_name] = init
-        _store(self.vera_lambda_b, adapter_name, lambda_b)
-        _store(self.vera_lambda_d, adapter_name, lambda_d)
+        for store in stores:  # (trainable, as a new nn.Parameter is; its Parameters are created when asked for)
+            store.set_requires_grad([adapter_name], True)
         # (a new module is in training mode: it must follow the layer's mode, or an eval model would drop out)
         self.vera_dropout[adapter_name] = (
             nn.Dropout(p=vera_dropout).train(self.training) if vera_dropout > 0.0 else _NO_DROPOUT
@@ -168,8 +174,8 @@ class VeraLinear(nn.Module):
     def reset_vera_parameters(self, adapter_name: str, d_initial: float = 0.1) -> None:
         if adapter_name in self.vera_lambda_d:
             with torch.no_grad():
-                self.vera_lambda_d[adapter_name].fill_(d_initial)
-                self.vera_lambda_b[adapter_name].zero_()
+                self.vera_lambda_d.live(adapter_name).fill_(d_initial)
+                self.vera_lambda_b.live(adapter_name).zero_()
 
     def round_lambdas_(self, adapter_name: str, dtype: torch.dtype) -> None:
         """Round the adapter's (fp32) lambdas to ``dtype`` and back, as PEFT's lambdas are when created on a
@@ -177,7 +183,8 @@ class VeraLinear(nn.Module):
         self._require_known([adapter_name])
         with torch.no_grad():
             for store in (self.vera_lambda_b, self.vera_lambda_d):
-                store[adapter_name].copy_(store[adapter_name].to(dtype))
+                lam = store.live(adapter_name)
+                lam.copy_(lam.to(dtype))
         self._lambda_init[adapter_name] = {**self._lambda_init[adapter_name], "round_to": dtype}
 
     def reset_lambdas_(self, adapter_name: str) -> None:
@@ -186,7 +193,7 @@ class VeraLinear(nn.Module):
         lambda_b = 1 and lambda_d ~ randn from the global RNG (identical only from the same RNG state)."""
         self._require_known([adapter_name])
         init = self._lambda_init[adapter_name]
-        _initialize_lambdas(self.vera_lambda_b[adapter_name], self.vera_lambda_d[adapter_name], init)
+        _initialize_lambdas(self.vera_lambda_b.live(adapter_name), self.vera_lambda_d.live(adapter_name), init)
         if init["round_to"] is not None:
             self.round_lambdas_(adapter_name, init["round_to"])
 
@@ -215,9 +222,10 @@ class VeraLinear(nn.Module):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before deleting it")
         self._plan = None
-        self._bank.remove(adapter_name, self._lambda_stores())
-        for store in (self.vera_lambda_b, self.vera_lambda_d, self.vera_dropout):
-            del store[adapter_name]
+        for store in self._lambda_stores():
+            store.forget(adapter_name)
+        self._bank.remove(adapter_name)
+        del self.vera_dropout[adapter_name]
         del self.r[adapter_name]
         self._lambda_init.pop(adapter_name, None)
         if adapter_name in self._active_adapter:
@@ -541,8 +549,8 @@ class VeraLinear(nn.Module):
         if any(self._dropout_active(n) for n in used):
             return False
         if torch.is_grad_enabled():
-            ld, lb = self.vera_lambda_d._parameters, self.vera_lambda_b._parameters
-            if any(ld[n].requires_grad or lb[n].requires_grad for n in used):
+            ld, lb = self.vera_lambda_d, self.vera_lambda_b
+            if any(ld.requires_grad_of(n) or lb.requires_grad_of(n) for n in used):
                 return False
         return True
 
@@ -600,52 +608,36 @@ class VeraLinear(nn.Module):
         keep = torch.rand(x.shape, device=x.device) >= p
         return x * keep / (1.0 - p).to(x.dtype)
 
-    def _lambda_stores(self) -> tuple[nn.ParameterDict, nn.ParameterDict]:
+    def _lambda_stores(self) -> tuple[LambdaStore, LambdaStore]:
         return self.vera_lambda_d, self.vera_lambda_b
 
+    def set_lambdas_requires_grad(self, names: Iterable[str], requires_grad: bool) -> None:
+        """``requires_grad_`` on both lambdas of the adapters ``names``, creating no Parameter."""
+        names = list(names)
+        for store in self._lambda_stores():
+            store.set_requires_grad(names, requires_grad)
+
     def _apply(self, fn, recurse=True):
-        # to()/half()/to_empty() give the lambdas new data: rebuild the bank's tables from them (on their device).
+        # to()/half()/to_empty(): the lambda stores convert the Parameters that exist, the bank its tables, and
+        # the Parameters are pointed at their rows in the converted tables.
         result = super()._apply(fn, recurse)
         if "_bank" in self.__dict__:
-            self._bank.relink(self._lambda_stores())
+            self._bank.relink(fn)
         return result
 
     def __setstate__(self, state):
         # (unpickling and deepcopy give each Parameter its own copy: make them views of the tables again)
         super().__setstate__(state)
         if "_bank" in self.__dict__:
-            self._bank.relink(self._lambda_stores())
+            self._bank.relink()
 
     def __repr__(self) -> str:
         return "vera." + super().__repr__()
 
 
-def _store(store: nn.ParameterDict, name: str, param: nn.Parameter) -> None:
-    """``store[name] = param``. For a plain new name it writes the ParameterDict's two tables directly: its
-    ``setattr`` path first probes ``hasattr(store, name)``, an AttributeError raised and caught per adapter, which
-    was half of an adapter's add (everything else, and any global registration hook, goes the ordinary way)."""
-    plain = (
-        "." not in name
-        and name not in store.__dict__
-        and name not in store._buffers
-        and name not in store._modules
-        and not type(store).__dict__.get(name)
-        and not _global_parameter_hooks()
-    )
-    if not plain:
-        store[name] = param
-        return
-    store._keys[name] = None
-    store._parameters[name] = param
-
-
-def _global_parameter_hooks() -> bool:
-    return bool(getattr(nn.modules.module, "_global_parameter_registration_hooks", None))
-
-
 def _relink_after_load(layer: "VeraLinear", incompatible_keys) -> None:
     # load_state_dict post-hook: with assign=True the lambdas are new tensors, no longer views of the tables.
-    layer._bank.relink(layer._lambda_stores())
+    layer._bank.relink()
 
 
 class AdapterDropouts(nn.ModuleDict):

@@ -127,10 +127,9 @@ def lambdas_need_grad(vera_model, names: list[str], found: Optional[tuple] = Non
         return False
     used = {n for n in names if n != BASE_ADAPTER}
     for layer in (found or receivers(vera_model))[0]:
-        ld, lb = layer.vera_lambda_d._parameters, layer.vera_lambda_b._parameters
+        ld, lb = layer.vera_lambda_d, layer.vera_lambda_b
         for n in used:
-            p = ld.get(n)
-            if p is not None and (p.requires_grad or lb[n].requires_grad):
+            if n in ld and (ld.requires_grad_of(n) or lb.requires_grad_of(n)):
                 return True
     return False
 

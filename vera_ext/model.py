@@ -16,6 +16,7 @@ from .adapter_bank import SlotRegistry
 from .batch_context import MixedBatch
 from .config import VeraConfig
 from .hf_integration import is_transformers_model, peft_recognised_class
+from .lambda_store import LambdaStore, named_parameters_besides_lambdas
 from .layer import BASE_ADAPTER, VeraLinear
 from .mixed_batch import (
     check_adapter_indices,
@@ -194,7 +195,7 @@ class VeraModel(nn.Module):
         # lambdas (frozen: it is not active) and the base parameters of the layers it wraps are touched, so the
         # add costs O(its targets), not O(adapters) (docs/DESIGN.md §2.6).
         fast = not first and not plan.modules_to_save
-        previous = {} if first or fast else {p: p.requires_grad for p in self.parameters()}
+        previous = None if first or fast else self._grad_state()
         if first:
             self.vera_projection = _projection_as_peft_makes_it(plan)
         config.target_modules = copy.copy(plan.config.target_modules)  # (a plan may serve several adapters)
@@ -235,8 +236,7 @@ class VeraModel(nn.Module):
                         p.requires_grad_(requires_grad)
             _round_like_peft(layer, name, target.base)
             if fast:
-                layer.vera_lambda_d[name].requires_grad_(False)
-                layer.vera_lambda_b[name].requires_grad_(False)
+                layer.set_lambdas_requires_grad([name], False)
         self._reserve_bank_rows()
         if fast:
             return
@@ -247,14 +247,14 @@ class VeraModel(nn.Module):
             else:
                 _replace(self.model, path, ModulesToSave(module, name))
         if first:
-            adapter_params = {id(p) for p in self._adapter_parameters()}
-            for p in self.model.parameters():
-                if id(p) not in adapter_params:
+            saved = {id(p) for w in self.modules_to_save_wrappers().values() for p in w.modules_to_save.parameters()}
+            for _, p in named_parameters_besides_lambdas(self.model):
+                if id(p) not in saved:
                     p.requires_grad_(False)
         self._activate(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_bias_trainable()
-        for p, requires_grad in previous.items():
-            p.requires_grad_(requires_grad)
+        if previous is not None:
+            self._restore_grad_state(previous)
 
     def _reserve_bank_rows(self) -> None:
         """Every layer's bank holds a row for every slot handed out (a layer lacking an adapter: a zero row), so
@@ -267,20 +267,31 @@ class VeraModel(nn.Module):
             layer._bank.reserve(rows)
         self._min_bank_capacity = min((layer._bank.capacity for layer in layers), default=0)
 
-    def _adapter_parameters(self):
-        for layer in self.vera_layers().values():
-            yield from layer.vera_lambda_b.values()
-            yield from layer.vera_lambda_d.values()
-        for wrapper in self.modules_to_save_wrappers().values():
-            yield from wrapper.modules_to_save.parameters()
+    def _grad_state(self, adapters_only: bool = False) -> tuple:
+        """Every parameter's requires_grad, or only the adapters' (λ and modules_to_save copies), for
+        :meth:`_restore_grad_state`; the λ are read through their stores, which creates no Parameters."""
+        if adapters_only:
+            wrappers = self.modules_to_save_wrappers().values()
+            others = {p: p.requires_grad for w in wrappers for p in w.modules_to_save.parameters()}
+        else:
+            others = {p: p.requires_grad for _, p in named_parameters_besides_lambdas(self)}
+        stores = {store: store.grad_state() for store in self.modules() if isinstance(store, LambdaStore)}
+        return others, stores
+
+    def _restore_grad_state(self, state: tuple) -> None:
+        others, stores = state
+        for p, requires_grad in others.items():
+            p.requires_grad_(requires_grad)
+        for store, grads in stores.items():
+            store.restore_grad_state(grads)
 
     def _activate(self, names: list[str], inference_mode: bool = False) -> None:
         """Route the layers to ``names`` and make exactly their adapter weights trainable (PEFT's set_adapter)."""
+        trainable = () if inference_mode else names
         for layer in self.vera_layers().values():
             layer.set_adapter([n for n in names if n in layer.vera_lambda_d])
-            for store in (layer.vera_lambda_b, layer.vera_lambda_d):
-                for key, p in store.items():
-                    p.requires_grad_(key in names and not inference_mode)
+            for store in layer._lambda_stores():
+                store.require_grad_only(trainable)
         for wrapper in self.modules_to_save_wrappers().values():
             wrapper.set_adapter(names, inference_mode)
 
@@ -289,7 +300,7 @@ class VeraModel(nn.Module):
             bias = self.peft_config[name].bias
             if bias == "all":  # PEFT marks biases before wrapping modules_to_save, whose originals stay frozen
                 inside = tuple(f"{path}." for path in self.modules_to_save_wrappers())
-                for n, p in self.model.named_parameters():
+                for n, p in named_parameters_besides_lambdas(self.model):
                     if (n == "bias" or n.endswith(".bias")) and not n.startswith(inside):
                         p.requires_grad_(True)
             elif bias == "vera_only":
@@ -347,14 +358,13 @@ class VeraModel(nn.Module):
         if self._adapters_disabled:
             yield
             return
-        grads = {p: p.requires_grad for p in self._adapter_parameters()}
+        grads = self._grad_state(adapters_only=True)
         self.disable_adapter_layers()
         try:
             yield
         finally:
             self._enable(True)
-            for p, requires_grad in grads.items():
-                p.requires_grad_(requires_grad)
+            self._restore_grad_state(grads)
 
     def disable_adapter_layers(self) -> None:
         for name in self.active_adapters:
@@ -365,8 +375,11 @@ class VeraModel(nn.Module):
                     "same output as the base model would without adaption."
                 )
         self._enable(False)
-        for p in self._adapter_parameters():
-            p.requires_grad_(False)
+        for layer in self.vera_layers().values():
+            layer.set_lambdas_requires_grad(layer.r, False)
+        for wrapper in self.modules_to_save_wrappers().values():
+            for p in wrapper.modules_to_save.parameters():
+                p.requires_grad_(False)
 
     def set_keep_merged_weight(self, enabled: bool = True) -> None:
         """fp32/fp64 training: let every VeRA layer keep W + dW from its forward for its backward where that pays
@@ -537,7 +550,13 @@ class VeraModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, as PEFT counts them (buffers such as A/B are not parameters)."""
         trainable = total = 0
-        for _, param in self.named_parameters():
+        for store in self.modules():  # (the λ by their rows: counting creates no Parameters)
+            if isinstance(store, LambdaStore):
+                for name in store:
+                    n = store.row(name).numel()
+                    total += n
+                    trainable += n if store.requires_grad_of(name) else 0
+        for _, param in named_parameters_besides_lambdas(self):
             n = param.numel()
             if n == 0 and hasattr(param, "ds_numel"):
                 n = param.ds_numel

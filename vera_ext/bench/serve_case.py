@@ -8,7 +8,9 @@ by side in one run (CPU, fp32 by default):
   ``load_adapters`` call with in-memory (config, tensors) pairs (``how="load_adapters"``);
 - ``bank_bytes_per_adapter`` / ``lambda_bytes_per_adapter``: the banks' table bytes (all layers) per adapter, and
   the bytes of one adapter's λ (sum over layers of (r + O) fp32); ``rss_bytes_per_adapter``: the growth of the
-  process's resident memory while adding, per adapter (Python objects included);
+  process's resident memory across the add call alone (its inputs made before), per adapter, Python objects
+  included; ``rss_trimmed_bytes_per_adapter``: the same once glibc's ``malloc_trim`` has handed freed heap pages
+  back (what is still held, without the heap's fragmentation; None without glibc);
 - decode: one token for each of ``rows`` sequences against a prefilled ``DynamicCache`` (``model_cases``'s
   ``_decode_call``: the cache is cropped back after each call), medians of interleaved rounds: ``base`` (the base
   model alone, its own copy), ``single`` (the VeRA model, one active adapter, a plain call) and ``mixed`` (each
@@ -18,7 +20,9 @@ by side in one run (CPU, fp32 by default):
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
+import gc
 import os
 import time
 import warnings
@@ -34,7 +38,15 @@ from .timing import time_interleaved
 __all__ = ["add_adapters_timed", "serve_case", "lambda_bytes_per_adapter", "bank_bytes"]
 
 
-def _rss_bytes() -> int:
+def _rss_bytes(trim: bool = False) -> Optional[int]:
+    """The process's resident bytes after a garbage collection; with ``trim``, after glibc's ``malloc_trim`` too
+    (None where there is no glibc)."""
+    gc.collect()
+    if trim:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            return None
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -63,7 +75,7 @@ def lambda_bytes_per_adapter(vera_model, name: str) -> int:
     total = 0
     for layer in vera_model.vera_layers().values():
         if name in layer.vera_lambda_d:
-            for p in (layer.vera_lambda_d[name], layer.vera_lambda_b[name]):
+            for p in (layer.vera_lambda_d.row(name), layer.vera_lambda_b.row(name)):
                 total += p.numel() * p.element_size()
     return total
 
@@ -73,17 +85,34 @@ def bank_bytes(vera_model) -> int:
     return sum(layer._bank.nbytes() for layer in vera_model.vera_layers().values())
 
 
-def add_adapters_timed(vera_model, count: int, config: VeraConfig, how: str = "add_adapter", prefix: str = "a"):
+def add_adapters_timed(vera_model, count: int, config: VeraConfig, how: str = "add_adapter", prefix: str = "a") -> dict:
     """Add ``count`` adapters named ``{prefix}{i}`` with ``config`` (λ random: init_weights=False draws them, the
-    in-memory pairs of load_adapters are drawn here); returns (seconds, names)."""
+    in-memory pairs of load_adapters are drawn here, before the clock and the memory readings start); returns
+    {"seconds", "names", "rss_growth", "rss_trimmed_growth" (None without glibc)}."""
     names = [f"{prefix}{i}" for i in range(count)]
     if how == "add_adapter":
-        t0 = time.perf_counter()
-        for name in names:
-            vera_model.add_adapter(name, copy.deepcopy(config))
-        return time.perf_counter() - t0, names
-    if how != "load_adapters":
+        add = functools.partial(_add_each, vera_model, names, config)
+    elif how == "load_adapters":
+        add = functools.partial(vera_model.load_adapters, _in_memory_adapters(vera_model, names, config))
+    else:
         raise ValueError(f"how must be 'add_adapter' or 'load_adapters', got {how!r}")
+    trimmed0, rss0 = _rss_bytes(trim=True), _rss_bytes()
+    t0 = time.perf_counter()
+    add()
+    seconds = time.perf_counter() - t0
+    rss1 = _rss_bytes()
+    trimmed1 = _rss_bytes(trim=True)
+    trimmed = None if trimmed0 is None or trimmed1 is None else trimmed1 - trimmed0
+    return {"seconds": seconds, "names": names, "rss_growth": rss1 - rss0, "rss_trimmed_growth": trimmed}
+
+
+def _add_each(vera_model, names: list[str], config: VeraConfig) -> None:
+    for name in names:  # (each adapter keeps a config object of its own, as with PEFT: timed and counted here)
+        vera_model.add_adapter(name, copy.deepcopy(config))
+
+
+def _in_memory_adapters(vera_model, names: list[str], config: VeraConfig) -> dict:
+    """{name: (config, tensors)} for load_adapters: random λ for every layer, the projection if it is saved."""
     shapes = {}
     for path, layer in vera_model.vera_layers().items():
         shapes[f"base_model.model.{path}.vera_lambda_d"] = (config.r,)
@@ -95,12 +124,9 @@ def add_adapters_timed(vera_model, count: int, config: VeraConfig, how: str = "a
             "base_model.vera_B": vera_model.vera_projection.vera_B,
         }
     g = torch.Generator().manual_seed(SEED)
-    pairs = {
+    return {
         name: (config, {**{k: torch.randn(s, generator=g) for k, s in shapes.items()}, **projection}) for name in names
     }
-    t0 = time.perf_counter()
-    vera_model.load_adapters(pairs)
-    return time.perf_counter() - t0, names
 
 
 def serve_case(
@@ -125,9 +151,8 @@ def serve_case(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         vm = get_vera_model(base, copy.deepcopy(config), adapter_name="first")
-        rss0 = _rss_bytes()
-        add_s, names = add_adapters_timed(vm, adapters, config, how)
-        rss1 = _rss_bytes()
+        added = add_adapters_timed(vm, adapters, config, how)
+    names, trimmed = added["names"], added["rss_trimmed_growth"]
     vm.eval()
     lam = lambda_bytes_per_adapter(vm, names[0])
     bank = bank_bytes(vm)
@@ -135,12 +160,13 @@ def serve_case(
         "model": spec.summary(),
         "adapters": adapters,
         "how": how,
-        "add_s": add_s,
+        "add_s": added["seconds"],
         "lambda_bytes_per_adapter": lam,
         "bank_bytes_per_adapter": bank / (adapters + 1),
         "bank_over_lambda": bank / (adapters + 1) / lam,
-        "rss_bytes_per_adapter": (rss1 - rss0) / adapters,
-        "rss_over_lambda": (rss1 - rss0) / adapters / lam,
+        "rss_bytes_per_adapter": added["rss_growth"] / adapters,
+        "rss_over_lambda": added["rss_growth"] / adapters / lam,
+        "rss_trimmed_over_lambda": None if trimmed is None else trimmed / adapters / lam,
     }
     if not decode:
         return adds
