@@ -3,12 +3,13 @@ ParameterDict entries views of them; mixed batches read the tables through one i
 load_adapters checks every adapter before inserting any."""
 
 import copy
+import math
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vera_ext.adapter_bank import GROWTH, GROWTH_ROWS
+from vera_ext.adapter_bank import GROWTH, GROWTH_ROWS, MAPPED_BYTES, MAPPED_GROWTH
 from vera_ext.config import VeraConfig
 
 from vera_models import assert_unchanged, mlp, ours, randomize_lambdas, snapshot, tiny_llama, token_ids
@@ -85,6 +86,37 @@ def test_growth_keeps_parameter_objects_values_and_optimizer():
     opt.step()
     torch.testing.assert_close(_row(layer, "default")[1], values - 0.5)
     assert _linked(vm)
+
+
+def test_a_large_cpu_bank_is_a_mapping_of_its_own_that_grows_by_half_and_keeps_everything():
+    """From MAPPED_BYTES on, a CPU bank is an anonymous mapping (its unwritten rows are zero pages): it grows by
+    MAPPED_GROWTH, keeps values, created Parameters and their optimizer, and its copies are ordinary tensors."""
+    from vera_ext.layer import VeraLinear
+
+    layer = VeraLinear(torch.nn.Linear(16, 1024), r=16, adapter_name="p", init_weights=False)
+    p = layer.vera_lambda_b["p"]
+    values = p.detach().clone()
+    row_bytes = (16 + 1024) * 4
+    count = MAPPED_BYTES // row_bytes + GROWTH_ROWS
+    for i in range(count):
+        layer.update_layer(f"m{i}", 16, init_weights=False)
+    bank = layer._bank
+    assert bank.mapped and bank.nbytes() >= MAPPED_BYTES and bank.capacity >= count + 1
+    assert bank.used_bytes() == (count + 1) * row_bytes
+    assert torch.all(bank.lambda_b_table[count + 1 :] == 0) and torch.all(bank.lambda_d_table[count + 1 :] == 0)
+    capacity = bank.capacity
+    for i in range(capacity - count):  # one past capacity: a growth by MAPPED_GROWTH
+        layer.update_layer(f"n{i}", 16, init_weights=False)
+    assert bank.capacity >= math.ceil(capacity * MAPPED_GROWTH) and bank.mapped
+    assert layer.vera_lambda_b["p"] is p and p.data_ptr() == bank.lambda_b_table[bank.slot_of["p"]].data_ptr()
+    torch.testing.assert_close(p.detach(), values)
+    twin = copy.deepcopy(layer)
+    assert not twin._bank.mapped and twin._bank.linked()
+    for name in ("p", "m3", "n0"):
+        torch.testing.assert_close(twin.vera_lambda_d.row(name), layer.vera_lambda_d.row(name))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x, adapter_names=["m3", "n0", "p"]), layer(x, adapter_names=["m3", "n0", "p"]))
 
 
 def test_state_dict_load_to_and_deepcopy_keep_the_tables_in_step():

@@ -766,7 +766,10 @@ def _initialize_lambdas(lambda_b: Tensor, lambda_d: Tensor, init: dict) -> None:
     lambda_d = ``init["d_initial"]``."""
     with torch.no_grad():
         lambda_b.fill_(1.0)
-        lambda_d.copy_(torch.randn(lambda_d.shape))
+        if lambda_d.is_contiguous() and lambda_d.device.type == "cpu" and lambda_d.dtype == torch.float32:
+            torch.randn(lambda_d.shape, out=lambda_d.detach())  # (the same draws, written in place)
+        else:
+            lambda_d.copy_(torch.randn(lambda_d.shape))
         if init["init_weights"]:
             lambda_d.fill_(init["d_initial"])
             lambda_b.zero_()

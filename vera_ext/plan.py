@@ -43,9 +43,11 @@ class AdapterPlan:
     new_projection: bool
 
 
-def adapter_internals(model: nn.Module) -> dict[str, nn.Module]:
-    """{path: module} of the VeRA layers and ModulesToSave wrappers already in ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (VeraLinear, ModulesToSave))}
+def adapter_internals(model: nn.Module, named_modules: Optional[list] = None) -> dict[str, nn.Module]:
+    """{path: module} of the VeRA layers and ModulesToSave wrappers already in ``model`` (``named_modules``: the
+    list of ``model.named_modules()`` when the caller has it)."""
+    walk = model.named_modules() if named_modules is None else named_modules
+    return {n: m for n, m in walk if isinstance(m, (VeraLinear, ModulesToSave))}
 
 
 def plan_adapter(
@@ -54,7 +56,8 @@ def plan_adapter(
     """Match ``config`` against ``model`` as PEFT does and check the result; raises (changing nothing) when the
     adapter cannot be added. ``projection``: the model's shared projection, None for the first adapter."""
     config = copy.deepcopy(config)
-    internals = adapter_internals(model)
+    modules = list(model.named_modules())  # (one walk for the internals and the targets: adds stay cheap)
+    internals = adapter_internals(model, modules)
     inside = tuple(f"{p}." for p in internals)
     heads = TASK_HEADS.get(config.task_type, [])
     if heads:
@@ -64,8 +67,9 @@ def plan_adapter(
     resolve_target_modules(config, model, adapted)
 
     targets = []
-    for path, module in model.named_modules():
-        if not path or path.startswith(inside) or not matches_target(config, path):
+    could_match = _name_filter(config)
+    for path, module in modules:
+        if not path or not could_match(path) or path.startswith(inside) or not matches_target(config, path):
             continue
         if isinstance(module, VeraLinear):
             targets.append(Target(path, module, module.in_features, module.out_features, module.fan_in_fan_out))
@@ -88,6 +92,16 @@ def plan_adapter(
             _check_fits(shape, t, config.r)
     modules_to_save = _modules_to_save(model, config, targets, inside)
     return AdapterPlan(name, config, targets, modules_to_save, shape, projection is None)
+
+
+def _name_filter(config: VeraConfig):
+    """A cheap necessary condition for matches_target: with a list of plain names, a path can match only if its
+    last component is one of them (the model walk of every add then runs the full match on a few paths only)."""
+    names = config.target_modules
+    if isinstance(names, str) or not names or any("." in n for n in names):
+        return lambda path: True
+    names = frozenset(names)
+    return lambda path: path.rpartition(".")[2] in names
 
 
 def _check_fits(shape, target: Target, r: int) -> None:

@@ -6,8 +6,9 @@ by side in one run (CPU, fp32 by default):
 
 - ``add_s``: seconds to add them, one ``add_adapter`` call each (``how="add_adapter"``) or one
   ``load_adapters`` call with in-memory (config, tensors) pairs (``how="load_adapters"``);
-- ``bank_bytes_per_adapter`` / ``lambda_bytes_per_adapter``: the banks' table bytes (all layers) per adapter, and
-  the bytes of one adapter's λ (sum over layers of (r + O) fp32); ``rss_bytes_per_adapter``: the growth of the
+- ``bank_bytes_per_adapter`` / ``lambda_bytes_per_adapter``: the banks' allocated table bytes (all layers) per
+  adapter (on the CPU a large bank is a mapping whose unwritten rows take no memory: address space), and the bytes
+  of one adapter's λ (sum over layers of (r + O) fp32); ``bank_used_over_lambda``: the rows handed out; ``rss_bytes_per_adapter``: the growth of the
   process's resident memory across the add call alone (its inputs made before), per adapter, Python objects
   included; ``rss_trimmed_bytes_per_adapter``: the same once glibc's ``malloc_trim`` has handed freed heap pages
   back (what is still held, without the heap's fragmentation; None without glibc);
@@ -80,9 +81,10 @@ def lambda_bytes_per_adapter(vera_model, name: str) -> int:
     return total
 
 
-def bank_bytes(vera_model) -> int:
-    """Bytes of every layer's λ tables (capacity included)."""
-    return sum(layer._bank.nbytes() for layer in vera_model.vera_layers().values())
+def bank_bytes(vera_model, used: bool = False) -> int:
+    """Bytes of every layer's λ tables: allocated (capacity included), or ``used``: the rows handed out."""
+    banks = [layer._bank for layer in vera_model.vera_layers().values()]
+    return sum(bank.used_bytes() if used else bank.nbytes() for bank in banks)
 
 
 def add_adapters_timed(vera_model, count: int, config: VeraConfig, how: str = "add_adapter", prefix: str = "a") -> dict:
@@ -164,6 +166,7 @@ def serve_case(
         "lambda_bytes_per_adapter": lam,
         "bank_bytes_per_adapter": bank / (adapters + 1),
         "bank_over_lambda": bank / (adapters + 1) / lam,
+        "bank_used_over_lambda": bank_bytes(vm, used=True) / (adapters + 1) / lam,
         "rss_bytes_per_adapter": added["rss_growth"] / adapters,
         "rss_over_lambda": added["rss_growth"] / adapters / lam,
         "rss_trimmed_over_lambda": None if trimmed is None else trimmed / adapters / lam,
