@@ -8,10 +8,11 @@ by side in one run (CPU, fp32 by default):
   ``load_adapters`` call with in-memory (config, tensors) pairs (``how="load_adapters"``);
 - ``bank_bytes_per_adapter`` / ``lambda_bytes_per_adapter``: the banks' allocated table bytes (all layers) per
   adapter (on the CPU a large bank is a mapping whose unwritten rows take no memory: address space), and the bytes
-  of one adapter's λ (sum over layers of (r + O) fp32); ``bank_used_over_lambda``: the rows handed out; ``rss_bytes_per_adapter``: the growth of the
-  process's resident memory across the add call alone (its inputs made before), per adapter, Python objects
-  included; ``rss_trimmed_bytes_per_adapter``: the same once glibc's ``malloc_trim`` has handed freed heap pages
-  back (what is still held, without the heap's fragmentation; None without glibc);
+  of one adapter's λ (sum over layers of (r + O) fp32); ``bank_used_over_lambda``: the rows handed out;
+  ``rss_bytes_per_adapter`` / ``rss_over_lambda``: the growth of the process's resident memory across the add
+  call alone (its inputs made before), per adapter, Python objects included; ``rss_trimmed_over_lambda``: the same
+  once glibc's ``malloc_trim`` has handed freed heap pages back (what is still held, without the heap's
+  fragmentation; None without glibc);
 - decode: one token for each of ``rows`` sequences against a prefilled ``DynamicCache`` (``model_cases``'s
   ``_decode_call``: the cache is cropped back after each call), medians of interleaved rounds: ``base`` (the base
   model alone, its own copy), ``single`` (the VeRA model, one active adapter, a plain call) and ``mixed`` (each
