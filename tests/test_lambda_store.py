@@ -4,6 +4,7 @@ counting and deleting create none; requires_grad set before creation carries ove
 keep created and not-yet-created adapters alike in step with the tables."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -148,13 +149,18 @@ def test_state_dict_gives_row_values_and_load_state_dict_writes_them_created_or_
             torch.testing.assert_close(a.row(name), b.row(name))
 
 
-@pytest.mark.parametrize("change", ["deepcopy", "to_float64", "half_and_back"])
+@pytest.mark.parametrize("change", ["deepcopy", "pickle", "to_float64", "half_and_back"])
 def test_copies_and_conversions_keep_created_and_pending_adapters_in_step(change):
     vm = _model()
     vm.model.lin1.vera_lambda_b["a2"]  # one created
     before = {k: v.double() for k, v in vm.state_dict().items()}
     if change == "deepcopy":
         vm = copy.deepcopy(vm)
+    elif change == "pickle":
+        buffer = io.BytesIO()
+        torch.save(vm, buffer)
+        buffer.seek(0)
+        vm = torch.load(buffer, weights_only=False)
     elif change == "to_float64":
         vm = vm.to(torch.float64)
     else:

@@ -376,7 +376,8 @@ class VeraModel(nn.Module):
                 )
         self._enable(False)
         for layer in self.vera_layers().values():
-            layer.set_lambdas_requires_grad(layer.r, False)
+            for store in layer._lambda_stores():
+                store.require_grad_only(())
         for wrapper in self.modules_to_save_wrappers().values():
             for p in wrapper.modules_to_save.parameters():
                 p.requires_grad_(False)
