@@ -196,6 +196,8 @@ def test_deleting_an_adapter_leaves_its_created_parameter_its_own_values():
         (lambda s: s.update({"a0": torch.nn.Parameter(torch.zeros(6))}), TypeError, "add_adapter"),
         (lambda s: s.__setitem__("zz", torch.nn.Parameter(torch.zeros(6))), KeyError, "not an adapter of this layer"),
         (lambda s: s.__setitem__("a0", "not a tensor"), TypeError, "must be an nn.Parameter"),
+        (lambda s: s.__setitem__("a0", torch.nn.Parameter(torch.zeros(3))), ValueError, r"must have shape \(6,\)"),
+        (lambda s: s._parameters.__setitem__("a0", None), TypeError, "must be a Tensor"),
     ],
 )
 def test_the_store_refuses_changes_that_bypass_the_layer_and_changes_nothing(call, error, match):
@@ -207,6 +209,28 @@ def test_the_store_refuses_changes_that_bypass_the_layer_and_changes_nothing(cal
     assert list(store) == keys and _created(vm) <= {"a0"}
     for key, row in _rows(vm).items():
         torch.testing.assert_close(row, rows[key])
+
+
+def test_assigning_a_parameter_to_an_adapter_links_it_to_the_row():
+    vm = _model()
+    layer = vm.model.lin1
+    out = layer.out_features
+    new = torch.nn.Parameter(torch.full((out,), 0.5))
+    layer.vera_lambda_b["a1"] = new
+    assert layer.vera_lambda_b["a1"] is new and new.data_ptr() == layer.vera_lambda_b.row("a1").data_ptr()
+    torch.testing.assert_close(layer.vera_lambda_b.row("a1"), torch.full((out,), 0.5))
+    x = torch.randn(2, 10)
+    with torch.no_grad():
+        idx = vm.adapter_indices(["a1", "a0"])
+        torch.testing.assert_close(vm(x, adapter_indices=idx), vm(x, adapter_names=["a1", "a0"]))
+    rows = _rows(vm)
+    with pytest.raises(ValueError, match=rf"λ_b of adapter 'a1' must have shape \({out},\), got \(3,\)"):
+        layer.vera_lambda_b["a1"] = torch.nn.Parameter(torch.zeros(3))
+    assert layer.vera_lambda_b["a1"] is new
+    for key, row in _rows(vm).items():
+        torch.testing.assert_close(row, rows[key])
+    with pytest.raises(ValueError, match="unknown adapter"):
+        layer.set_lambdas_requires_grad(["nope"], True)
 
 
 def test_a_parameter_created_under_inference_mode_still_trains():
@@ -244,3 +268,18 @@ def test_training_one_adapter_among_many_creates_only_its_parameters_and_matches
         losses.append(run)
         assert {n.rsplit(".", 1)[-1] for n, p in vm.named_parameters() if p.requires_grad} == {"default"}
     torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_functional_call_swaps_the_lambdas_and_leaves_the_store_as_it_was():
+    vm = _model()
+    x = torch.randn(3, 10)
+    doubled = {k: v.detach() * 2 for k, v in vm.named_parameters() if "vera_lambda" in k}
+    before = {k: v.detach().clone() for k, v in vm.state_dict().items()}
+    out = torch.func.functional_call(vm, doubled, (x,))
+    after = vm.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    with torch.no_grad():
+        for name, p in vm.named_parameters():
+            if name in doubled:
+                p.copy_(doubled[name])
+    torch.testing.assert_close(out, vm(x))

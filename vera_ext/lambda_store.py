@@ -71,16 +71,17 @@ class LambdaParameters(dict):
     def get(self, name, default=None):
         return self[name] if name in self.ranks else default
 
-    def __setitem__(self, name: str, param) -> None:
-        # (Module.register_parameter and load_state_dict(assign=True) come here; the layer relinks afterwards)
+    def __setitem__(self, name: str, tensor) -> None:
+        # Module.register_parameter, load_state_dict(assign=True) (the layer relinks afterwards) and whatever swaps
+        # tensors in _parameters (FSDP2's shards, torch.func.functional_call) come here: the tensor is taken as is.
         if name not in self.ranks:
             raise KeyError(
                 f"{name!r} is not an adapter of this layer: a λ Parameter is added with the layer's update_layer() "
                 f"(or the model's add_adapter()), not assigned"
             )
-        if not isinstance(param, nn.Parameter):
-            raise TypeError(f"the λ of adapter {name!r} must be an nn.Parameter, got {type(param).__name__}")
-        dict.__setitem__(self, name, param)
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"the λ of adapter {name!r} must be a Tensor, got {type(tensor).__name__}")
+        dict.__setitem__(self, name, tensor)
         self.trainable.discard(name)
 
     def __delitem__(self, name: str) -> None:
@@ -192,8 +193,25 @@ class LambdaStore(nn.ParameterDict):
         return self.lambdas[key]
 
     def __setitem__(self, key: str, value) -> None:
+        """``store[name] = p`` (a Parameter, or a tensor made one): ``p`` becomes adapter ``name``'s λ. Its values go
+        into the row and it becomes a view of it, if it has the tables' dtype and device (else it stays its own, and
+        the tables keep the old values: the mixed batches that read them are stale)."""
+        if key not in self.lambdas:
+            self.lambdas[key] = value  # (KeyError, naming the way to add an adapter)
         if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
             value = nn.Parameter(value)
+        if not isinstance(value, nn.Parameter):
+            raise TypeError(f"the λ of adapter {key!r} must be an nn.Parameter, got {type(value).__name__}")
+        row = self.row(key)
+        if value.shape != row.shape:
+            raise ValueError(
+                f"the λ_{self.lambdas.column} of adapter {key!r} must have shape {tuple(row.shape)}, got "
+                f"{tuple(value.shape)}"
+            )
+        if value.dtype == row.dtype and value.device == row.device and value.data_ptr() != row.data_ptr():
+            with torch.no_grad():
+                row.copy_(value.detach())
+            value.data = row
         self.lambdas[key] = value
 
     def __delitem__(self, key: str) -> None:

@@ -614,6 +614,7 @@ class VeraLinear(nn.Module):
     def set_lambdas_requires_grad(self, names: Iterable[str], requires_grad: bool) -> None:
         """``requires_grad_`` on both lambdas of the adapters ``names``, creating no Parameter."""
         names = list(names)
+        self._require_known(names)
         for store in self._lambda_stores():
             store.set_requires_grad(names, requires_grad)
 
