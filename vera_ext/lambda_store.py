@@ -4,7 +4,7 @@ They answer as PEFT's ParameterDicts do: one Parameter per adapter, the same obj
 by ``named_parameters()``, optimizers, ``requires_grad_`` and ``load_state_dict``. Each Parameter is a view of the
 adapter's row in the bank's table, and it is created the first time something asks for it (``store[name]``,
 iterating ``items()``/``values()``, ``named_parameters()``, ``parameters()``, ``load_state_dict``), then kept.
-Until then the adapter costs its row and nothing else: a Parameter object costs about 500 bytes (its TensorImpl,
+Until then the adapter costs its row and nothing else: a Parameter object costs about 530 bytes (its TensorImpl,
 autograd metadata and Python object), which, two per layer, would add 20-40% to the λ bytes of a small adapter.
 So adding, activating, serving (by index, or by names without gradients), saving (``state_dict()``, which hands out
 row views) and deleting thousands of adapters create no Parameters; training one creates its own.
