@@ -12,6 +12,7 @@ import torch
 from vera_ext.checkpoint import adapter_state_dict
 from vera_ext.config import VeraConfig
 from vera_ext.lambda_store import LambdaStore
+from vera_ext.lora_export import export_lora
 
 from vera_models import mlp, ours, token_ids, tiny_llama
 
@@ -55,6 +56,8 @@ def test_adding_activating_serving_saving_counting_and_deleting_create_no_parame
     repr(vm)
     with vm.disable_adapter():
         vm(x)
+    export_lora(vm, "a2", tmp_path / "lora")
+    assert _created(vm) == set()
     vm.delete_adapter("a0")
     assert _created(vm) == set()
     # the active adapter's own forward creates its Parameters, and only those

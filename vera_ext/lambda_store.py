@@ -144,6 +144,11 @@ class LambdaStore(nn.ParameterDict):
         param = dict.get(self.lambdas, name)
         return param if param is not None else self.lambdas.row(name)
 
+    def numel_of(self, name: str) -> int:
+        """The number of entries of adapter ``name``'s λ (its rank for λ_d, out_features for λ_b)."""
+        lambdas = self.lambdas
+        return lambdas.ranks[name] if lambdas.column == "d" else lambdas.bank.out_features
+
     def requires_grad_of(self, name: str) -> bool:
         param = dict.get(self.lambdas, name)
         return param.requires_grad if param is not None else name in self.lambdas.trainable

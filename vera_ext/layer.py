@@ -544,7 +544,7 @@ class VeraLinear(nn.Module):
         """Whether a names-given mixed batch can read the bank's tables: no gradient wanted for the lambdas of the
         adapters it uses (the tables are not the Parameters autograd tracks), no dropout, tables in op math."""
         bank = self._bank
-        if bank.lambda_d_table.dtype != acc or bank.lambda_d_table.device != self.vera_lambda_d[used[0]].device:
+        if bank.lambda_d_table.dtype != acc or bank.lambda_d_table.device != self.vera_lambda_d.live(used[0]).device:
             return False
         if any(self._dropout_active(n) for n in used):
             return False

@@ -71,8 +71,8 @@ def lora_factors(vera_model, adapter_name: str = "default", rank: Optional[int] 
         if adapter_name not in layer.vera_lambda_d:
             continue
         r = layer.r[adapter_name]
-        lambda_d = layer.vera_lambda_d[adapter_name].detach().to("cpu", torch.float64)
-        lambda_b = layer.vera_lambda_b[adapter_name].detach().to("cpu", torch.float64)
+        lambda_d = layer.vera_lambda_d.live(adapter_name).detach().to("cpu", torch.float64)
+        lambda_b = layer.vera_lambda_b.live(adapter_name).detach().to("cpu", torch.float64)
         A = projection.vera_A.detach()[:r, : layer.in_features].to("cpu", torch.float64)
         B = projection.vera_B.detach()[: layer.out_features, :r].to("cpu", torch.float64)
         lora_A, lora_B = lambda_d[:, None] * A, lambda_b[:, None] * B

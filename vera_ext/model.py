@@ -554,7 +554,7 @@ class VeraModel(nn.Module):
         for store in self.modules():  # (the λ by their rows: counting creates no Parameters)
             if isinstance(store, LambdaStore):
                 for name in store:
-                    n = store.row(name).numel()
+                    n = store.numel_of(name)
                     total += n
                     trainable += n if store.requires_grad_of(name) else 0
         for _, param in named_parameters_besides_lambdas(self):
