@@ -121,22 +121,18 @@ class AdapterBank:
         return rows * (self.width + self.out_features) * self.storage.element_size()
 
     def reserve(self, rows: int) -> None:
-        """Capacity for at least ``rows`` rows (grown by GROWTH at least): a new allocation, the rows copied, the
-        created Parameters re-pointed (O(created), not O(adapters))."""
+        """Capacity for at least ``rows`` rows (grown by GROWTH, or MAPPED_GROWTH, at least): a new allocation, the
+        rows copied, the created Parameters re-pointed (O(created), not O(adapters))."""
         if rows <= self.capacity:
             return
         growth = MAPPED_GROWTH if self.mapped else GROWTH
         capacity = max(rows, self.capacity + GROWTH_ROWS, math.ceil(self.capacity * growth))
-        self._regrow(capacity, self.storage.dtype, self.storage.device)
-
-    def _regrow(self, capacity: int, dtype: torch.dtype, device) -> None:
-        old_d, old_b = self.lambda_d_table, self.lambda_b_table
-        used = min(old_d.shape[0], capacity)
-        storage, mapped = _zeros(capacity * (self.width + self.out_features), dtype, device)
+        used, old_d, old_b = self.capacity, self.lambda_d_table, self.lambda_b_table
+        storage, mapped = _zeros(capacity * (self.width + self.out_features), self.storage.dtype, self.storage.device)
         self._hold(storage, capacity, mapped)
         with torch.no_grad():
-            self.lambda_d_table[:used].copy_(old_d[:used])
-            self.lambda_b_table[:used].copy_(old_b[:used])
+            self.lambda_d_table[:used].copy_(old_d)
+            self.lambda_b_table[:used].copy_(old_b)
         self._point(copy_values=False)
 
     def insert(self, name: str) -> int:
