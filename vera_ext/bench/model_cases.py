@@ -475,7 +475,7 @@ def _decode_call(model: nn.Module, token: torch.Tensor, cache, context: int) -> 
 
     run()
     if cache.get_seq_length() != context:  # a different crop convention would let the cache grow
-        raise RuntimeError(f"model_decode: the cache holds {cache.get_seq_length()} tokens after a call, not {context}")
+        raise RuntimeError(f"decode: the cache holds {cache.get_seq_length()} tokens after a call, not {context}")
     return run
 
 

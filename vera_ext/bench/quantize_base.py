@@ -127,12 +127,11 @@ def int8_dequantized_copy(model: nn.Module) -> nn.Module:
 
     model = copy.deepcopy(model)
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]:
-        cb = layer.weight.data if layer.weight.dtype == torch.int8 else layer.state.CB
-        scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+        weight = quantized.dequantize_weight(layer, torch.float32)
         dtype = layer.bias.dtype if layer.bias is not None else torch.float32
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=cb.device)
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
         with torch.no_grad():
-            plain.weight.copy_(bnb.functional.int8_vectorwise_dequant(cb, scb))
+            plain.weight.copy_(weight)
             if layer.bias is not None:
                 plain.bias.copy_(layer.bias)
         parent_name, _, child = name.rpartition(".")

@@ -34,7 +34,7 @@ import torch
 
 from ..config import VeraConfig
 from ..model import get_vera_model
-from .model_cases import MODELS, SEED, build_base
+from .model_cases import MODELS, SEED, _decode_call, _token_ids, build_base
 from .timing import time_interleaved
 
 __all__ = ["add_adapters_timed", "serve_case", "lambda_bytes_per_adapter", "bank_bytes"]
@@ -51,25 +51,6 @@ def _rss_bytes(trim: bool = False) -> Optional[int]:
             return None
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _token_ids(model, batch: int, seq: int, seed: int, device: str) -> torch.Tensor:
-    vocab = model.config.vocab_size
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def _decode_call(model, token: torch.Tensor, cache, context: int):
-    """One decoded token against ``cache``, which is cropped back after each call (as model_cases' decode case)."""
-
-    def run():
-        logits = model(input_ids=token, cache=cache, use_cache=True).logits
-        cache.crop(-1)
-        return logits
-
-    run()
-    if cache.get_seq_length() != context:
-        raise RuntimeError(f"serve: the cache holds {cache.get_seq_length()} tokens after a call, not {context}")
-    return run
 
 
 def lambda_bytes_per_adapter(vera_model, name: str) -> int:
@@ -99,7 +80,8 @@ def add_adapters_timed(vera_model, count: int, config: VeraConfig, how: str = "a
         add = functools.partial(vera_model.load_adapters, _in_memory_adapters(vera_model, names, config))
     else:
         raise ValueError(f"how must be 'add_adapter' or 'load_adapters', got {how!r}")
-    trimmed0, rss0 = _rss_bytes(trim=True), _rss_bytes()
+    trimmed0 = _rss_bytes(trim=True)
+    rss0 = trimmed0 if trimmed0 is not None else _rss_bytes()  # (the same state: no second reading after a trim)
     t0 = time.perf_counter()
     add()
     seconds = time.perf_counter() - t0
