@@ -66,6 +66,9 @@ def lora_factors(vera_model, adapter_name: str = "default", rank: Optional[int] 
     _check_model_and_adapter(vera_model, adapter_name)
     _check_rank(rank)
     projection = vera_model.vera_projection
+    # (once for all layers: each takes a slice; per layer, a model on a GPU would copy A and B to the host each time)
+    A_all = projection.vera_A.detach().to("cpu", torch.float64)
+    B_all = projection.vera_B.detach().to("cpu", torch.float64)
     out: dict[str, tuple] = {}
     for path, layer in vera_model.vera_layers().items():
         if adapter_name not in layer.vera_lambda_d:
@@ -73,8 +76,8 @@ def lora_factors(vera_model, adapter_name: str = "default", rank: Optional[int] 
         r = layer.r[adapter_name]
         lambda_d = layer.vera_lambda_d.live(adapter_name).detach().to("cpu", torch.float64)
         lambda_b = layer.vera_lambda_b.live(adapter_name).detach().to("cpu", torch.float64)
-        A = projection.vera_A.detach()[:r, : layer.in_features].to("cpu", torch.float64)
-        B = projection.vera_B.detach()[: layer.out_features, :r].to("cpu", torch.float64)
+        A = A_all[:r, : layer.in_features]
+        B = B_all[: layer.out_features, :r]
         lora_A, lora_B = lambda_d[:, None] * A, lambda_b[:, None] * B
         if rank is not None and rank < r:
             lora_B, lora_A = best_rank_k(lora_B, lora_A, rank)
