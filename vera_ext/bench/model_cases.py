@@ -362,7 +362,7 @@ class ModelCase(Case):
         return rows
 
 
-def _token_ids(model: nn.Module, batch: int, seq: int, seed: int, device: str) -> torch.Tensor:
+def token_ids(model: nn.Module, batch: int, seq: int, seed: int, device: str) -> torch.Tensor:
     vocab = model.config.vocab_size
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
 
@@ -402,7 +402,7 @@ def train_case(spec: ModelSpec, target_set: str, dtype: torch.dtype, device: str
         models["vera_ext_keep"] = copy.deepcopy(ours)
         models["vera_ext_keep"].set_keep_merged_weight(True)
     del base
-    ids = _token_ids(ours, spec.batch, spec.seq, SEED, device)
+    ids = token_ids(ours, spec.batch, spec.seq, SEED, device)
     forward = _train_forward(spec)
     rel = check_same_function(ours, peft, lambda m: forward(m, ids), "model_train")
     for m in models.values():
@@ -435,7 +435,7 @@ def decode_cases(
     peft = peft_vera(base, spec, targets)
     check_same_targets(ours, peft, "model_decode")
     same_lambdas(ours, peft)
-    ids = _token_ids(base, 2, spec.context if spec.causal else 1, SEED, device)
+    ids = token_ids(base, 2, spec.context if spec.causal else 1, SEED, device)
     if spec.causal:
         rel = check_same_function(
             ours, peft, lambda m: {"logits": m(input_ids=ids, use_cache=False).logits}, "model_decode"
@@ -458,16 +458,16 @@ def decode_cases(
 
 def _cached_decode(models: dict[str, nn.Module], spec: ModelSpec, batch: int, device: str):
     """Per implementation: a prefilled cache and the call that decodes one token against it, then crops it."""
-    prompt = _token_ids(models["base"], batch, spec.context, SEED + batch, device)
-    token = _token_ids(models["base"], batch, 1, SEED + batch + 1, device)
+    prompt = token_ids(models["base"], batch, spec.context, SEED + batch, device)
+    token = token_ids(models["base"], batch, 1, SEED + batch + 1, device)
     fns = {}
     with torch.inference_mode():
         for k, model in models.items():
-            fns[k] = _decode_call(model, token, model(input_ids=prompt, use_cache=True).cache, spec.context)
+            fns[k] = decode_call(model, token, model(input_ids=prompt, use_cache=True).cache, spec.context)
     return fns
 
 
-def _decode_call(model: nn.Module, token: torch.Tensor, cache, context: int) -> Callable[[], torch.Tensor]:
+def decode_call(model: nn.Module, token: torch.Tensor, cache, context: int) -> Callable[[], torch.Tensor]:
     def run():
         logits = model(input_ids=token, cache=cache, use_cache=True).logits
         cache.crop(-1)  # transformers 5: a negative count removes that many tokens from the end
@@ -481,7 +481,7 @@ def _decode_call(model: nn.Module, token: torch.Tensor, cache, context: int) -> 
 
 def _encoder_rows(models: dict[str, nn.Module], spec: ModelSpec, batch: int, device: str):
     """Per implementation: a forward of ``batch`` one-token sequences (an encoder has no cache)."""
-    ids = _token_ids(models["base"], batch, 1, SEED + batch, device)
+    ids = token_ids(models["base"], batch, 1, SEED + batch, device)
     return {k: (lambda m=m: m(input_ids=ids).last_hidden_state) for k, m in models.items()}
 
 

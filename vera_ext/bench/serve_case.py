@@ -14,7 +14,7 @@ by side in one run (CPU, fp32 by default):
   once glibc's ``malloc_trim`` has handed freed heap pages back (what is still held, without the heap's
   fragmentation; None without glibc);
 - decode: one token for each of ``rows`` sequences against a prefilled ``DynamicCache`` (``model_cases``'s
-  ``_decode_call``: the cache is cropped back after each call), medians of interleaved rounds: ``base`` (the base
+  ``decode_call``: the cache is cropped back after each call), medians of interleaved rounds: ``base`` (the base
   model alone, its own copy), ``single`` (the VeRA model, one active adapter, a plain call) and ``mixed`` (each
   row its own adapter out of all of them, ``adapter_indices=``), with ``mixed / single`` and ``mixed / base``.
 """
@@ -34,7 +34,7 @@ import torch
 
 from ..config import VeraConfig
 from ..model import get_vera_model
-from .model_cases import MODELS, SEED, _decode_call, _token_ids, build_base
+from .model_cases import MODELS, SEED, decode_call, token_ids, build_base
 from .timing import time_interleaved
 
 __all__ = ["add_adapters_timed", "serve_case", "lambda_bytes_per_adapter", "bank_bytes"]
@@ -161,8 +161,8 @@ def serve_case(
     chosen = [names[(i * len(names)) // rows] for i in range(rows)]
     idx = vm.adapter_indices(chosen)
     vm.set_adapter(chosen[0])
-    prompt = _token_ids(base_copy, rows, spec.context, SEED + rows, device)
-    token = _token_ids(base_copy, rows, 1, SEED + rows + 1, device)
+    prompt = token_ids(base_copy, rows, spec.context, SEED + rows, device)
+    token = token_ids(base_copy, rows, 1, SEED + rows + 1, device)
     with torch.inference_mode():
         fns = {}
         for key, mdl, kwargs in (
@@ -171,7 +171,7 @@ def serve_case(
             ("mixed", vm, {"adapter_indices": idx}),
         ):
             cache = mdl(input_ids=prompt, use_cache=True, **kwargs).cache
-            fns[key] = _decode_call(functools.partial(mdl, **kwargs), token, cache, spec.context)
+            fns[key] = decode_call(functools.partial(mdl, **kwargs), token, cache, spec.context)
         times = time_interleaved(fns, device, rounds)
     ms = {k: v[0] for k, v in times.items()}
     return {
